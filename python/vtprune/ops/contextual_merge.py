@@ -1,0 +1,106 @@
+"""Public ops ``contextual_merge`` and ``select_and_merge`` (DESIGN §3.3)."""
+
+from __future__ import annotations
+
+import torch
+
+from vtprune import _backend
+from vtprune.ops import _checks
+from vtprune.ops.topk_keep_order import check_topk
+
+
+def check_tokens(x, metric, lengths):
+    _checks.tensor("x", x, ndim=3, dtypes=_checks.FLOAT_DTYPES)
+    B, N, _ = x.shape
+    _checks.tensor("metric", metric, ndim=3, dtypes=_checks.FLOAT_DTYPES, device=x.device)
+    if tuple(metric.shape[:2]) != (B, N):
+        raise ValueError(f"metric must have shape [B, N, dk] = [{B}, {N}, dk], got {tuple(metric.shape)}")
+    _checks.lengths("lengths", lengths, B, N, x.device)
+    return B, N
+
+
+def check_budget(num_dominant, num_contextual, lengths, n, name_k):
+    _checks.positive_int("num_contextual", num_contextual, allow_zero=True)
+    available = n if lengths is None else int(lengths.detach().cpu().min())
+    if num_dominant + num_contextual > available:
+        raise ValueError(
+            f"{name_k} + num_contextual = {num_dominant} + {num_contextual} exceeds the tokens available "
+            f"({available}{' in the shortest row' if lengths is not None else ''})"
+        )
+
+
+def contextual_merge(x, metric, keep_idx, num_contextual, *, lengths=None, backend="auto"):
+    """Merge the non-kept tokens of each row into ``num_contextual`` contextual tokens.
+
+    Rule (official VisionDrop/VisionZip code): ``R`` = non-kept valid positions ascending, ``n = |R|``,
+    ``step = max(1, n // C)``, targets ``T = R[0::step][:C]``; every other token of ``R`` joins the target of
+    largest cosine similarity of ``metric`` (ties: lower target) and
+    ``contextual_t = x[t] + mean(x[a] for a joined to t)`` (just ``x[t]`` when none joined).
+
+    Parameters
+    ----------
+    x : Tensor [B, N, D]  tokens (fp32/fp16/bf16)
+    metric : Tensor [B, N, dk]  similarity metric (keys averaged over heads)
+    keep_idx : int64 Tensor [B, k]  kept ("dominant") positions, strictly ascending, < lengths[b]
+    num_contextual : int  ``C >= 0``, at most ``lengths[b] - k``
+    lengths : int64 Tensor [B], optional  valid prefix length per row
+
+    Returns
+    -------
+    Tensor [B, k + C, D] in x's dtype: the dominant tokens in position order, then the contextual tokens in
+    target order.
+
+    Example
+    -------
+    >>> x = torch.randn(1, 6, 4)
+    >>> contextual_merge(x, x, torch.tensor([[0, 3]]), 2).shape
+    torch.Size([1, 4, 4])
+    """
+    B, N = check_tokens(x, metric, lengths)
+    _checks.tensor("keep_idx", keep_idx, ndim=2, dtypes=(torch.int64,), device=x.device)
+    if keep_idx.shape[0] != B:
+        raise ValueError(f"keep_idx must have shape [B, k] with B = {B}, got {tuple(keep_idx.shape)}")
+    k = keep_idx.shape[1]
+    check_budget(k, num_contextual, lengths, N, "keep_idx.shape[1]")
+    if k + num_contextual < 1:
+        raise ValueError("keep_idx.shape[1] + num_contextual must be >= 1 (nothing would be returned)")
+    host = keep_idx.detach().cpu()
+    limit = torch.full((B,), N) if lengths is None else lengths.detach().cpu()
+    if k and (bool((host < 0).any()) or bool((host >= limit[:, None]).any()) or bool((host.diff(dim=1) <= 0).any())):
+        raise ValueError("keep_idx must be strictly ascending per row and inside [0, lengths[b])")
+    impl = _backend.implementation("contextual_merge", backend, x.device)
+    return impl(x, metric, keep_idx, num_contextual, lengths=lengths)
+
+
+def select_and_merge(scores, x, metric, num_dominant, num_contextual, *, lengths=None, backend="auto"):
+    """Scores -> top-k in position order -> contextual merge -> packed tokens, the methods' fused path.
+
+    Equivalent to ``keep = topk_keep_order(scores, num_dominant, lengths=lengths)`` followed by
+    ``contextual_merge(x, metric, keep, num_contextual, lengths=lengths)``.
+
+    Parameters
+    ----------
+    scores : Tensor [B, N]  importance (float32; fp16/bf16 accepted)
+    x : Tensor [B, N, D];  metric : Tensor [B, N, dk]
+    num_dominant : int  ``k >= 1``;  num_contextual : int  ``C >= 0``;  ``k + C <= lengths[b]``
+    lengths : int64 Tensor [B], optional
+
+    Returns
+    -------
+    (tokens [B, k + C, D], keep_idx int64 [B, k], target_idx int64 [B, C])
+
+    Example
+    -------
+    >>> x = torch.randn(2, 10, 8)
+    >>> tokens, keep, targets = select_and_merge(torch.rand(2, 10), x, x, 3, 2)
+    >>> tokens.shape, keep.shape, targets.shape
+    (torch.Size([2, 5, 8]), torch.Size([2, 3]), torch.Size([2, 2]))
+    """
+    B, N = check_tokens(x, metric, lengths)
+    check_topk(scores, num_dominant, None, name_k="num_dominant")
+    if tuple(scores.shape) != (B, N) or scores.device != x.device:
+        raise ValueError(f"scores must have shape [B, N] = [{B}, {N}] on {x.device}, got {tuple(scores.shape)} "
+                         f"on {scores.device}")
+    check_budget(num_dominant, num_contextual, lengths, N, "num_dominant")
+    impl = _backend.implementation("select_and_merge", backend, x.device)
+    return impl(scores, x, metric, num_dominant, num_contextual, lengths=lengths)

@@ -1,0 +1,44 @@
+"""Reference attention column scores (DESIGN §3.1): the executable spec and the CPU path.
+
+score[b, j] = mean over query heads h, mean over i in the query span of softmax_j'(q_h,i . k_h,j' * scale)[j]
+for j in the key span. The softmax runs over every valid key (causal: j' <= i; padding excluded); only the
+column sum is restricted to the key span. GQA: query head h reads key head h // (H // Hkv), and every query
+head counts once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vtprune.reference._common import allowed_keys, head_chunk, host_max, masked_softmax, span_index
+
+
+def _scores_from_probs(probs, kpos, out):
+    """Add the key-span columns of probs [B, h, Q, L] (already zero on invalid query rows) into out [B, K]."""
+    b, h, q, _ = probs.shape
+    cols = probs.gather(-1, kpos[:, None, None, :].expand(b, h, q, kpos.shape[1]))  # [B, h, Q, K]
+    out += cols.sum(dim=(1, 2))
+
+
+def _finish(out, query_spans, kvalid, heads):
+    qcount = query_spans[:, 1].to(out.device, torch.float32)
+    return torch.where(kvalid, out / (heads * qcount[:, None]), torch.zeros((), device=out.device))
+
+
+def attention_scores(q, k, *, query_spans, key_spans, causal, key_padding_mask=None, scale=None):
+    B, H, L, d = q.shape
+    group = H // k.shape[1]
+    scale = d**-0.5 if scale is None else scale
+    Qm, Km = host_max(query_spans), host_max(key_spans)
+    qpos, qvalid = span_index(query_spans, Qm, L, q.device)  # [B, Q]
+    kpos, kvalid = span_index(key_spans, Km, L, q.device)  # [B, K]
+    allowed = allowed_keys(qpos, L, causal, key_padding_mask)[:, None] & qvalid[:, None, :, None]
+    out = torch.zeros(B, Km, dtype=torch.float32, device=q.device)
+    step = head_chunk(B, H, Qm, L)
+    for h0 in range(0, H, step):  # loop over head chunks only, to bound memory
+        heads = torch.arange(h0, min(H, h0 + step), device=q.device)
+        qh = q[:, heads].float().gather(2, qpos[:, None, :, None].expand(B, len(heads), Qm, d))
+        kh = k[:, heads // group].float()  # [B, h, L, d]
+        probs = masked_softmax(qh @ kh.transpose(-1, -2) * scale, allowed)  # [B, h, Q, L]
+        _scores_from_probs(probs, kpos, out)
+    return _finish(out, query_spans, kvalid, H)

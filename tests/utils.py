@@ -1,0 +1,41 @@
+"""Shared test helpers: tolerances, relative errors and random spans/masks."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Absolute tolerance on float32 attention-score entries (each in [0, 1]) by input dtype: the inputs are
+# rounded to the dtype before the float64 ground truth is computed, so only accumulation order differs.
+SCORE_ATOL = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-4}
+
+
+def interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64 (NaN anywhere gives inf)."""
+    out, ref = out.double(), ref.double()
+    if torch.isnan(out).any():
+        return float("inf")
+    return float((out - ref).norm() / ref.norm().clamp(min=1e-30))
+
+
+def random_spans(batch: int, length: int, gen: torch.Generator, min_count: int = 1) -> torch.Tensor:
+    """int64 [B, 2] random (start, count) spans inside [0, length) with count >= min_count."""
+    rows = []
+    for _ in range(batch):
+        count = int(torch.randint(min_count, length + 1, (1,), generator=gen))
+        start = int(torch.randint(0, length - count + 1, (1,), generator=gen))
+        rows.append([start, count])
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+def left_padding_mask(batch: int, length: int, pads: list[int]) -> torch.Tensor:
+    """bool [B, L], False on the first pads[b] positions (left padding)."""
+    pos = torch.arange(length)
+    return pos[None, :] >= torch.tensor(pads)[:, None]

@@ -1,0 +1,1 @@
+"""Triton kernels, installed as vtprune.triton_kernels; module <op>.py defines function <op>."""
