@@ -47,7 +47,9 @@ def env_info() -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        "device": torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
     }
     for mod in ("triton", "transformers"):
