@@ -95,8 +95,8 @@ def resolve(op: str, backend: str | None, device: torch.device) -> str:
     if backend == "auto":
         if device.type != "cuda":
             return "reference"
-        from vtprune.cuda import VALIDATED
         from vtprune._ext import extension_available
+        from vtprune.cuda import VALIDATED
 
         if op in VALIDATED and extension_available() and _module_has("cuda", op):
             return "cuda"

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from vtprune import _backend
 from vtprune.ops import _checks
 
