@@ -4,8 +4,11 @@
 # under $OUT. Usage from the device tool:  bash benchmarks/gpu_session.sh [quick]
 # Copy $OUT/*.json back into benchmarks/results/ and commit them with the test log.
 set -uo pipefail
-OUT="${OUT:-/tmp/vtprune-out}"
-mkdir -p "$OUT"
+# The device returns at most 8 files from $OUT: everything is written to a work folder and packed into
+# $OUT/gpu_run.tgz at the end (plus the test log on its own, for a quick look).
+FINAL="${OUT:-/tmp/vtprune-out}"
+OUT="$(mktemp -d)"
+mkdir -p "$FINAL"
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
 {
@@ -25,3 +28,5 @@ for b in benchmarks/bench_*.py; do
   python3 "$b" --device cuda ${1:+--quick} --out "$OUT" 2>&1 | tee "$OUT/$(basename "$b" .py).log" | tail -40
 done
 ls -la "$OUT"
+tar czf "$FINAL/gpu_run.tgz" -C "$OUT" .
+cp "$OUT/gpu_tests.log" "$FINAL/"
