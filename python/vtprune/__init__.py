@@ -6,7 +6,18 @@ backend that needs them is asked for.
 
 from vtprune import ops
 from vtprune._backend import BackendUnavailableError
+from vtprune.api import Handle, apply
+from vtprune.methods import FastV, PyramidDrop, UniformPool, VisionDrop, VisionZip
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "BackendUnavailableError", "__version__"]
+__all__ = ["ops", "BackendUnavailableError", "__version__", "apply", "Handle", "VisionDrop", "ALVTS", "FastV",
+           "VisionZip", "PyramidDrop", "UniformPool"]
+
+
+def __getattr__(name):
+    if name == "ALVTS":  # lazily, see vtprune.methods.__getattr__
+        from vtprune import methods
+
+        return methods.ALVTS
+    raise AttributeError(f"module 'vtprune' has no attribute {name!r}")

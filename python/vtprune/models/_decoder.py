@@ -1,0 +1,230 @@
+"""The patched decoder loop shared by every family: per-layer wrappers, LLM stages, and decode bookkeeping.
+
+The language model's own ``forward`` is left alone (so output capture, masks and caches keep working across
+``transformers`` versions). Instead each decoder layer of the instance gets a wrapper. During a call that the
+family patch opened (:meth:`DecoderPatch.activate`), the wrapper
+
+1. swaps in the attention mask, position ids and position embeddings of the layer's *group* (the layers
+   between two stages run on the same, shorter sequence and share a KV-cache length);
+2. lets the method replace the layer call (:meth:`vtprune.methods.base.Method.run_layer`, ALVTS's hook);
+3. after the last layer before a stage, prunes the hidden states (prefill only).
+
+Group 0 is what the language model's own forward prepares from the inputs the family patch hands it.
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+
+from vtprune import ops
+from vtprune.methods.base import LayerCall, Plan
+from vtprune.methods.schedule import Stage, resolve_count
+from vtprune.models._sequence import Sequence, gather_span
+
+
+@dataclass
+class CacheRecord:
+    """What decoding needs to know about a pruned prefill: per group, the prefill's 2-D mask and the
+    cumulative number of tokens dropped per row; ``orig_len`` is the unpruned prefill length."""
+
+    orig_len: int
+    masks: list
+    shifts: list
+
+
+@dataclass
+class Call:
+    """State of one forward call through the patched model."""
+
+    prefill: bool
+    seq: Sequence
+    group_masks: list  # per group: 2-D mask [B, Lg]
+    group_positions: list  # per group: positions [B, Lg]
+    group_shifts: list
+    original_visual: torch.Tensor  # [B] visual tokens per row before any pruning
+    built: dict = field(default_factory=dict)  # group -> (causal mask, position embeddings)
+    visual_per_layer: list = field(default_factory=list)  # row 0
+    tokens_per_layer: list = field(default_factory=list)  # row 0 real tokens
+    selections: list = field(default_factory=list)  # retention-map records, row 0
+    origin: list | None = None  # row 0: original patch index of each current visual token
+    orig_len: int = 0  # unpruned length of the prefill sequence
+
+
+class DecoderPatch:
+    """Wraps the decoder layers of one language-model instance. ``qk(layer, hidden, position_embeddings)``
+    returns post-RoPE ``(q [B,H,L,d], k [B,Hkv,L,d], scale)`` of a layer, family-specific."""
+
+    def __init__(self, language_model, plan: Plan, qk, restore):
+        self.lm = language_model
+        self.plan = plan
+        self.qk = qk
+        self.active: Call | None = None
+        self.records: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.layers = list(language_model.layers)
+        self.stage_after = {s.layer - 1: s for s in plan.stages}  # index of the layer a stage follows
+        bounds = [0] + [s.layer for s in plan.stages]
+        self.first_layer = bounds
+        self.group_of = [sum(i >= b for b in bounds) - 1 for i in range(len(self.layers))]
+        module = sys.modules[type(language_model).__module__]
+        self._create_causal_mask = module.create_causal_mask
+        for i, layer in enumerate(self.layers):
+            restore.set_attr(layer, "forward", self._wrap(i, layer, layer.forward))
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.first_layer)
+
+    # ------------------------------------------------------------------ per-layer wrapper
+    def _wrap(self, i, layer, original):
+        def forward(hidden_states, *args, **kwargs):
+            call = self.active
+            if call is None:
+                return original(hidden_states, *args, **kwargs)
+            g = self.group_of[i]
+            if g > 0:
+                causal, pos_emb = self._group_inputs(call, g, hidden_states, kwargs)
+                kwargs.update(attention_mask=causal, position_embeddings=pos_emb,
+                              position_ids=call.group_positions[g])
+            out = None
+            lc = None
+            if call.prefill:
+                lc = LayerCall(i, layer, original, hidden_states, kwargs, call.seq.spans,
+                               call.group_masks[g].bool(), call.prefill)
+                out = self.plan.method.run_layer(lc)
+            if out is None:
+                out = original(hidden_states, *args, **kwargs)
+            if call.prefill:
+                visual = lc.visual_tokens if lc.visual_tokens is not None else int(call.seq.spans[0, 1])
+                call.visual_per_layer.append(visual)
+                call.tokens_per_layer.append(int(call.group_masks[g][0].sum()))
+                stage = self.stage_after.get(i)
+                if stage is not None:
+                    hidden = out[0] if isinstance(out, tuple) else out
+                    score_in, score_layer = (hidden, self.layers[i + 1]) if stage.score_layer == "next" \
+                        else (hidden_states, layer)
+                    pruned = self._prune(call, stage, g, hidden, score_in, score_layer, kwargs)
+                    out = (pruned, *out[1:]) if isinstance(out, tuple) else pruned
+            return out
+
+        return forward
+
+    def _group_inputs(self, call: Call, g: int, hidden, kwargs):
+        if g not in call.built:
+            positions = call.group_positions[g]
+            causal = self._create_causal_mask(
+                config=self.lm.config, inputs_embeds=hidden, attention_mask=call.group_masks[g],
+                past_key_values=kwargs.get("past_key_values"), position_ids=positions,
+                layer_idx=self.first_layer[g],
+            )
+            call.built[g] = (causal, self.lm.rotary_emb(hidden, positions))
+        return call.built[g]
+
+    # ------------------------------------------------------------------ LLM stage
+    def _prune(self, call: Call, stage: Stage, g: int, hidden, score_in, score_layer, kwargs):
+        seq = call.seq
+        B, L, _ = hidden.shape
+        counts = seq.spans[:, 1]
+        if bool((seq.spans[:, 1] == 0).all()):
+            self._next_group(call, g)
+            return hidden
+        kpm = call.group_masks[g].bool().to(hidden.device)
+        if stage.query == "last" and not bool(kpm[:, -1].all()):
+            raise ValueError("text-guided stages read the last prompt token: use left padding "
+                             "(tokenizer.padding_side = 'left'), the last column of attention_mask must be real")
+        q, k, scale = self.qk(score_layer, score_in, kwargs["position_embeddings"])
+        keep = torch.ones(B, L, dtype=torch.bool)
+        slots = torch.zeros(B, L, dtype=torch.bool)
+        budgets = []
+        for b in range(B):
+            n = int(counts[b])
+            d = resolve_count(stage.dominant, int(call.original_visual[b]), n)
+            c = resolve_count(stage.contextual, int(call.original_visual[b]), n) if stage.dominant is not None else 0
+            if n and d + c > n:
+                raise ValueError(
+                    f"{type(self.plan.method).__name__}: the stage after layer {stage.layer} keeps {d} dominant + "
+                    f"{c} contextual tokens but batch row {b} has only {n} visual tokens left; lower the budget"
+                )
+            budgets.append((n, d, c))
+        values = torch.empty(0, hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
+        pieces = {}
+        # one op call per distinct (count, dominant, contextual); usually a single call for the whole batch
+        for key in sorted({bud for bud in budgets if bud[0] > 0}):
+            rows = torch.tensor([b for b in range(B) if budgets[b] == key])
+            n, d, c = key
+            spans = seq.spans[rows]
+            qspans = spans if stage.query == "image" else torch.tensor([[L - 1, 1]] * len(rows))
+            dev_rows = rows.to(hidden.device)
+            scores = ops.attention_scores(q[dev_rows], k[dev_rows], query_spans=qspans, key_spans=spans,
+                                          causal=True, key_padding_mask=kpm[dev_rows], scale=scale,
+                                          backend=self.plan.backend)
+            x = gather_span(hidden[dev_rows], spans, n)
+            metric = gather_span(k[dev_rows].mean(1), spans, n)  # post-RoPE keys averaged over heads
+            tokens, keep_idx, target_idx = ops.select_and_merge(scores, x, metric, d, c, backend=self.plan.backend)
+            for j, b in enumerate(rows.tolist()):
+                pieces[b] = tokens[j]
+                if b == 0:
+                    self._record(call, f"after layer {stage.layer}", keep_idx[0], target_idx[0])
+        order = [b for b in range(B) if b in pieces]
+        if order:
+            values = torch.cat([pieces[b] for b in order])
+        for b, (n, d, c) in enumerate(budgets):
+            if n:
+                start = int(seq.spans[b, 0])
+                keep[b, start + d + c:start + n] = False
+                slots[b, start:start + d + c] = True
+        out, new_slots = seq.compact(hidden, keep, slots, values)
+        seq.set_spans_from_slots(new_slots)
+        self._next_group(call, g)
+        return out
+
+    def _next_group(self, call: Call, g: int) -> None:
+        call.group_masks.append(call.seq.mask)
+        call.group_positions.append(call.seq.positions)
+        call.group_shifts.append(call.seq.shift.clone())
+
+    @staticmethod
+    def _record(call: Call, name: str, keep_idx, target_idx) -> None:
+        if call.origin is None:
+            return
+        keep_idx, target_idx = keep_idx.tolist(), target_idx.tolist()
+        kept = [call.origin[j] for j in keep_idx]
+        targets = [call.origin[j] for j in target_idx]
+        call.selections.append({"stage": name, "kept": kept, "contextual": targets})
+        call.origin = kept + targets
+
+    # ------------------------------------------------------------------ calls
+    def prefill_call(self, seq: Sequence, original_visual, origin) -> Call:
+        return Call(True, seq, [seq.mask], [seq.positions], [seq.shift.clone()], original_visual, origin=origin)
+
+    def finish_prefill(self, call: Call, cache) -> None:
+        """Remember the groups' prefill masks and shifts for decoding with ``cache``."""
+        if len(call.group_masks) != self.num_groups:
+            raise RuntimeError(f"vtprune: {len(call.group_masks)} layer groups ran, expected {self.num_groups}")
+        if cache is not None:
+            self.records[cache] = CacheRecord(call.orig_len, list(call.group_masks), list(call.group_shifts))
+
+    def decode_call(self, record: CacheRecord, attention_mask, positions) -> Call:
+        """Group masks and positions for a call that continues a pruned prefill (no new image)."""
+        new_cols = attention_mask[:, record.orig_len:]
+        masks = [torch.cat([m.to(new_cols.device, new_cols.dtype), new_cols], 1) for m in record.masks]
+        pos = [positions - s.to(positions.device)[:, None] for s in record.shifts]
+        seq = Sequence(masks[0], pos[0], torch.zeros(masks[0].shape[0], 2, dtype=torch.int64), record.shifts[0])
+        return Call(False, seq, masks, pos, list(record.shifts), torch.zeros(masks[0].shape[0], dtype=torch.int64))
+
+
+def llama_qk(layer, hidden, position_embeddings):
+    """Post-RoPE q, k of a LLaMA/Qwen2-style layer, recomputed from its input (the official VisionDrop /
+    PyramidDrop scoring: input norm, q/k projections, RoPE at the current positions)."""
+    attn = layer.self_attn
+    h = layer.input_layernorm(hidden)
+    B, L, _ = h.shape
+    q = attn.q_proj(h).view(B, L, -1, attn.head_dim).transpose(1, 2)  # [B, H, L, d]
+    k = attn.k_proj(h).view(B, L, -1, attn.head_dim).transpose(1, 2)  # [B, Hkv, L, d]
+    cos, sin = position_embeddings
+    rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+    q, k = rope(q, k, cos, sin)
+    return q, k, float(attn.scaling)

@@ -1,0 +1,89 @@
+"""The language model's token sequence while it is being pruned: compaction, positions, masks, decode shifts.
+
+Every prune (the encoder stage replacing image placeholders, or an LLM stage) is expressed the same way: a
+boolean ``keep [B, L]`` over the current sequence, where the first ``m`` slots of an image span are kept and
+later overwritten with the ``m`` new tokens, and every dropped token is an image token. Rows may drop
+different numbers of tokens (a row without an image, per-row ratio budgets); the shorter rows are then
+left-padded again so the batch stays rectangular, which is what the attention masks already express.
+
+Positions follow the official VisionDrop code: after a prune they are re-compacted, i.e. every kept token
+moves down by the number of tokens dropped before it in its row, so a batch row without padding runs on
+``0..L'-1``. With no token dropped nothing moves, which is what makes a keep-all budget reproduce the unpatched
+model. During decoding the layers after a stage see the incoming positions minus that stage's cumulative
+drop (``shift``), so each layer group stays consistent with its own, shorter KV cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Sequence:
+    """Rectangular batch state. ``mask`` [B, L] long (1 = real token), ``positions`` [B, L] int64,
+    ``spans`` [B, 2] int64 on the CPU (start, count) of the single image span per row (count 0: no image),
+    ``shift`` [B] int64 cumulative number of tokens dropped per row."""
+
+    mask: torch.Tensor
+    positions: torch.Tensor
+    spans: torch.Tensor
+    shift: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        return self.mask.shape[1]
+
+    def compact(self, hidden: torch.Tensor, keep: torch.Tensor, slots: torch.Tensor, values: torch.Tensor | None):
+        """Drop ``~keep`` tokens and write ``values`` into the kept ``slots`` (both bool [B, L]).
+
+        ``values``: [S, D] the tokens for the slots in row-major order (``None`` leaves the slots as they are).
+        Returns the new hidden states [B, L', D]; updates ``mask``, ``positions``, ``shift`` in place and
+        returns the new slot mask [B, L'] for span bookkeeping.
+        """
+        B, L = keep.shape
+        dev = hidden.device
+        keep = keep.to(dev)
+        kept = keep.sum(1)  # [B]
+        new_len = int(kept.max())
+        pad = new_len - kept  # extra left padding per row
+        # kept positions first, in ascending order (stable sort of the "dropped" flag)
+        order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices  # [B, L]
+        t = torch.arange(new_len, device=dev)
+        rank = t[None, :] - pad[:, None]  # [B, L'] index among the kept tokens, < 0 on new padding
+        real_slot = rank >= 0
+        src = order.gather(1, rank.clamp(min=0))  # [B, L'] source index in the old sequence
+        dropped_before = torch.cumsum((~keep).long(), 1) - (~keep).long()  # exclusive prefix count
+
+        out = hidden.gather(1, src[:, :, None].expand(-1, -1, hidden.shape[-1]))
+        new_slots = slots.to(dev).gather(1, src) & real_slot
+        if values is not None:
+            out = out.masked_scatter(new_slots[:, :, None], values.to(out.dtype))
+        mask = self.mask.to(dev).gather(1, src) * real_slot
+        positions = (self.positions.to(dev) - dropped_before).gather(1, src)
+        self.mask = mask.to(self.mask.dtype)
+        self.positions = torch.where(real_slot, positions, torch.zeros((), dtype=positions.dtype, device=dev))
+        self.shift = self.shift.to(dev) + (~keep).sum(1)
+        return out, new_slots
+
+    def set_spans_from_slots(self, slots: torch.Tensor) -> None:
+        """Spans from a slot mask that holds at most one contiguous image span per row."""
+        host = slots.detach().cpu()
+        count = host.sum(1)
+        start = torch.where(count > 0, host.long().argmax(1), torch.zeros_like(count))
+        self.spans = torch.stack([start, count], 1).long()
+
+
+def span_mask(spans: torch.Tensor, length: int, device) -> torch.Tensor:
+    """bool [B, L]: True inside each row's span."""
+    spans = spans.to(device)
+    j = torch.arange(length, device=device)
+    return (j >= spans[:, :1]) & (j < spans[:, :1] + spans[:, 1:])
+
+
+def gather_span(x: torch.Tensor, spans: torch.Tensor, width: int) -> torch.Tensor:
+    """x [B, L, D] -> [B, width, D], the first ``width`` tokens of each row's span (clamped inside)."""
+    spans = spans.to(x.device)
+    idx = (spans[:, :1] + torch.arange(width, device=x.device)).clamp(max=x.shape[1] - 1)
+    return x.gather(1, idx[:, :, None].expand(-1, -1, x.shape[-1]))

@@ -1,0 +1,38 @@
+import pytest
+import torch
+
+from vtprune.models._tiny import tiny_inputs, tiny_llava
+
+
+@pytest.fixture(scope="module")
+def llava():
+    return tiny_llava()
+
+
+@pytest.fixture
+def inputs(llava):
+    return tiny_inputs(llava, (3,), (5,))
+
+
+@pytest.fixture
+def batch(llava):
+    """Two different prompts of different lengths, left-padded."""
+    out = tiny_inputs(llava, (3, 7), (6, 4), seed=1)
+    assert not out["attention_mask"].all()  # row 0 really is padded
+    return out
+
+
+def row(inputs, b):
+    """Batch row b alone, without its padding (every row of ``inputs`` has one image)."""
+    keep = inputs["attention_mask"][b].bool()
+    return {"input_ids": inputs["input_ids"][b:b + 1, keep], "attention_mask": inputs["attention_mask"][b:b + 1, keep],
+            "pixel_values": inputs["pixel_values"][b:b + 1]}
+
+
+SCHEDULE = dict(encoder=(12, 2), stages={1: (8, 2), 2: (6, 1), 3: (4, 1)})
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield

@@ -1,0 +1,108 @@
+"""LLaVA-1.5 integration on a tiny random-weight model (CPU, reference backend)."""
+
+import pytest
+import torch
+from conftest import SCHEDULE, row
+from official_visiondrop import official_logits
+
+import vtprune
+from vtprune.models._tiny import tiny_inputs, tiny_llava
+
+GEN = dict(max_new_tokens=8, do_sample=False)
+
+
+def test_keep_all_reproduces_unpatched(llava, batch):
+    ref = llava(**batch).logits
+    ref_gen = llava.generate(**batch, **GEN)
+    with vtprune.apply(llava, vtprune.VisionDrop(tokens=None)) as h:
+        out = llava(**batch).logits
+        assert h.stats.visual_tokens_per_layer == [64] * 4
+        gen = llava.generate(**batch, **GEN)
+    # the only numerical difference: CLIP layer -2 attention runs through attention_with_scores, not SDPA
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert torch.equal(gen, ref_gen)
+
+
+def test_counts_follow_schedule(llava, inputs):
+    with vtprune.apply(llava, vtprune.VisionDrop(**SCHEDULE)) as h:
+        out = llava(**inputs).logits
+        st = h.stats
+    assert st.visual_tokens_per_layer == [14, 10, 7, 5]
+    assert st.average_visual_tokens == pytest.approx(9.0)
+    text = 3 + 5
+    assert st.tokens_per_layer == [text + n for n in (14, 10, 7, 5)]
+    assert out.shape[1] == text + 5  # logits cover the pruned sequence
+    assert st.flops < st.flops_unpruned
+    assert st.flops_unpruned == vtprune.flops.prefill_flops(llava.config, text + 64)
+
+
+def test_matches_official_algorithm(llava, inputs):
+    ids = inputs["input_ids"]
+    ref = official_logits(llava, ids, inputs["pixel_values"], SCHEDULE["encoder"], SCHEDULE["stages"])
+    with vtprune.apply(llava, vtprune.VisionDrop(**SCHEDULE)):
+        out = llava(input_ids=ids, pixel_values=inputs["pixel_values"]).logits
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", [vtprune.VisionDrop(**SCHEDULE), vtprune.FastV(layer=1, ratio=0.25),
+                                    vtprune.PyramidDrop(), vtprune.VisionZip(10, 2), vtprune.UniformPool(16)],
+                         ids=lambda m: m.name)
+def test_batch_equals_rows_alone(llava, batch, method):
+    with vtprune.apply(llava, method):
+        both = llava(**batch).logits[:, -1]
+        gen = llava.generate(**batch, **GEN)[:, -GEN["max_new_tokens"]:]
+        for b in range(2):
+            alone = llava(**row(batch, b)).logits[0, -1]
+            torch.testing.assert_close(both[b], alone, atol=1e-4, rtol=1e-4)
+            assert torch.equal(gen[b], llava.generate(**row(batch, b), **GEN)[0, -GEN["max_new_tokens"]:])
+
+
+@pytest.mark.parametrize("method", [vtprune.VisionDrop(**SCHEDULE), vtprune.VisionZip(10, 2)], ids=lambda m: m.name)
+def test_generate_with_and_without_cache(llava, batch, method):
+    # Image-guided selection depends only on the prompt up to the image (causal attention), so recomputing the
+    # whole sequence at each step (use_cache=False) re-applies the same pruned prefill: tokens must agree.
+    # Text-guided methods (FastV, PyramidDrop) rank by the last token, which changes as tokens are appended.
+    with vtprune.apply(llava, method):
+        cached = llava.generate(**batch, **GEN)
+        recomputed = llava.generate(**batch, **GEN, use_cache=False)
+    assert torch.equal(cached, recomputed)
+
+
+def test_remove_restores_bit_for_bit(llava, batch):
+    cls_forward = type(llava.model.language_model.layers[0]).forward
+    ref = llava(**batch).logits
+    h = vtprune.apply(llava, vtprune.VisionDrop(**SCHEDULE))
+    assert llava(**batch).logits.shape != ref.shape
+    h.remove()
+    assert torch.equal(llava(**batch).logits, ref)
+    assert "forward" not in llava.model.language_model.layers[0].__dict__
+    assert type(llava.model.language_model.layers[0]).forward is cls_forward
+    h.remove()  # idempotent
+
+
+def test_apply_twice_is_an_error(llava):
+    with vtprune.apply(llava, vtprune.VisionZip()):
+        with pytest.raises(RuntimeError, match="already patched"):
+            vtprune.apply(llava, vtprune.FastV())
+    vtprune.apply(llava, vtprune.FastV()).remove()  # fine again after removal
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_attention_and_dtypes(attn, dtype):
+    model = tiny_llava(attn_implementation=attn, dtype=dtype)
+    batch = tiny_inputs(model, (3, 7), (6, 4), seed=1)
+    with vtprune.apply(model, vtprune.VisionDrop(**SCHEDULE)) as h:
+        gen = model.generate(**batch, **GEN)
+        assert h.stats.visual_tokens_per_layer == [14, 10, 7, 5]
+        assert torch.equal(gen, model.generate(**batch, **GEN, use_cache=False))
+
+
+def test_flash_attention_2():
+    pytest.importorskip("flash_attn", reason="flash_attention_2 needs the flash-attn package and a CUDA GPU")
+    if not torch.cuda.is_available():
+        pytest.skip("flash_attention_2 needs a CUDA GPU")
+    model = tiny_llava(attn_implementation="flash_attention_2", dtype=torch.bfloat16).cuda()
+    batch = {k: v.cuda() for k, v in tiny_inputs(model, (3, 7), (6, 4), seed=1).items()}
+    with vtprune.apply(model, vtprune.VisionDrop(**SCHEDULE)):
+        assert torch.equal(model.generate(**batch, **GEN), model.generate(**batch, **GEN, use_cache=False))
