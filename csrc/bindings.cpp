@@ -15,4 +15,35 @@ PYBIND11_MODULE(_C, m) {
         py::call_guard<py::gil_scoped_release>(),
         "out[b] = positions of the k highest scores[b, :lengths[b]] in ascending order. scores "
         "[B, n] float32, lengths [B] int64 or 0, out [B, k] int64; all contiguous on one device.");
+  m.def("attention_scores", &vtprune::attention_scores, py::arg("q"), py::arg("k"),
+        py::arg("query_spans"), py::arg("key_spans"), py::arg("key_padding_mask"), py::arg("lse"),
+        py::arg("partial"), py::arg("out"), py::arg("batch"), py::arg("heads"), py::arg("kv_heads"),
+        py::arg("length"), py::arg("head_dim"), py::arg("max_queries"), py::arg("max_keys"),
+        py::arg("scale"), py::arg("causal"), py::arg("dtype"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>(),
+        "out[b] = column attention scores of the key span (DESIGN 3.1). q [B, H, L, d], k [B, Hkv, "
+        "L, d]; workspaces lse float [B, H, max_queries], partial float [B, H, max_keys]; out "
+        "float [B, max_keys]; dtype 0 fp32, 1 fp16, 2 bf16.");
+  m.def("attention_with_scores", &vtprune::attention_with_scores, py::arg("q"), py::arg("k"),
+        py::arg("v"), py::arg("query_spans"), py::arg("key_spans"), py::arg("key_padding_mask"),
+        py::arg("out"), py::arg("lse"), py::arg("partial"), py::arg("scores"), py::arg("batch"),
+        py::arg("heads"), py::arg("kv_heads"), py::arg("length"), py::arg("head_dim"),
+        py::arg("value_dim"), py::arg("max_keys"), py::arg("scale"), py::arg("causal"),
+        py::arg("dtype"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+        "Attention output out [B, H, L, dv] plus the column scores [B, max_keys]; workspaces lse "
+        "float [B, H, L], partial float [B, H, max_keys].");
+  m.def("contextual_merge", &vtprune::contextual_merge, py::arg("x"), py::arg("metric"),
+        py::arg("keep_idx"), py::arg("lengths"), py::arg("target_idx"), py::arg("target_inv_norm"),
+        py::arg("choice"), py::arg("out"), py::arg("batch"), py::arg("n"), py::arg("dim"),
+        py::arg("metric_dim"), py::arg("k"), py::arg("num_contextual"), py::arg("x_dtype"),
+        py::arg("metric_dtype"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+        "out [B, k + C, D] = dominant rows then contextual tokens (DESIGN 3.3); target_idx int64 "
+        "[B, C]; workspaces target_inv_norm float [B, C], choice int32 [B, N].");
+  m.def(
+      "lowrank_scores", &vtprune::lowrank_scores, py::arg("a"), py::arg("b"),
+      py::arg("visual_spans"), py::arg("key_padding_mask"), py::arg("lse"), py::arg("partial"),
+      py::arg("out"), py::arg("batch"), py::arg("length"), py::arg("rank"), py::arg("max_visual"),
+      py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+      "ALVTS selector scores out float [B, max_visual] (DESIGN 3.4) from fp32 projections a = h U, "
+      "b = h V [B, L, R]; workspaces lse float [B, L], partial float [2, B, max_visual].");
 }

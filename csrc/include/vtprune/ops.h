@@ -13,4 +13,43 @@ namespace vtprune {
 void topk_keep_order(std::uintptr_t scores, std::uintptr_t lengths, std::uintptr_t out,
                      std::int64_t batch, std::int64_t n, std::int64_t k, std::uintptr_t stream);
 
+// Dtype codes: 0 float32, 1 float16, 2 bfloat16 (vtprune/dispatch.cuh). Spans are int64 [B, 2]
+// (start, count); key_padding_mask is bool [B, L] or 0; all tensors contiguous on one device.
+
+// q [B, H, L, d], k [B, Hkv, L, d]; workspaces lse float [B, H, Qm] and partial float [B, H, Km];
+// out float [B, Km].
+void attention_scores(std::uintptr_t q, std::uintptr_t k, std::uintptr_t query_spans,
+                      std::uintptr_t key_spans, std::uintptr_t key_padding_mask, std::uintptr_t lse,
+                      std::uintptr_t partial, std::uintptr_t out, std::int64_t batch,
+                      std::int64_t heads, std::int64_t kv_heads, std::int64_t length,
+                      std::int64_t head_dim, std::int64_t max_queries, std::int64_t max_keys,
+                      double scale, bool causal, int dtype, std::uintptr_t stream);
+
+// q [B, H, L, d], k [B, Hkv, L, d], v [B, Hkv, L, dv]; out [B, H, L, dv] in q's dtype; workspaces
+// lse float [B, H, L] and partial float [B, H, Km]; scores float [B, Km].
+void attention_with_scores(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v,
+                           std::uintptr_t query_spans, std::uintptr_t key_spans,
+                           std::uintptr_t key_padding_mask, std::uintptr_t out, std::uintptr_t lse,
+                           std::uintptr_t partial, std::uintptr_t scores, std::int64_t batch,
+                           std::int64_t heads, std::int64_t kv_heads, std::int64_t length,
+                           std::int64_t head_dim, std::int64_t value_dim, std::int64_t max_keys,
+                           double scale, bool causal, int dtype, std::uintptr_t stream);
+
+// x [B, N, D], metric [B, N, dk], keep_idx int64 [B, k] ascending, lengths int64 [B] or 0;
+// outputs target_idx int64 [B, C] and out [B, k + C, D] (x's dtype); workspaces target_inv_norm
+// float [B, C] and choice int32 [B, N].
+void contextual_merge(std::uintptr_t x, std::uintptr_t metric, std::uintptr_t keep_idx,
+                      std::uintptr_t lengths, std::uintptr_t target_idx,
+                      std::uintptr_t target_inv_norm, std::uintptr_t choice, std::uintptr_t out,
+                      std::int64_t batch, std::int64_t n, std::int64_t dim, std::int64_t metric_dim,
+                      std::int64_t k, std::int64_t num_contextual, int x_dtype, int metric_dtype,
+                      std::uintptr_t stream);
+
+// a = h U and b = h V float [B, L, R]; visual_spans int64 [B, 2]; workspaces lse float [B, L] and
+// partial float [2, B, Vm]; out float [B, Vm].
+void lowrank_scores(std::uintptr_t a, std::uintptr_t b, std::uintptr_t visual_spans,
+                    std::uintptr_t key_padding_mask, std::uintptr_t lse, std::uintptr_t partial,
+                    std::uintptr_t out, std::int64_t batch, std::int64_t length, std::int64_t rank,
+                    std::int64_t max_visual, std::uintptr_t stream);
+
 }  // namespace vtprune

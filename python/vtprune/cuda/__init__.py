@@ -24,3 +24,23 @@ def current_stream(device: torch.device) -> int:
 def pointer(tensor: torch.Tensor | None) -> int:
     """Device address of ``tensor``'s first element, or 0 for ``None`` (the kernels' "absent")."""
     return 0 if tensor is None else tensor.data_ptr()
+
+
+# Element-type codes of the extension's launchers (csrc/include/vtprune/dispatch.cuh).
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    """The extension's code for a float dtype (0 fp32, 1 fp16, 2 bf16)."""
+    return DTYPE_CODES[dtype]
+
+
+def device_i64(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """An int64 index tensor (spans, lengths, indices) contiguous on ``device``. A CPU tensor goes through
+    pinned memory, so the copy is queued on the current stream instead of waiting for it."""
+    if t is None:
+        return None
+    t = t.to(dtype=torch.int64).contiguous()
+    if t.device.type == "cpu":
+        t = t.pin_memory()
+    return t.to(device=device, non_blocking=True)

@@ -1,0 +1,134 @@
+// Launchers of attention_scores (csrc/include/vtprune/attention_scores.cuh) and of its passes,
+// which attention_with_scores.cu and lowrank_scores.cu reuse.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include "attention_passes.h"
+#include "vtprune/attention_scores.cuh"
+#include "vtprune/common.cuh"
+#include "vtprune/dispatch.cuh"
+#include "vtprune/ops.h"
+
+namespace vtprune {
+namespace attn {
+
+namespace {
+
+constexpr std::int64_t kMaxGridYZ = 65535;
+
+unsigned tiles(std::int64_t n, int tile) { return static_cast<unsigned>((n + tile - 1) / tile); }
+
+}  // namespace
+
+void launch_row_lse(const ScoreArgs& args, int dtype, cudaStream_t stream) {
+  const dim3 grid(tiles(args.Qm, kBM), args.H, args.B);
+  dispatch_dtype(dtype, "attention_scores", [&](auto tag) {
+    using T = decltype(tag);
+    dispatch_head_dim(args.d, "attention_scores", "head dim d", [&](auto dim) {
+      constexpr int kD = decltype(dim)::value;
+      constexpr int bytes = scores_smem_bytes<T, kD>();
+      set_smem(row_lse_kernel<T, kD>, bytes, "attention_scores");
+      row_lse_kernel<T, kD><<<grid, kThreads, bytes, stream>>>(args);
+    });
+  });
+  VTPRUNE_CUDA_CHECK(cudaGetLastError());
+}
+
+void launch_column_sums(const ScoreArgs& args, int dtype, bool two_class, cudaStream_t stream) {
+  const dim3 grid(tiles(args.Km, kBN), args.H, args.B);
+  if (two_class) {  // lowrank_scores: fp32 projections only
+    VTPRUNE_CHECK(dtype == kFloat32, "lowrank column sums take fp32 projections");
+    dispatch_head_dim(args.d, "lowrank_scores", "rank R", [&](auto dim) {
+      constexpr int kD = decltype(dim)::value;
+      constexpr int bytes = scores_smem_bytes<float, kD>();
+      set_smem(column_sum_kernel<float, kD, true>, bytes, "lowrank_scores");
+      column_sum_kernel<float, kD, true><<<grid, kThreads, bytes, stream>>>(args);
+    });
+  } else {
+    dispatch_dtype(dtype, "attention_scores", [&](auto tag) {
+      using T = decltype(tag);
+      dispatch_head_dim(args.d, "attention_scores", "head dim d", [&](auto dim) {
+        constexpr int kD = decltype(dim)::value;
+        constexpr int bytes = scores_smem_bytes<T, kD>();
+        set_smem(column_sum_kernel<T, kD, false>, bytes, "attention_scores");
+        column_sum_kernel<T, kD, false><<<grid, kThreads, bytes, stream>>>(args);
+      });
+    });
+  }
+  VTPRUNE_CUDA_CHECK(cudaGetLastError());
+}
+
+void launch_finalize(const ScoreArgs& args, float* out, int mode, cudaStream_t stream) {
+  const dim3 grid(tiles(args.Km, kFinalizeThreads), args.B);
+  if (mode == 0) {
+    finalize_kernel<0><<<grid, kFinalizeThreads, 0, stream>>>(args, out);
+  } else {
+    finalize_kernel<1><<<grid, kFinalizeThreads, 0, stream>>>(args, out);
+  }
+  VTPRUNE_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace attn
+
+void attention_scores(std::uintptr_t q, std::uintptr_t k, std::uintptr_t query_spans,
+                      std::uintptr_t key_spans, std::uintptr_t key_padding_mask, std::uintptr_t lse,
+                      std::uintptr_t partial, std::uintptr_t out, std::int64_t batch,
+                      std::int64_t heads, std::int64_t kv_heads, std::int64_t length,
+                      std::int64_t head_dim, std::int64_t max_queries, std::int64_t max_keys,
+                      double scale, bool causal, int dtype, std::uintptr_t stream) {
+  using namespace attn;
+  VTPRUNE_CHECK(batch >= 0 && batch <= kMaxGridYZ,
+                "attention_scores: batch must be in [0, 65535], got " + std::to_string(batch));
+  VTPRUNE_CHECK(heads >= 1 && heads <= kMaxGridYZ && kv_heads >= 1 && heads % kv_heads == 0,
+                "attention_scores: heads (" + std::to_string(heads) +
+                    ") must be a positive multiple of kv_heads (" + std::to_string(kv_heads) + ")");
+  VTPRUNE_CHECK(length >= 1 && length < (std::int64_t{1} << 30),
+                "attention_scores: length must be in [1, 2^30), got " + std::to_string(length));
+  VTPRUNE_CHECK(max_queries >= 1 && max_queries <= length && max_keys >= 1 && max_keys <= length,
+                "attention_scores: max_queries and max_keys must be in [1, length]");
+  if (batch == 0) return;
+  VTPRUNE_CHECK(q != 0 && k != 0 && query_spans != 0 && key_spans != 0 && partial != 0 && out != 0,
+                "attention_scores: a required pointer is null");
+  ScoreArgs args{};
+  args.q = reinterpret_cast<const void*>(q);
+  args.k = reinterpret_cast<const void*>(k);
+  args.qspans = reinterpret_cast<const std::int64_t*>(query_spans);
+  args.kspans = reinterpret_cast<const std::int64_t*>(key_spans);
+  args.kpm = reinterpret_cast<const bool*>(key_padding_mask);
+  args.lse = reinterpret_cast<float*>(lse);
+  args.part = reinterpret_cast<float*>(partial);
+  args.B = static_cast<int>(batch);
+  args.H = static_cast<int>(heads);
+  args.Hkv = static_cast<int>(kv_heads);
+  args.L = static_cast<int>(length);
+  args.d = static_cast<int>(head_dim);
+  args.Qm = static_cast<int>(max_queries);
+  args.Km = static_cast<int>(max_keys);
+  args.lse_stride = max_queries;
+  args.lse_by_position = false;
+  args.scale_log2 = static_cast<float>(scale) * kLog2e;
+  args.causal = causal;
+  const int elem = dtype == kFloat32 ? 4 : 2;
+  args.vec = (head_dim * elem) % 16 == 0 && q % 16 == 0 && k % 16 == 0;
+  const auto s = reinterpret_cast<cudaStream_t>(stream);
+
+  if (max_queries == 1) {  // every row has one query (CLIP's [CLS]): fused single-row kernel
+    const dim3 grid(args.H, args.B);
+    dispatch_dtype(dtype, "attention_scores", [&](auto tag) {
+      using T = decltype(tag);
+      dispatch_head_dim(args.d, "attention_scores", "head dim d", [&](auto dim) {
+        single_query_kernel<T, decltype(dim)::value><<<grid, kSingleThreads, 0, s>>>(args);
+      });
+    });
+    VTPRUNE_CUDA_CHECK(cudaGetLastError());
+  } else {
+    VTPRUNE_CHECK(lse != 0, "attention_scores: lse workspace pointer is null");
+    launch_row_lse(args, dtype, s);
+    launch_column_sums(args, dtype, false, s);
+  }
+  launch_finalize(args, reinterpret_cast<float*>(out), 0, s);
+}
+
+}  // namespace vtprune
