@@ -40,11 +40,31 @@ def make_method(name: str, tokens: int | None, visual: int):
     raise ValueError(f"--method must be one of {METHODS}, got {name!r}")
 
 
+FAMILIES = ("llava", "llava_next", "qwen2_5_vl")
+
+
+def _load_tiny(family):
+    """Built-in tiny models: LLaVA-NeXT with a 2x2-tile 672 px image (5 x 576 tokens + newlines), Qwen2.5-VL
+    with a 64x64-patch image (1024 merged tokens)."""
+    from vtprune.models import _tiny
+
+    if family == "llava_next":
+        model = _tiny.tiny_llava_next("demo")
+        return model, _tiny.tiny_next_inputs(model, (35,), (20,), ((672, 672),))
+    model = _tiny.tiny_qwen2_5_vl()
+    return model, _tiny.tiny_qwen_inputs(model, (35,), (20,), ((64, 64),))
+
+
 def _load(args):
     import torch
 
     from vtprune.models._tiny import tiny_inputs, tiny_llava
 
+    if args.family != "llava":
+        if args.model or args.image:
+            raise SystemExit(f"--model and --image are LLaVA-1.5 only; --family {args.family} runs the built-in "
+                             "tiny model")
+        return _load_tiny(args.family)
     if args.model is None:
         model = tiny_llava("demo")
         inputs = tiny_inputs(model, (35,), (20,))
@@ -96,6 +116,8 @@ def _prefill_ms(model, inputs, repeats: int) -> float:
 def demo(argv) -> None:
     p = argparse.ArgumentParser(prog="python -m vtprune demo", description=__doc__.split("\n\n")[1])
     p.add_argument("--model", help="local LLaVA-1.5 checkpoint directory (default: built-in tiny random model)")
+    p.add_argument("--family", default="llava", choices=FAMILIES,
+                   help="model family of the built-in tiny model (LLaVA-NeXT: --tokens is per 336 px tile)")
     p.add_argument("--method", default="visiondrop", choices=METHODS)
     p.add_argument("--tokens", type=int, default=64, help="average visual tokens (method budget)")
     p.add_argument("--image", help="image file: fed to the model and used for the retention map")
@@ -104,19 +126,21 @@ def demo(argv) -> None:
     args = p.parse_args(argv)
 
     import vtprune
-    from vtprune.models._tiny import image_tokens
-
     model, inputs = _load(args)
-    visual = image_tokens(model)
+    visual = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
     try:
         method = make_method(args.method, args.tokens, visual)
     except ImportError as e:
         raise SystemExit(f"--method {args.method}: {e}") from e
     base_ms = _prefill_ms(model, inputs, args.repeats)
-    with vtprune.apply(model, method) as handle:
+    try:
+        handle = vtprune.apply(model, method)
+    except ValueError as e:
+        raise SystemExit(f"--method {args.method} on --family {args.family}: {e}") from e
+    with handle:
         pruned_ms = _prefill_ms(model, inputs, args.repeats)
         st = handle.stats
-    name = "tiny random LLaVA (demo size)" if args.model is None else args.model
+    name = f"tiny random {args.family} (demo size)" if args.model is None else args.model
     print(f"model: {name}; method: {method!r}")
     print(f"visual tokens per decoder layer (of {visual}): {st.visual_tokens_per_layer}")
     print(f"average visual tokens: {st.average_visual_tokens:.1f}")

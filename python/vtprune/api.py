@@ -14,6 +14,8 @@ from vtprune.models._restore import Restorer
 
 SUPPORTED = {
     "LlavaForConditionalGeneration": "vtprune.models.llava:LlavaPatch",
+    "LlavaNextForConditionalGeneration": "vtprune.models.llava_next:LlavaNextPatch",
+    "Qwen2_5_VLForConditionalGeneration": "vtprune.models.qwen2_5_vl:Qwen2_5_VLPatch",
 }
 _ATTR = "_vtprune_handle"
 
@@ -118,7 +120,8 @@ def apply(model, method) -> Handle:
 
     Parameters
     ----------
-    model : a supported ``transformers`` model instance (``LlavaForConditionalGeneration``)
+    model : a supported ``transformers`` model instance (``LlavaForConditionalGeneration``,
+        ``LlavaNextForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``)
     method : VisionDrop, FastV, VisionZip, PyramidDrop, UniformPool or ALVTS instance
 
     Example

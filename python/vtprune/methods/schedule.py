@@ -32,15 +32,19 @@ def check_count(name: str, spec, *, allow_zero: bool) -> None:
         raise ValueError(f"{name} as a fraction must lie in {'[0' if allow_zero else '(0'}, 1], got {spec}")
 
 
-def resolve_count(spec, original: int, current: int) -> int:
-    """The count a spec asks for in a row with ``original`` visual tokens of which ``current`` remain."""
+def resolve_count(spec, original: int, current: int, per: int = 1) -> int:
+    """The count a spec asks for in a row with ``original`` visual tokens of which ``current`` remain.
+
+    ``per``: an int count is per unit of the image and multiplied by ``per`` (LLaVA-NeXT counts per 336 px crop,
+    so one schedule gives LLaVA-1.5's budget per crop); fractions and ``None`` ignore it.
+    """
     if spec is None:
         return current
     if isinstance(spec, float):
         # round half up, and never let a positive fraction round a non-empty image to zero tokens
         n = int(math.floor(spec * original + 0.5))
         return max(n, 1) if spec > 0 and original > 0 else n
-    return spec
+    return spec * per
 
 
 @dataclass(frozen=True)

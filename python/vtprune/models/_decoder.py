@@ -46,6 +46,7 @@ class Call:
     group_positions: list  # per group: positions [B, Lg]
     group_shifts: list
     original_visual: torch.Tensor  # [B] visual tokens per row before any pruning
+    count_per: list | None = None  # [B] multiplier of int counts (LLaVA-NeXT: crops of the row's image)
     built: dict = field(default_factory=dict)  # group -> (causal mask, position embeddings)
     visual_per_layer: list = field(default_factory=list)  # row 0
     tokens_per_layer: list = field(default_factory=list)  # row 0 real tokens
@@ -88,7 +89,7 @@ class DecoderPatch:
             if g > 0:
                 causal, pos_emb = self._group_inputs(call, g, hidden_states, kwargs)
                 kwargs.update(attention_mask=causal, position_embeddings=pos_emb,
-                              position_ids=call.group_positions[g])
+                              position_ids=_layer_positions(call.group_positions[g]))
             out = None
             lc = None
             if call.prefill:
@@ -117,7 +118,7 @@ class DecoderPatch:
             positions = call.group_positions[g]
             causal = self._create_causal_mask(
                 config=self.lm.config, inputs_embeds=hidden, attention_mask=call.group_masks[g],
-                past_key_values=kwargs.get("past_key_values"), position_ids=positions,
+                past_key_values=kwargs.get("past_key_values"), position_ids=_layer_positions(positions),
                 layer_idx=self.first_layer[g],
             )
             call.built[g] = (causal, self.lm.rotary_emb(hidden, positions))
@@ -141,8 +142,10 @@ class DecoderPatch:
         budgets = []
         for b in range(B):
             n = int(counts[b])
-            d = resolve_count(stage.dominant, int(call.original_visual[b]), n)
-            c = resolve_count(stage.contextual, int(call.original_visual[b]), n) if stage.dominant is not None else 0
+            per = 1 if call.count_per is None else int(call.count_per[b])
+            d = resolve_count(stage.dominant, int(call.original_visual[b]), n, per)
+            c = resolve_count(stage.contextual, int(call.original_visual[b]), n, per) if stage.dominant is not None \
+                else 0
             if n and d + c > n:
                 raise ValueError(
                     f"{type(self.plan.method).__name__}: the stage after layer {stage.layer} keeps {d} dominant + "
@@ -150,7 +153,7 @@ class DecoderPatch:
                 )
             budgets.append((n, d, c))
         values = torch.empty(0, hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
-        pieces = {}
+        pieces, kept_at = {}, {}
         # one op call per distinct (count, dominant, contextual); usually a single call for the whole batch
         for key in sorted({bud for bud in budgets if bud[0] > 0}):
             rows = torch.tensor([b for b in range(B) if budgets[b] == key])
@@ -166,6 +169,7 @@ class DecoderPatch:
             tokens, keep_idx, target_idx = ops.select_and_merge(scores, x, metric, d, c, backend=self.plan.backend)
             for j, b in enumerate(rows.tolist()):
                 pieces[b] = tokens[j]
+                kept_at[b] = int(spans[j, 0]) + torch.cat([keep_idx[j], target_idx[j]]).cpu()
                 if b == 0:
                     self._record(call, f"after layer {stage.layer}", keep_idx[0], target_idx[0])
         order = [b for b in range(B) if b in pieces]
@@ -176,7 +180,11 @@ class DecoderPatch:
                 start = int(seq.spans[b, 0])
                 keep[b, start + d + c:start + n] = False
                 slots[b, start:start + d + c] = True
-        out, new_slots = seq.compact(hidden, keep, slots, values)
+        value_positions = None
+        if not seq.recompact and order:  # kept tokens keep their positions, contextual ones their target's
+            value_positions = torch.cat([seq.positions[..., b, kept_at[b].to(seq.positions.device)] for b in order],
+                                        -1)
+        out, new_slots = seq.compact(hidden, keep, slots, values, value_positions)
         seq.set_spans_from_slots(new_slots)
         self._next_group(call, g)
         return out
@@ -213,7 +221,15 @@ class DecoderPatch:
         masks = [torch.cat([m.to(new_cols.device, new_cols.dtype), new_cols], 1) for m in record.masks]
         pos = [positions - s.to(positions.device)[:, None] for s in record.shifts]
         seq = Sequence(masks[0], pos[0], torch.zeros(masks[0].shape[0], 2, dtype=torch.int64), record.shifts[0])
+        # positions [B, q] or [3, B, q]: each group's shift [B] broadcasts over the trailing query dimension
         return Call(False, seq, masks, pos, list(record.shifts), torch.zeros(masks[0].shape[0], dtype=torch.int64))
+
+
+def _layer_positions(positions):
+    """What a decoder layer and the mask builder get as ``position_ids``: 1-D text positions [B, L] as they are;
+    3-D M-RoPE positions [3, B, L] are only used through the rotary embedding (Qwen2.5-VL's text model passes
+    ``position_ids=None`` to its layers and ``create_causal_mask`` then)."""
+    return positions if positions.dim() == 2 else None
 
 
 def llama_qk(layer, hidden, position_embeddings):

@@ -11,6 +11,10 @@ moves down by the number of tokens dropped before it in its row, so a batch row 
 ``0..L'-1``. With no token dropped nothing moves, which is what makes a keep-all budget reproduce the unpatched
 model. During decoding the layers after a stage see the incoming positions minus that stage's cumulative
 drop (``shift``), so each layer group stays consistent with its own, shorter KV cache.
+
+With ``recompact=False`` (Qwen2.5-VL's 3-D M-RoPE, see :mod:`vtprune.models.qwen2_5_vl`) every kept token keeps
+its original position and a merged (contextual) token takes its target's; ``shift`` then stays zero, so decoding
+uses the unpruned model's positions (and ``rope_deltas``) unchanged. Positions are ``[B, L]`` or ``[3, B, L]``.
 """
 
 from __future__ import annotations
@@ -22,23 +26,26 @@ import torch
 
 @dataclass
 class Sequence:
-    """Rectangular batch state. ``mask`` [B, L] long (1 = real token), ``positions`` [B, L] int64,
+    """Rectangular batch state. ``mask`` [B, L] long (1 = real token), ``positions`` [B, L] or [3, B, L] int64,
     ``spans`` [B, 2] int64 on the CPU (start, count) of the single image span per row (count 0: no image),
-    ``shift`` [B] int64 cumulative number of tokens dropped per row."""
+    ``shift`` [B] int64 cumulative position shift per row (tokens dropped, or 0 when not re-compacting)."""
 
     mask: torch.Tensor
     positions: torch.Tensor
     spans: torch.Tensor
     shift: torch.Tensor
+    recompact: bool = True
 
     @property
     def length(self) -> int:
         return self.mask.shape[1]
 
-    def compact(self, hidden: torch.Tensor, keep: torch.Tensor, slots: torch.Tensor, values: torch.Tensor | None):
+    def compact(self, hidden: torch.Tensor, keep: torch.Tensor, slots: torch.Tensor, values: torch.Tensor | None,
+                value_positions: torch.Tensor | None = None):
         """Drop ``~keep`` tokens and write ``values`` into the kept ``slots`` (both bool [B, L]).
 
         ``values``: [S, D] the tokens for the slots in row-major order (``None`` leaves the slots as they are).
+        ``value_positions``: [S] or [3, S] their positions, required when not re-compacting (``recompact=False``).
         Returns the new hidden states [B, L', D]; updates ``mask``, ``positions``, ``shift`` in place and
         returns the new slot mask [B, L'] for span bookkeeping.
         """
@@ -61,10 +68,19 @@ class Sequence:
         if values is not None:
             out = out.masked_scatter(new_slots[:, :, None], values.to(out.dtype))
         mask = self.mask.to(dev).gather(1, src) * real_slot
-        positions = (self.positions.to(dev) - dropped_before).gather(1, src)
+        pos = self.positions.to(dev)
+        lead = pos.shape[:-2]  # () or (3,)
+        if self.recompact:
+            pos = pos - dropped_before
+        positions = pos.gather(-1, src.expand(*lead, -1, -1))
+        if not self.recompact and values is not None:
+            if value_positions is None:
+                raise ValueError("Sequence.compact: value_positions are required when positions are not re-compacted")
+            positions = positions.masked_scatter(new_slots.expand(*lead, -1, -1), value_positions.to(positions))
         self.mask = mask.to(self.mask.dtype)
         self.positions = torch.where(real_slot, positions, torch.zeros((), dtype=positions.dtype, device=dev))
-        self.shift = self.shift.to(dev) + (~keep).sum(1)
+        if self.recompact:
+            self.shift = self.shift.to(dev) + (~keep).sum(1)
         return out, new_slots
 
     def set_spans_from_slots(self, slots: torch.Tensor) -> None:

@@ -3,6 +3,9 @@
 ``tiny_llava(size="test")`` is a 56x56 / 7-pixel-patch CLIP (64 patches) with a 4-layer LLaMA;
 ``size="demo"`` keeps LLaVA-1.5's real geometry (336 px, 14-pixel patches: 576 patches + [CLS], feature layer
 -2, 8 LLM layers) at toy widths so the demo shows real token counts on a CPU in seconds.
+``tiny_llava_next`` adds anyres tiles (test: 56 px tiles on a 1x2 / 2x1 / 2x2 grid, up to 5 x 64 tokens;
+demo: LLaVA-NeXT's 336 px tiles and pinpoints, up to 2880 tokens); ``tiny_qwen2_5_vl`` is a window-attention
+ViT (patch merger 2x2, one full-attention block) with a 4-layer Qwen2 LLM (GQA, 3-D M-RoPE).
 """
 
 from __future__ import annotations
@@ -19,24 +22,28 @@ IMAGE_TOKEN = VOCAB - 1
 PAD_TOKEN = 0
 
 
-def tiny_llava(size: str = "test", *, attn_implementation: str = "sdpa", dtype=torch.float32, seed: int = 0):
-    """A ``LlavaForConditionalGeneration`` with random weights, in eval mode."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
+def _size(size: str) -> dict:
     if size not in SIZES:
         raise ValueError(f"size must be one of {list(SIZES)}, got {size!r}")
-    s = SIZES[size]
+    return SIZES[size]
+
+
+def _clip_llama(s):
+    from transformers import CLIPVisionConfig, LlamaConfig
+
     vision = CLIPVisionConfig(hidden_size=s["v_hidden"], intermediate_size=2 * s["v_hidden"],
                               num_hidden_layers=s["v_layers"], num_attention_heads=s["v_heads"],
                               image_size=s["image"], patch_size=s["patch"], projection_dim=s["v_hidden"])
     text = LlamaConfig(hidden_size=s["hidden"], intermediate_size=2 * s["hidden"], num_hidden_layers=s["layers"],
                        num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"], vocab_size=VOCAB,
-                       max_position_embeddings=4096, pad_token_id=PAD_TOKEN)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN,
-                         vision_feature_layer=-2, vision_feature_select_strategy="default")
+                       max_position_embeddings=8192, pad_token_id=PAD_TOKEN)
+    return vision, text
+
+
+def _finish(cls, config, attn_implementation, dtype, seed):
     config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
+    model = cls(config)
     # random init gives near-uniform attention; larger weights make scores (and pruning) matter
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -44,6 +51,110 @@ def tiny_llava(size: str = "test", *, attn_implementation: str = "sdpa", dtype=t
                 p.normal_(0.0, 0.08)
     model.generation_config.pad_token_id = PAD_TOKEN
     return model.to(dtype).eval()
+
+
+def tiny_llava(size: str = "test", *, attn_implementation: str = "sdpa", dtype=torch.float32, seed: int = 0):
+    """A ``LlavaForConditionalGeneration`` with random weights, in eval mode."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    vision, text = _clip_llama(_size(size))
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN,
+                         vision_feature_layer=-2, vision_feature_select_strategy="default")
+    return _finish(LlavaForConditionalGeneration, config, attn_implementation, dtype, seed)
+
+
+def tiny_llava_next(size: str = "test", *, attn_implementation: str = "sdpa", dtype=torch.float32,
+                    seed: int = 0):
+    """A ``LlavaNextForConditionalGeneration`` with random weights (anyres tiles of the CLIP image size)."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    s = _size(size)
+    t = s["image"]
+    vision, text = _clip_llama(s)
+    pinpoints = [[t, 2 * t], [2 * t, t], [2 * t, 2 * t], [3 * t, t], [t, 3 * t]]
+    config = LlavaNextConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN,
+                             vision_feature_layer=-2, vision_feature_select_strategy="default",
+                             image_grid_pinpoints=pinpoints)
+    return _finish(LlavaNextForConditionalGeneration, config, attn_implementation, dtype, seed)
+
+
+def _left_pad(rows):
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), PAD_TOKEN)
+    mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, length - len(r):] = r
+        mask[b, length - len(r):] = 1
+    return ids, mask
+
+
+def _prompts(counts, prefix_lengths, suffix_lengths, g, image_token=IMAGE_TOKEN, start=None, end=None):
+    """Rows ``[prefix text, (start), <image> x counts[b], (end), suffix text]``, left-padded."""
+    rows = []
+    for p, s, n in zip(prefix_lengths, suffix_lengths, counts):
+        text = torch.randint(1, min(image_token, start or image_token, end or image_token) - 1, (p + s,), generator=g)
+        img = torch.full((n,), image_token)
+        if n and start is not None:
+            img = torch.cat([torch.tensor([start]), img, torch.tensor([end])])
+        rows.append(torch.cat([text[:p], img, text[p:]]))
+    return _left_pad(rows)
+
+
+def tiny_next_inputs(model, prefix_lengths=(3,), suffix_lengths=(5,), image_sizes=((50, 100),), *, seed: int = 0):
+    """Left-padded inputs for ``tiny_llava_next``: one image of ``image_sizes[b]`` (height, width) per row."""
+    from vtprune.models.llava_next import image_tokens as next_image_tokens
+
+    hf = __import__(type(model).__module__, fromlist=["image_size_to_num_patches"])
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    t = cfg.vision_config.image_size
+    counts = [next_image_tokens(model, s) for s in image_sizes]
+    ids, mask = _prompts(counts, prefix_lengths, suffix_lengths, g)
+    tiles = [hf.image_size_to_num_patches(list(s), cfg.image_grid_pinpoints, t) for s in image_sizes]
+    pixels = torch.zeros(len(image_sizes), max(tiles), 3, t, t)
+    for i, n in enumerate(tiles):
+        pixels[i, :n] = torch.randn(n, 3, t, t, generator=g)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels.to(model.dtype),
+            "image_sizes": torch.tensor(image_sizes)}
+
+
+QWEN = dict(patch=4, v_hidden=32, v_layers=3, v_heads=4, window=16, hidden=64, layers=4, heads=4, kv_heads=2)
+VIDEO_TOKEN, VISION_START, VISION_END = VOCAB - 2, VOCAB - 3, VOCAB - 4
+
+
+def tiny_qwen2_5_vl(*, attn_implementation: str = "sdpa", dtype=torch.float32, seed: int = 0):
+    """A ``Qwen2_5_VLForConditionalGeneration`` with random weights: 4-pixel patches, 2x2 merger, windows of
+    2x2 merged tokens, blocks 0 and 2 windowed and block 1 full attention; 4-layer Qwen2 LLM (4 heads / 2 kv)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    s = QWEN
+    vision = dict(depth=s["v_layers"], hidden_size=s["v_hidden"], intermediate_size=2 * s["v_hidden"],
+                  num_heads=s["v_heads"], patch_size=s["patch"], spatial_merge_size=2, temporal_patch_size=2,
+                  window_size=s["window"], out_hidden_size=s["hidden"], fullatt_block_indexes=[1])
+    text = dict(hidden_size=s["hidden"], intermediate_size=2 * s["hidden"], num_hidden_layers=s["layers"],
+                num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"], vocab_size=VOCAB,
+                max_position_embeddings=4096, pad_token_id=PAD_TOKEN, bos_token_id=1, eos_token_id=2,
+                # M-RoPE sections (temporal, height, width) of the 8 rotary frequencies of a 16-dim head
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    config = Qwen2_5_VLConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN,
+                              video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
+                              vision_end_token_id=VISION_END)
+    return _finish(Qwen2_5_VLForConditionalGeneration, config, attn_implementation, dtype, seed)
+
+
+def tiny_qwen_inputs(model, prefix_lengths=(3,), suffix_lengths=(5,), grids=((8, 12),), *, seed: int = 0):
+    """Left-padded inputs for ``tiny_qwen2_5_vl``: one image per row with a ``grids[b]`` (height, width) patch
+    grid (even numbers; ``h*w/4`` merged tokens), wrapped in vision start/end tokens like Qwen's processor."""
+    g = torch.Generator().manual_seed(seed)
+    v = model.config.vision_config
+    counts = [h * w // v.spatial_merge_size**2 for h, w in grids]
+    ids, mask = _prompts(counts, prefix_lengths, suffix_lengths, g, start=VISION_START, end=VISION_END)
+    per_patch = 3 * v.temporal_patch_size * v.patch_size**2
+    pixels = torch.randn(sum(h * w for h, w in grids), per_patch, generator=g).to(model.dtype)
+    out = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels,
+           "image_grid_thw": torch.tensor([[1, h, w] for h, w in grids])}
+    out["mm_token_type_ids"] = (ids == IMAGE_TOKEN).int()
+    return out
 
 
 def image_tokens(model) -> int:
@@ -65,12 +176,7 @@ def tiny_inputs(model, prefix_lengths=(3,), suffix_lengths=(5,), *, images=None,
         img = torch.full((n if with_image else 0,), IMAGE_TOKEN)
         rows.append(torch.cat([text[:p], img, text[p:]]))
         has_image.append(with_image)
-    length = max(len(r) for r in rows)
-    ids = torch.full((len(rows), length), PAD_TOKEN)
-    mask = torch.zeros(len(rows), length, dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, length - len(r):] = r
-        mask[b, length - len(r):] = 1
+    ids, mask = _left_pad(rows)
     v = model.config.vision_config
     pixels = torch.randn(sum(has_image), 3, v.image_size, v.image_size, generator=g).to(model.dtype)
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}

@@ -1,0 +1,183 @@
+"""What every family patch shares: the wrapped ``forward`` methods, the image-slot bookkeeping of a prefill
+and the continuation of a pruned prefill while decoding.
+
+A family patch (LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL) replaces, on the instance only,
+
+* ``model.forward``: to refuse ``labels`` (a pruned sequence has no per-position labels) and to hide
+  ``mm_encoder_outputs`` from ``generate()`` (transformers >= 5.2x pre-encodes images through
+  ``get_image_features`` when ``forward`` accepts it; the encoder stage must run inside our prefill, so
+  ``generate`` passes ``pixel_values`` as it always did);
+* ``model.model.forward``: a call with pixel values is a prefill the family builds itself (:meth:`_prefill`);
+  a call that continues a pruned prefill's cache maps the incoming mask and positions onto the pruned cache;
+  anything else runs unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+
+from vtprune.models._decoder import CacheRecord, Call
+
+
+def bound_arguments(original, args, kwargs) -> dict:
+    """``original``'s arguments by name (``**kwargs`` flattened in)."""
+    bound = inspect.signature(original).bind(*args, **kwargs)
+    named = dict(bound.arguments)
+    for name, param in inspect.signature(original).parameters.items():
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(named.pop(name, {}))
+    return named
+
+
+def check_cache(cache, prefill: bool) -> None:
+    if cache is None:
+        return
+    if getattr(cache, "is_compileable", False):
+        raise ValueError("vtprune: static (compileable) caches are not supported; layer groups keep KV caches "
+                         "of different lengths, use the default DynamicCache")
+    if prefill and cache.get_seq_length() > 0:
+        raise ValueError("vtprune: an image prefill must start from an empty cache (continuing a cached "
+                         "conversation with a new image is not supported)")
+
+
+def image_slots(placeholders: torch.Tensor, counts_in: list, counts_out: list):
+    """Where each image's new tokens go.
+
+    placeholders : bool [B, L], the image placeholder tokens; images follow each other in row-major order and
+        image ``i`` owns ``counts_in[i]`` consecutive placeholders
+    counts_out : tokens image ``i`` has after the encoder stage (at most ``counts_in[i]``)
+
+    Returns ``slots`` bool [B, L] (the first ``counts_out[i]`` placeholders of each image) and ``image_of_row``
+    [B] list: the images of each row (a list of image indices).
+    """
+    total = int(placeholders.sum())
+    if total != sum(counts_in):
+        raise ValueError(f"the prompts hold {total} image placeholder tokens but the {len(counts_in)} images given "
+                         f"need {sum(counts_in)} ({counts_in})")
+    for i, (n, m) in enumerate(zip(counts_in, counts_out)):
+        if m > n:
+            raise ValueError(f"the encoder stage keeps {m} tokens of image {i}, more than the {n} the unpatched model "
+                             f"feeds to the language model; lower the budget")
+    B, L = placeholders.shape
+    dev = placeholders.device
+    offsets = torch.tensor([0] + list(counts_in), device=dev).cumsum(0)  # [I + 1]
+    g = placeholders.flatten().long().cumsum(0).view(B, L) - 1  # global placeholder index
+    image = torch.searchsorted(offsets[1:], g, right=True).clamp(max=len(counts_in) - 1)  # [B, L]
+    rank = g - offsets[image]
+    out = torch.tensor(list(counts_out), device=dev)
+    slots = placeholders & (rank < out[image])
+    image_of_row = [sorted(set(image[b][placeholders[b]].tolist())) for b in range(B)]
+    rows_of_image = {}
+    for b, images in enumerate(image_of_row):
+        for i in images:
+            rows_of_image.setdefault(i, []).append(b)
+    for i, rows in rows_of_image.items():
+        if len(rows) > 1:
+            raise ValueError(f"image {i} needs {counts_in[i]} placeholder tokens but its placeholders run over batch "
+                             f"rows {rows}: the prompts' placeholder counts do not match the images (or their sizes)")
+    return slots, image_of_row
+
+
+class ModelPatch:
+    """Base of the family patches. Subclasses set ``self.decoder`` and implement :meth:`_prefill`."""
+
+    def __init__(self, model, plan, restore):
+        self.model, self.plan = model, plan
+        self.mm = model.model
+        self.lm = self.mm.language_model
+        self.config = model.config
+        self.last_call = None
+
+    def install(self, restore) -> None:
+        fwd = self.mm.forward
+        restore.set_attr(self.mm, "forward", functools.wraps(fwd)(lambda *a, **k: self.forward(fwd, a, k)))
+        top = self.model.forward
+        wrapper = functools.wraps(top)(lambda *a, **k: self.top_forward(top, a, k))
+        sig = inspect.signature(top)
+        wrapper.__signature__ = sig.replace(parameters=[p for n, p in sig.parameters.items()
+                                                        if n != "mm_encoder_outputs"])
+        restore.set_attr(self.model, "forward", wrapper)
+
+    def top_forward(self, original, args, kwargs):
+        named = bound_arguments(original, args, kwargs)
+        if named.get("labels") is not None:
+            raise ValueError("vtprune: labels are not supported on a pruned model (the sequence is shortened); "
+                             "remove the patch (handle.remove()) to compute a loss")
+        return original(*args, **kwargs)
+
+    def forward(self, original, args, kwargs):
+        a = bound_arguments(original, args, kwargs)
+        if a.get("pixel_values") is not None:
+            return self._prefill(original, a)
+        cache = a.get("past_key_values")
+        record = self.decoder.records.get(cache) if cache is not None else None
+        if record is None:
+            return original(*args, **kwargs)
+        return self._continue(original, a, record)
+
+    def _prefill(self, original, a):
+        raise NotImplementedError
+
+    @staticmethod
+    def _check_prefill(a):
+        """Arguments every image prefill needs; returns (input_ids, cache, 2-D attention mask or None)."""
+        input_ids = a.get("input_ids")
+        if input_ids is None:
+            raise ValueError("vtprune: a prefill with pixel_values needs input_ids (to find the image placeholders)")
+        if a.get("inputs_embeds") is not None:
+            raise ValueError("vtprune: pass input_ids, not inputs_embeds, with pixel_values")
+        if a.get("mm_encoder_outputs") is not None:
+            raise ValueError("vtprune: mm_encoder_outputs is not supported (the encoder stage runs in the prefill)")
+        cache = a.get("past_key_values")
+        check_cache(cache, prefill=True)
+        mask = a.get("attention_mask")
+        if mask is not None and mask.dim() != 2:
+            raise ValueError(f"vtprune needs a 2-D attention_mask, got shape {tuple(mask.shape)}")
+        return input_ids, cache, mask
+
+    def _run_prefill(self, original, a, call: Call, embeds, cache):
+        """Run the language model's own forward on the pruned ``embeds`` with the decoder patch active."""
+        seq = call.seq
+        padded = a.get("attention_mask") is not None or bool((seq.mask == 0).any())
+        a.update(input_ids=None, pixel_values=None, inputs_embeds=embeds, position_ids=seq.positions,
+                 attention_mask=seq.mask if padded else None)
+        self.decoder.active = call
+        try:
+            out = original(**a)
+        finally:
+            self.decoder.active = None
+        self.decoder.finish_prefill(call, out.past_key_values if cache is None else cache)
+        self.last_call = call
+        return out
+
+    def _decode_positions(self, a, record: CacheRecord, mask, q: int):
+        """Positions of the ``q`` new tokens in the unpruned sequence ([B, q]; Qwen2.5-VL: [3, B, q])."""
+        positions = a.get("position_ids")
+        B = mask.shape[0]
+        if positions is None:
+            grown = mask.shape[1] - q - record.orig_len
+            positions = torch.arange(q, device=mask.device) + record.orig_len + grown
+        return positions.expand(B, q)
+
+    def _continue(self, original, a, record: CacheRecord):
+        check_cache(a["past_key_values"], prefill=False)
+        ids = a.get("input_ids") if a.get("input_ids") is not None else a.get("inputs_embeds")
+        B, q = ids.shape[:2]
+        cache = a["past_key_values"]
+        grown = cache.get_seq_length(0) - record.masks[0].shape[1]  # tokens decoded since the prefill
+        mask = a.get("attention_mask")
+        if mask is None:
+            mask = torch.ones(B, record.orig_len + grown + q, dtype=torch.long, device=ids.device)
+        if mask.dim() != 2 or mask.shape[1] != record.orig_len + grown + q:
+            raise ValueError(f"vtprune: a 2-D attention_mask over the unpruned sequence is expected while decoding "
+                             f"(length {record.orig_len + grown + q}), got shape {tuple(mask.shape)}")
+        call = self.decoder.decode_call(record, mask, self._decode_positions(a, record, mask, q))
+        a.update(attention_mask=call.group_masks[0], position_ids=call.group_positions[0])
+        self.decoder.active = call
+        try:
+            return original(**a)
+        finally:
+            self.decoder.active = None

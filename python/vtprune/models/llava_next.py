@@ -1,0 +1,135 @@
+"""LLaVA-NeXT (``LlavaNextForConditionalGeneration``): anyres CLIP crops + LLaMA/Mistral-style language model.
+
+An image of any size is cut into a base image (the whole image at 336 px) and ``nh x nw`` 336 px crops of the
+best-fitting resolution (``image_grid_pinpoints``); CLIP encodes each of these ``1 + nh*nw`` tiles like a
+LLaVA-1.5 image. The unpatched model then *packs* the tile features (``pack_image_features``): base tokens,
+then the crops' patch grid stitched into one high-resolution grid, cropped back to the image's aspect ratio
+("unpadding") with an ``image_newline`` token after every grid row. Up to 5 x 576 = 2880 tokens (+ newlines).
+
+What the patch does (the CLIP, projector and decoder machinery is LLaVA-1.5's, :mod:`vtprune.models.llava`):
+
+* **Encoder stage per tile**, as the official VisionDrop code (``restore_image_features_sorted``): every tile
+  keeps [CLS] + ``dominant - 1`` patches by its [CLS] attention at CLIP layer -2 and merges the rest into
+  ``contextual`` tokens. The image's tokens are then: the base tile's ``[CLS, dominant, contextual]``, the
+  crops' dominant patches in raster order over the whole high-resolution grid, the crops' [CLS] tokens, the
+  crops' contextual tokens.
+* **Newlines and unpadding.** A pruned grid has no rows left to terminate, so a pruning encoder stage inserts
+  no ``image_newline`` tokens and does not unpad (the official code does the same in the multi-crop case;
+  the padding area is plain background that the [CLS] ranking rarely keeps). Only a single-tile image keeps its
+  one trailing newline, again as the official code. A keep-all encoder stage, or a method without one
+  (FastV, PyramidDrop), feeds the unpatched packing; the newline tokens are then image tokens like the others
+  (they sit inside the image span) and LLM stages may drop or merge them.
+* **Budgets are per tile.** An int count means "per 336 px tile": the encoder stage applies it to each tile,
+  LLM stages multiply it by the tiles of the row's image. One schedule therefore gives LLaVA-1.5's budget per
+  tile: ``VisionDrop(tokens=64)`` averages 64 x 5 = 320 tokens on a 5-tile image (DESIGN §4.1's "320 of
+  2880"), fewer on smaller images. Fractions (``ratio=``) are of each tile's patches (encoder) and of the
+  row's unpatched image tokens (LLM stages, newlines included).
+* ``UniformPool`` pools every tile to the same square grid (base tile, then the crops' pooled grids in raster
+  order over the whole image). Batch rows may hold images of different sizes (different token counts).
+
+Retention maps (``handle.stats.selections``) are not recorded: they assume one square grid.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from vtprune.models.llava import Encoded, LlavaPatch
+
+CLASS_NAME = "LlavaNextForConditionalGeneration"
+
+
+def _hf(model):
+    return sys.modules[type(model).__module__]
+
+
+def image_tokens(model, image_size) -> int:
+    """Image tokens the unpatched model feeds for an image of ``image_size`` (height, width), with the
+    "default" feature strategy: base tile + unpadded high-resolution grid + one newline per grid row."""
+    hf = _hf(model)
+    cfg = model.config
+    v = cfg.vision_config
+    g = v.image_size // v.patch_size
+    nh, nw = hf.get_anyres_image_grid_shape(list(image_size), cfg.image_grid_pinpoints, v.image_size)
+    grid = hf.unpad_image(torch.zeros(1, nh * g, nw * g), list(image_size))
+    extra = 0 if cfg.vision_feature_select_strategy == "default" else 1
+    return g * g + extra + grid.shape[1] * (grid.shape[2] + 1)
+
+
+class LlavaNextPatch(LlavaPatch):
+    def __init__(self, model, plan, restore):
+        super().__init__(model, plan, restore)
+        self.hf = _hf(model)
+
+    def _encode(self, a, layer, strategy) -> Encoded:
+        sizes = a.get("image_sizes")
+        if sizes is None:
+            raise ValueError("vtprune: LLaVA-NeXT needs image_sizes (height, width per image) with pixel_values")
+        cfg = self.config
+        v = cfg.vision_config
+        sizes = [tuple(int(x) for x in s) for s in (sizes.tolist() if torch.is_tensor(sizes) else sizes)]
+        tiles = [self.hf.image_size_to_num_patches(list(s), cfg.image_grid_pinpoints, v.image_size) for s in sizes]
+        pv = a["pixel_values"]
+        if pv.dim() == 5:  # [I, max tiles, 3, H, W], padded
+            pv = torch.cat([p[:n] for p, n in zip(pv, tiles)])
+        elif pv.dim() != 4:
+            raise ValueError(f"pixel_values must have 4 or 5 dimensions, got shape {tuple(pv.shape)}")
+        if pv.shape[0] != sum(tiles):
+            raise ValueError(f"pixel_values hold {pv.shape[0]} tiles but image_sizes {sizes} need {sum(tiles)}")
+        counts_in = [image_tokens(self.model, s) for s in sizes]
+        enc = self.plan.encoder
+        out = self._tower(pv)
+        if enc is not None and not isinstance(layer, int):
+            raise ValueError(f"encoder stages need a single int vision_feature_layer, got {layer!r}")
+        if enc is None or (enc.kind == "select" and enc.dominant is None):
+            if isinstance(layer, int):
+                feats = out.hidden_states[layer]
+            else:
+                feats = torch.cat([out.hidden_states[i] for i in layer], dim=-1)
+            if enc is not None:  # keep-all: the selection path returns every patch, in order
+                feats = torch.cat([feats[:, :1], self._select(feats)[0]], 1)
+            feats = feats[:, 1:] if strategy == "default" else feats
+            proj = self.mm.multi_modal_projector(feats)
+            packed, lens = self.mm.pack_image_features(torch.split(proj, tiles), torch.tensor(sizes), strategy,
+                                                       image_newline=self.mm.image_newline)
+            return Encoded(torch.cat(packed), counts_in, lens.tolist(), per=tiles)
+        feats = out.hidden_states[layer]  # [N tiles, 1 + P, Dv]
+        if enc.kind == "pool":
+            side = math.isqrt(enc.dominant)
+            g = self.grid
+            grid = feats[:, 1:].reshape(feats.shape[0], g, g, -1).permute(0, 3, 1, 2)
+            tokens = F.adaptive_avg_pool2d(grid.float(), side).to(feats.dtype).flatten(2).transpose(1, 2)
+            rows, lead, dominant, side_of = self.mm.multi_modal_projector(tokens), 0, side * side, side
+            positions = torch.arange(dominant).expand(tokens.shape[0], -1)
+        else:
+            tokens, keep_idx, _, cls = self._select(feats)
+            rows = self.mm.multi_modal_projector(torch.cat([cls, tokens], 1))  # [N, 1 + d + c, D]
+            lead, dominant, side_of, positions = 1, keep_idx.shape[1], self.grid, keep_idx.cpu()
+        images, start = [], 0
+        for s, n in zip(sizes, tiles):
+            images.append(self._layout(rows[start:start + n], positions[start + 1:start + n], s, lead, dominant,
+                                       side_of))
+            start += n
+        return Encoded(torch.cat(images), counts_in, [x.shape[0] for x in images], per=tiles)
+
+    def _layout(self, rows, positions, size, lead, dominant, side):
+        """One image's tokens from its tiles' rows [n, lead + dominant + contextual, D] (tile 0: base).
+
+        ``positions`` [n - 1, dominant]: each crop's kept patch indices on its ``side x side`` grid, used to put
+        the crops' dominant tokens in raster order over the whole high-resolution grid."""
+        if rows.shape[0] == 1:  # single tile: its tokens and the newline (official code)
+            return torch.cat([rows[0], self.mm.image_newline[None].to(rows)])
+        cfg = self.config
+        _, nw = self.hf.get_anyres_image_grid_shape(list(size), cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+        crops = rows[1:]
+        tile = torch.arange(crops.shape[0])[:, None]  # raster index of the crop among nh x nw
+        r, c = (tile // nw) * side + positions // side, (tile % nw) * side + positions % side
+        order = (r * (nw * side) + c).flatten().argsort()
+        D = rows.shape[-1]
+        dominant_tokens = crops[:, lead:lead + dominant].reshape(-1, D)[order.to(rows.device)]
+        return torch.cat([rows[0], dominant_tokens, crops[:, :lead].reshape(-1, D),
+                          crops[:, lead + dominant:].reshape(-1, D)])
