@@ -1,0 +1,267 @@
+"""Triton attention column scores (DESIGN §3.1) in two passes, never materialising ``L x L``.
+
+``score[b, j] = 1/(H |Qs|) * sum_h sum_{i in Qs} exp(s_hij - lse_hi)`` with ``s = q . k * scale``:
+
+* pass 1 (:func:`_row_lse_kernel`): the log-sum-exp of every query row of the span over **all** its valid
+  keys (causal by index, padding excluded), an online max/sum like flash attention's forward without V;
+* pass 2 (:func:`column_scores_kernel`): for each key tile of the key span, sum ``exp(s - lse)`` over the
+  query span and the query heads.
+
+GQA packing: query heads of one KV group share their keys, so rows of the group's heads are packed into the
+M dimension (packed row ``r`` = query ``r // G`` of head ``kv * G + r % G``). A K tile is loaded once and
+serves the whole group. Few rows stay cheap: up to 4 packed rows (CLIP's [CLS] row, G = 1) run as a
+broadcast product on the CUDA cores (``SMALL_M``), up to 16 (a 7-head group's last token) as one 16-row MMA.
+Exponentials are base 2 with ``log2(e)`` folded into the scale.
+
+Determinism: every column tile is owned by one program per (batch row, KV head); the KV heads' partial sums
+[B, Hkv, K] are added by one ``sum`` afterwards, so no atomics and bit-identical reruns.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from vtprune.reference._common import host_max
+from vtprune.triton_kernels._common import pow2, rows_dot_cols, to_device_i64, upcast_dot
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def load_q_rows(q_ptr, b, kvh, r, pos, row_ok, sqb, sqh, sql, offs_d, D, G: tl.constexpr):
+    """Query tile [BLOCK_M, BLOCK_D] of packed rows ``r`` (head ``kvh * G + r % G``, position ``pos``)."""
+    head = kvh * G + r % G
+    ptrs = q_ptr + b * sqb + head[:, None] * sqh + pos[:, None] * sql + offs_d[None, :]
+    return tl.load(ptrs, mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+
+
+@triton.jit
+def load_k_tile(k_ptr, b, kvh, j, col_ok, skb, skh, skl, offs_d, D):
+    """Key (or value) tile [BLOCK_N, BLOCK_D] at positions ``j``."""
+    ptrs = k_ptr + b * skb + kvh * skh + j[:, None] * skl + offs_d[None, :]
+    return tl.load(ptrs, mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+
+
+@triton.jit
+def key_ok(kpm_ptr, b, j, L, HAS_KPM: tl.constexpr):
+    """Keys ``j`` that exist and are not padding: bool [BLOCK_N]."""
+    ok = j < L
+    if HAS_KPM:
+        ok = ok & (tl.load(kpm_ptr + b * L + j, mask=ok, other=0) != 0)
+    return ok
+
+
+@triton.jit
+def allowed_mask(pos, row_ok, j, kok, CAUSAL: tl.constexpr):
+    """Which (query row, key) pairs enter the softmax: [BLOCK_M, BLOCK_N] (causal by index)."""
+    allowed = row_ok[:, None] & kok[None, :]
+    if CAUSAL:
+        allowed = allowed & (j[None, :] <= pos[:, None])
+    return allowed
+
+
+@triton.jit
+def online_softmax_step(s, m, l):
+    """One key tile of the online softmax: new (max, sum, rescale factor, tile probabilities), base 2.
+
+    A row whose keys so far are all masked keeps max = -inf; subtracting 0 instead of -inf there keeps the
+    exponentials at exp2(-inf) = 0 rather than NaN.
+    """
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m - m_sub)
+    p = tl.exp2(s - m_sub[:, None])
+    return m_new, l * alpha + tl.sum(p, axis=1), alpha, p
+
+
+@triton.jit
+def _row_lse_kernel(
+    q_ptr, k_ptr, kpm_ptr, qspan_ptr, lse_ptr,
+    sqb, sqh, sql, skb, skh, skl,
+    L, D, HKV, R_STRIDE, qk_scale,
+    G: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SMALL_M: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    # grid: (packed-row tiles of the query span, B * Hkv)
+    m0 = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1).to(tl.int64)
+    b, kvh = bh // HKV, bh % HKV
+    qstart, qcount = tl.load(qspan_ptr + 2 * b), tl.load(qspan_ptr + 2 * b + 1)
+    qcount = tl.minimum(qcount, R_STRIDE // G)  # never past the lse buffer, whatever max_query said
+    r = m0 + tl.arange(0, BLOCK_M)  # packed rows of this tile
+    row_ok = r < qcount * G
+    pos = qstart + r // G  # [BLOCK_M] query positions
+    offs_d = tl.arange(0, BLOCK_D)
+    q = load_q_rows(q_ptr, b, kvh, r, pos, row_ok, sqb, sqh, sql, offs_d, D, G)  # [BLOCK_M, BLOCK_D]
+
+    hi = L
+    if CAUSAL:  # keys past the tile's last query position are masked for every row of the tile
+        last = qstart + tl.minimum(qcount - 1, (m0 + BLOCK_M - 1) // G)
+        hi = (last + 1) * (m0 < qcount * G).to(tl.int64)
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    for n0 in range(0, hi, BLOCK_N):
+        j = n0 + tl.arange(0, BLOCK_N)
+        kok = key_ok(kpm_ptr, b, j, L, HAS_KPM)
+        k = load_k_tile(k_ptr, b, kvh, j, j < L, skb, skh, skl, offs_d, D)  # [BLOCK_N, BLOCK_D]
+        s = rows_dot_cols(q, k, SMALL_M, IEEE, UPCAST) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
+        s = tl.where(allowed_mask(pos, row_ok, j, kok, CAUSAL), s, float("-inf"))
+        m, l, _, _ = online_softmax_step(s, m, l)
+    # +inf for a row with no valid key: pass 2's exp2(s - lse) is then 0, the row contributes nothing
+    lse = tl.where(l > 0, m + tl.log2(tl.where(l > 0, l, 1.0)), float("inf"))
+    tl.store(lse_ptr + bh * R_STRIDE + r, lse, mask=row_ok)
+
+
+@triton.jit
+def column_scores_kernel(
+    q_ptr, k_ptr, kpm_ptr, qspan_ptr, kspan_ptr, lse_ptr, part_ptr,
+    sqb, sqh, sql, skb, skh, skl,
+    L, D, HKV, R_STRIDE, KM, qk_scale, inv_heads,
+    G: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, LSE_ABSOLUTE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SMALL_M: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Pass 2: partial column sums ``part[b, kv, n]`` of the KV group's heads, already divided by H |Qs|.
+
+    ``lse`` is packed like the query rows; ``LSE_ABSOLUTE`` means it covers every position (the flash forward
+    of attention_with_scores) rather than the query span only.
+    """
+    # grid: (key tiles of the key span, B * Hkv)
+    n0 = tl.program_id(0) * BLOCK_N
+    bh = tl.program_id(1).to(tl.int64)
+    b, kvh = bh // HKV, bh % HKV
+    qstart, qcount = tl.load(qspan_ptr + 2 * b), tl.load(qspan_ptr + 2 * b + 1)
+    kstart, kcount = tl.load(kspan_ptr + 2 * b), tl.load(kspan_ptr + 2 * b + 1)
+    if not LSE_ABSOLUTE:
+        qcount = tl.minimum(qcount, R_STRIDE // G)  # as pass 1: never read past the lse buffer
+    col = n0 + tl.arange(0, BLOCK_N)
+    col_ok = col < kcount
+    j = kstart + col  # [BLOCK_N] key positions
+    kok = col_ok & key_ok(kpm_ptr, b, j, L, HAS_KPM)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = load_k_tile(k_ptr, b, kvh, j, col_ok, skb, skh, skl, offs_d, D)  # loaded once for the whole group
+
+    r_hi = qcount * G * (n0 < kcount).to(tl.int64)  # no rows for columns past this row's key count
+    r_lo = 0
+    if CAUSAL:  # query rows before the tile's first key see none of its keys
+        r_lo = tl.maximum(kstart + n0 - qstart, 0) * G
+    acc = tl.zeros([BLOCK_N], tl.float32)
+    for r0 in range(r_lo, r_hi, BLOCK_M):
+        r = r0 + tl.arange(0, BLOCK_M)
+        row_ok = r < r_hi
+        i = r // G
+        pos = qstart + i
+        q = load_q_rows(q_ptr, b, kvh, r, pos, row_ok, sqb, sqh, sql, offs_d, D, G)  # [BLOCK_M, BLOCK_D]
+        lse_row = r
+        if LSE_ABSOLUTE:
+            lse_row = pos * G + r % G
+        lse = tl.load(lse_ptr + bh * R_STRIDE + lse_row, mask=row_ok, other=float("inf"))
+        s = rows_dot_cols(q, k, SMALL_M, IEEE, UPCAST) * qk_scale  # [BLOCK_M, BLOCK_N]
+        p = tl.exp2(s - lse[:, None])
+        acc += tl.sum(tl.where(allowed_mask(pos, row_ok, j, kok, CAUSAL), p, 0.0), axis=0)
+    acc = tl.where(col_ok, acc * inv_heads / qcount.to(tl.float32), 0.0)
+    tl.store(part_ptr + bh * KM + col, acc, mask=col < KM)
+
+
+def tile_config(rows: int, d: int, dtype: torch.dtype) -> dict:
+    """Block sizes and launch options of both passes for ``rows`` packed query rows, head dim ``d``.
+
+    Chosen from sm_90 compiles (registers / spills / shared memory reported by ptxas, no GPU timing yet):
+    these are the largest tiles that compile without spilling. One D tile: the kernels take d <= 256.
+    """
+    block_d = pow2(d, 16)
+    if rows <= 4:  # CUDA-core path: the broadcast product BLOCK_M x BLOCK_N x BLOCK_D stays near 2K values
+        block_m = pow2(rows)
+        return dict(BLOCK_M=block_m, BLOCK_N=max(16, 2048 // (block_m * block_d)), BLOCK_D=block_d,
+                    SMALL_M=True, num_warps=4)
+    if dtype == torch.float32:  # IEEE products run on the CUDA cores: 64 x 64 tiles spill
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d, SMALL_M=False, num_warps=8, num_stages=2)
+    # a few rows (one query of a 7-head GQA group: FastV's last token on Qwen2.5-VL) get a 16-row MMA
+    return dict(BLOCK_M=min(64, pow2(rows, 16)), BLOCK_N=64 if block_d <= 128 else 32, BLOCK_D=block_d,
+                SMALL_M=False, num_warps=8)
+
+
+def check_head_dim(d: int) -> None:
+    if d > 256:
+        raise ValueError(f"the Triton attention kernels take head dim d <= 256 (one register tile), got {d}")
+
+
+def check_max_counts(query_spans, key_spans, max_query, max_key) -> None:
+    """The output widths must cover every span; checked when the spans are on the CPU (no device sync)."""
+    for name, spans, given in (("max_query", query_spans, max_query), ("max_key", key_spans, max_key)):
+        if spans.device.type == "cpu" and int(spans[:, 1].max()) > given:
+            raise ValueError(f"{name} ({given}) is below the largest span count ({int(spans[:, 1].max())})")
+
+
+def kernel_flags(q: torch.Tensor, causal: bool, key_padding_mask) -> dict:
+    return dict(CAUSAL=bool(causal), HAS_KPM=key_padding_mask is not None, IEEE=q.dtype == torch.float32,
+                UPCAST=upcast_dot(q.dtype))
+
+
+def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """The kernels take any batch/head/position strides but need unit stride on the head dim."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def kpm_bytes(key_padding_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """bool [B, L] -> uint8 [B, L] (same bytes), the form the kernels load."""
+    return None if key_padding_mask is None else key_padding_mask.contiguous().view(torch.uint8)
+
+
+def column_scores(q, k, kpm, qspans, kspans, lse, lse_absolute, max_query, max_key, qk_scale, causal):
+    """Launch pass 2 and reduce the KV heads' partials: float32 [B, max_key]."""
+    B, H, L, d = q.shape
+    hkv = k.shape[1]
+    G = H // hkv
+    part = torch.empty(B, hkv, max_key, dtype=torch.float32, device=q.device)  # [B, Hkv, K]
+    cfg = tile_config(G * max_query, d, q.dtype)
+    grid = (triton.cdiv(max_key, cfg["BLOCK_N"]), B * hkv)
+    column_scores_kernel[grid](
+        q, k, kpm, qspans, kspans, lse, part,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        L, d, hkv, lse.shape[-1], max_key, qk_scale, 1.0 / H,
+        G=G, LSE_ABSOLUTE=lse_absolute, **kernel_flags(q, causal, kpm), **cfg,
+    )
+    return part.sum(1) if hkv > 1 else part.view(B, max_key)
+
+
+def attention_scores_launch(q, k, query_spans, key_spans, causal, key_padding_mask, scale, max_query, max_key):
+    """Both passes on prepared arguments (the body of the custom op ``vtprune::attention_scores``)."""
+    B, H, L, d = q.shape
+    check_head_dim(d)
+    hkv = k.shape[1]
+    G = H // hkv
+    q, k = last_dim_contiguous(q), last_dim_contiguous(k)
+    qspans, kspans = to_device_i64(query_spans, q.device), to_device_i64(key_spans, q.device)
+    kpm = kpm_bytes(key_padding_mask)
+    qk_scale = (q.shape[-1] ** -0.5 if scale is None else scale) * LOG2E
+    check_max_counts(query_spans, key_spans, max_query, max_key)
+    rows = G * max_query
+    lse = torch.empty(B, hkv, rows, dtype=torch.float32, device=q.device)  # [B, Hkv, G * Qmax] packed
+    cfg = tile_config(rows, d, q.dtype)
+    _row_lse_kernel[(triton.cdiv(rows, cfg["BLOCK_M"]), B * hkv)](
+        q, k, kpm, qspans, lse,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        L, d, hkv, rows, qk_scale,
+        G=G, **kernel_flags(q, causal, kpm), **cfg,
+    )
+    return column_scores(q, k, kpm, qspans, kspans, lse, False, max_query, max_key, qk_scale, causal)
+
+
+def attention_scores(q, k, *, query_spans, key_spans, causal, key_padding_mask=None, scale=None):
+    """Triton backend of :func:`vtprune.ops.attention_scores` (arguments checked there).
+
+    Runs through the custom op ``torch.ops.vtprune.attention_scores`` so that it traces under
+    ``torch.compile``; the largest span counts are read here, on the host, to size the output.
+    """
+    import vtprune.ops._library  # noqa: F401  (registers the custom ops)
+
+    return torch.ops.vtprune.attention_scores(
+        q, k, query_spans, key_spans, bool(causal), key_padding_mask,
+        None if scale is None else float(scale),
+        host_max(query_spans), host_max(key_spans),
+    )
+

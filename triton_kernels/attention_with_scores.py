@@ -1,0 +1,127 @@
+"""Triton attention output plus column scores (DESIGN §3.1, second form).
+
+A flash-attention forward (online softmax, never ``L x L``) writes the layer's output for every row and the
+base-2 log-sum-exp of every row; the column scores then reuse that LSE in the second pass of
+:mod:`attention_scores` (only the query span's rows are re-read, each K tile once per KV group). The forward
+runs one query head per program: packing a GQA group's heads into the rows, as the score passes do, makes
+every Q/O address a gather, and the 128 x 128 accumulator then spills (sm_90 compile, G = 7). A row with no
+valid key outputs zeros (its running sum stays 0), not NaN.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from vtprune.reference._common import host_max
+from vtprune.triton_kernels._common import mma, pow2, rows_dot_cols, to_device_i64, to_dtype
+from vtprune.triton_kernels.attention_scores import (
+    LOG2E,
+    allowed_mask,
+    check_head_dim,
+    check_max_counts,
+    column_scores,
+    kernel_flags,
+    key_ok,
+    kpm_bytes,
+    last_dim_contiguous,
+    load_k_tile,
+    load_q_rows,
+    online_softmax_step,
+)
+
+
+@triton.jit
+def _attention_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, kpm_ptr, out_ptr, lse_ptr,
+    sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol,
+    L, D, DV, HKV, qk_scale,
+    G: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    # grid: (row tiles over all L positions, B * H)
+    m0 = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // (HKV * G), bh % (HKV * G)
+    kvh = h // G
+    pos = m0 + tl.arange(0, BLOCK_M)  # [BLOCK_M] query positions
+    row_ok = pos < L
+    offs_d, offs_dv = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
+    q = load_q_rows(q_ptr, b, h, pos, pos, row_ok, sqb, sqh, sql, offs_d, D, 1)  # [BLOCK_M, BLOCK_D]
+
+    hi = L
+    if CAUSAL:
+        hi = tl.minimum(L, m0 + BLOCK_M)
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    for n0 in range(0, hi, BLOCK_N):
+        j = n0 + tl.arange(0, BLOCK_N)
+        kok = key_ok(kpm_ptr, b, j, L, HAS_KPM)
+        k = load_k_tile(k_ptr, b, kvh, j, j < L, skb, skh, skl, offs_d, D)  # [BLOCK_N, BLOCK_D]
+        v = load_k_tile(v_ptr, b, kvh, j, j < L, svb, svh, svl, offs_dv, DV)  # [BLOCK_N, BLOCK_DV]
+        s = rows_dot_cols(q, k, False, IEEE, UPCAST) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
+        s = tl.where(allowed_mask(pos, row_ok, j, kok, CAUSAL), s, float("-inf"))
+        m, l, alpha, p = online_softmax_step(s, m, l)
+        # P is rounded to V's dtype for the MMA, as flash attention does (error within the 2x rule)
+        acc = acc * alpha[:, None] + mma(to_dtype(p, v.dtype, UPCAST), v, IEEE, UPCAST)
+    out = tl.where(l[:, None] > 0, acc / tl.where(l > 0, l, 1.0)[:, None], 0.0)
+    o_ptrs = out_ptr + b * sob + h * soh + pos[:, None] * sol + offs_dv[None, :]
+    tl.store(o_ptrs, to_dtype(out, out_ptr.dtype.element_ty, UPCAST), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
+    # LSE in the packed layout of the score passes: [B, Hkv, L * G], row pos * G + h % G
+    lse = tl.where(l > 0, m + tl.log2(tl.where(l > 0, l, 1.0)), float("inf"))
+    tl.store(lse_ptr + (b * HKV + kvh) * (L * G) + pos * G + h % G, lse, mask=row_ok)
+
+
+def forward_config(rows: int, d: int, dv: int, dtype: torch.dtype) -> dict:
+    """Tiles of the forward for ``rows`` query rows: the largest without spills on sm_90 (see tile_config)."""
+    block_d, block_dv = pow2(d, 16), pow2(dv, 16)
+    dims = dict(BLOCK_D=block_d, BLOCK_DV=block_dv)
+    if dtype == torch.float32:  # IEEE products on the CUDA cores
+        return dict(dims, BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2)
+    if max(block_d, block_dv) > 128:
+        return dict(dims, BLOCK_M=64, BLOCK_N=32, num_warps=8)
+    return dict(dims, BLOCK_M=min(128, pow2(rows, 16)), BLOCK_N=64, num_warps=8 if rows > 64 else 4)
+
+
+def attention_with_scores_launch(q, k, v, query_spans, key_spans, causal, key_padding_mask, scale,
+                                 max_query, max_key):
+    """Forward then pass 2 (the body of the custom op ``vtprune::attention_with_scores``)."""
+    B, H, L, d = q.shape
+    dv = v.shape[-1]
+    check_head_dim(max(d, dv))
+    hkv = k.shape[1]
+    G = H // hkv
+    q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
+    qspans, kspans = to_device_i64(query_spans, q.device), to_device_i64(key_spans, q.device)
+    kpm = kpm_bytes(key_padding_mask)
+    qk_scale = (q.shape[-1] ** -0.5 if scale is None else scale) * LOG2E
+    check_max_counts(query_spans, key_spans, max_query, max_key)
+    out = torch.empty(B, H, L, dv, dtype=q.dtype, device=q.device)  # [B, H, L, dv]
+    lse = torch.empty(B, hkv, G * L, dtype=torch.float32, device=q.device)  # [B, Hkv, L * G] packed
+    cfg = forward_config(L, d, dv, q.dtype)
+    _attention_fwd_kernel[(triton.cdiv(L, cfg["BLOCK_M"]), B * H)](
+        q, k, v, kpm, out, lse,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        L, d, dv, hkv, qk_scale,
+        G=G, **kernel_flags(q, causal, kpm), **cfg,
+    )
+    scores = column_scores(q, k, kpm, qspans, kspans, lse, True, max_query, max_key, qk_scale, causal)
+    return out, scores
+
+
+def attention_with_scores(q, k, v, *, query_spans, key_spans, causal, key_padding_mask=None, scale=None):
+    """Triton backend of :func:`vtprune.ops.attention_with_scores` (arguments checked there).
+
+    Runs through the custom op ``torch.ops.vtprune.attention_with_scores`` (traceable by ``torch.compile``).
+    """
+    import vtprune.ops._library  # noqa: F401  (registers the custom ops)
+
+    return torch.ops.vtprune.attention_with_scores(
+        q, k, v, query_spans, key_spans, bool(causal), key_padding_mask,
+        None if scale is None else float(scale),
+        host_max(query_spans), host_max(key_spans),
+    )

@@ -1,0 +1,133 @@
+"""Triton top-k in original order (DESIGN §3.2): one program per row, no host sync, no sort.
+
+1. Scores become order-preserving int32 keys: the float bits, with negative floats' magnitude bits flipped so
+   signed integer order is float order; -0.0 is first folded into +0.0 and NaN becomes INT32_MIN, below
+   -inf (whose key is INT32_MIN + 0x7FFFFF).
+2. Radix select finds the k-th largest key T: four rounds over the 8-bit digits of the key (sign bit flipped,
+   so the bytes order like unsigned integers), each a 256-bin histogram of the keys that match the digits
+   chosen so far; the round keeps the highest digit whose suffix count still reaches the number of keys
+   left to take. Positions at or past ``lengths[b]`` are masked out of every count, so they are never picked.
+3. Compaction in position order: every key > T is taken and the first ``need`` keys == T (ties to the lower
+   position); exclusive prefix sums give each taken position its output slot, so the output is ascending.
+
+A row of up to 4096 scores stays in registers through the four rounds; longer rows are streamed in tiles
+(each round re-reads the row, from L2 at these sizes).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from vtprune.triton_kernels._common import pow2, to_device_i64
+
+SINGLE_TILE_MAX = 4096
+
+
+@triton.jit
+def order_keys(x):
+    """float32 -> int32 keys with the same order (NaN lowest, -0.0 == +0.0)."""
+    x = tl.where(x == 0.0, 0.0, x)
+    bits = x.to(tl.int32, bitcast=True)
+    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return tl.where(x != x, -2147483648, key)
+
+
+@triton.jit
+def _row_keys(scores_ptr, row, offs, length):
+    """Keys of positions ``offs`` of one row and their validity (``offs < length``)."""
+    valid = offs < length
+    x = tl.load(scores_ptr + row + offs, mask=valid, other=0.0).to(tl.float32)  # fp16/bf16 -> fp32 is exact
+    return order_keys(x), valid
+
+
+@triton.jit
+def _digit_histogram(key, valid, prefix, SHIFT: tl.constexpr):
+    """Counts [256] of digit ``SHIFT`` among valid keys whose higher digits equal ``prefix``'s."""
+    biased = key ^ -2147483648  # sign bit flipped: bytes now order like unsigned integers
+    match = valid
+    if SHIFT < 24:
+        match = match & ((biased >> (SHIFT + 8)) == (prefix >> (SHIFT + 8)))
+    return tl.histogram((biased >> SHIFT) & 0xFF, 256, mask=match)
+
+
+@triton.jit
+def _topk_kernel(scores_ptr, lengths_ptr, out_ptr, N, K,
+                 HAS_LENGTHS: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr):
+    # grid: (B,)
+    b = tl.program_id(0).to(tl.int64)
+    row = b * N
+    length = N
+    if HAS_LENGTHS:
+        length = tl.load(lengths_ptr + b).to(tl.int32)
+    offs = tl.arange(0, BLOCK)
+    digits = tl.arange(0, 256)
+    if SINGLE:
+        key, valid = _row_keys(scores_ptr, row, offs, length)  # [BLOCK], kept in registers
+
+    prefix = tl.zeros([], tl.int32)  # biased bits of T chosen so far
+    remaining = K  # how many keys >= the current prefix are still to be taken
+    for rnd in tl.static_range(4):  # digit shifts 24, 16, 8, 0 (compile-time)
+        if SINGLE:
+            hist = _digit_histogram(key, valid, prefix, 24 - 8 * rnd)
+        else:
+            hist = tl.zeros([256], tl.int32)
+            for t0 in range(0, N, BLOCK):
+                tkey, tvalid = _row_keys(scores_ptr, row, t0 + offs, length)
+                hist += _digit_histogram(tkey, tvalid, prefix, 24 - 8 * rnd)
+        at_least = tl.cumsum(hist, 0, reverse=True)  # [256] keys with this digit or a higher one
+        chosen = tl.sum((at_least >= remaining).to(tl.int32), 0) - 1  # suffix counts only decrease
+        remaining -= tl.sum(tl.where(digits > chosen, hist, 0), 0)
+        prefix = prefix | (chosen << (24 - 8 * rnd))
+    threshold = prefix ^ -2147483648  # T as a signed key
+
+    # every key > T is taken, and the first `remaining` keys == T in position order
+    eq_before = tl.zeros([], tl.int32)
+    taken_before = tl.zeros([], tl.int32)
+    for t0 in range(0, N, BLOCK):
+        pos = t0 + offs
+        if not SINGLE:
+            key, valid = _row_keys(scores_ptr, row, pos, length)
+        eq = (valid & (key == threshold)).to(tl.int32)
+        eq_rank = tl.cumsum(eq, 0) - eq + eq_before
+        take = (valid & (key > threshold)) | ((eq != 0) & (eq_rank < remaining))
+        take_i = take.to(tl.int32)
+        slot = tl.cumsum(take_i, 0) - take_i + taken_before  # exclusive prefix: ascending output
+        tl.store(out_ptr + b * K + slot, pos.to(tl.int64), mask=take)
+        eq_before += tl.sum(eq, 0)
+        taken_before += tl.sum(take_i, 0)
+
+
+def topk_config(N: int) -> dict:
+    """One register tile for rows up to 4096 scores, else 4096-wide tiles streamed per round.
+
+    About 32 keys per thread: wider tiles or fewer warps spill on sm_90 (ptxas report).
+    """
+    single = N <= SINGLE_TILE_MAX
+    block = pow2(N, 16) if single else SINGLE_TILE_MAX
+    return dict(BLOCK=block, SINGLE=single, num_warps=min(16, max(4, block // 128)))
+
+
+def topk_keep_order_launch(scores: torch.Tensor, k: int, lengths: torch.Tensor | None) -> torch.Tensor:
+    """Launch on prepared arguments (the body of the custom op ``vtprune::topk_keep_order``)."""
+    B, N = scores.shape
+    scores = scores.contiguous()  # [B, N]
+    out = torch.empty(B, k, dtype=torch.int64, device=scores.device)  # [B, k]
+    if B == 0:
+        return out
+    _topk_kernel[(B,)](
+        scores, to_device_i64(lengths, scores.device), out, N, k, HAS_LENGTHS=lengths is not None,
+        **topk_config(N),
+    )
+    return out
+
+
+def topk_keep_order(scores, k, *, lengths=None):
+    """Triton backend of :func:`vtprune.ops.topk_keep_order` (arguments checked there).
+
+    Runs through the custom op ``torch.ops.vtprune.topk_keep_order`` (traceable by ``torch.compile``).
+    """
+    import vtprune.ops._library  # noqa: F401  (registers the custom ops)
+
+    return torch.ops.vtprune.topk_keep_order(scores, int(k), lengths)
