@@ -166,6 +166,7 @@ setup(
         "vtprune.ops",
         "vtprune.reference",
         "vtprune.cuda",
+        "vtprune.alvts",
         "vtprune.methods",
         "vtprune.models",
         "vtprune.triton_kernels",

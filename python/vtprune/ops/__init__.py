@@ -6,6 +6,7 @@ See DESIGN §3 for the semantics and :mod:`vtprune._backend` for how a backend i
 from vtprune.ops.attention_scores import attention_scores, attention_with_scores
 from vtprune.ops.contextual_merge import contextual_merge, select_and_merge
 from vtprune.ops.lowrank_scores import lowrank_scores
+from vtprune.ops.routed_layer import routed_attention_mask, routed_layer
 from vtprune.ops.topk_keep_order import topk_keep_order
 
 __all__ = [
@@ -15,4 +16,6 @@ __all__ = [
     "contextual_merge",
     "select_and_merge",
     "lowrank_scores",
+    "routed_layer",
+    "routed_attention_mask",
 ]

@@ -1,0 +1,272 @@
+"""ALVTS selector factors: training-free SVD initialisation from a decoder layer's own Q/K weights.
+
+The selector of layer ``l`` is the single-head low-rank attention of :func:`vtprune.ops.lowrank_scores`:
+``logits = (h U)(h V)^T / sqrt(R)`` on the layer's normalised input ``h`` (``U, V: [D, R]``). Its target is
+the layer's head-averaged pre-RoPE attention logit, bias terms left aside (see below)::
+
+    M = scaling / H * sum_h W_Q,h^T W_K,g(h)                      [D, D]
+    mean_h (h W_Q,h^T)(h W_K,g(h)^T)^T * scaling  =  h M h^T
+
+where ``W_Q,h`` is head ``h``'s ``[d, D]`` block of ``q_proj.weight``, ``g(h) = h // (H / Hkv)`` its key/value
+head (grouped-query attention expanded: each query head is paired with its KV head and counted once) and
+``scaling`` is the layer's own softmax scale (``self_attn.scaling`` = ``head_dim ** -0.5``). With the
+truncated SVD ``M ~ P_R diag(s_R) Q_R^T`` the factors are::
+
+    U = P_R diag(sqrt(s_R)) * R ** (1/4),    V = Q_R diag(sqrt(s_R)) * R ** (1/4)
+
+so ``(h U)(h V)^T / sqrt(R) = h P_R diag(s_R) Q_R^T h^T``: the ``R ** (1/4)`` in each factor cancels the op's
+``1 / sqrt(R)``, and at full rank (``R >= rank(M)``, at most ``Hkv * d``) the selector logits equal the
+head-averaged pre-RoPE logits including the layer's ``1/sqrt(head_dim)``. RoPE is not representable by a
+position-free bilinear form; calibration (:mod:`vtprune.alvts.calibrate`) fits the factors to the post-RoPE
+attention instead.
+
+Biases (Qwen2 has q/k biases, LLaMA none): with ``q = h W_q^T + b_q`` and ``k = h W_k^T + b_k`` the logit gains
+``h_i W_q^T b_k`` (constant along each softmax row: cancels exactly), ``b_q . b_k`` (constant: cancels) and
+``b_q W_k h_j`` (a per-key prior). The op has no bias input and ``h`` (an RMSNorm output) has no constant
+component to carry one, so the SVD initialisation drops that last term; calibration can absorb part of it.
+The selector softmax therefore equals the layer's head-averaged pre-RoPE softmax exactly for any key bias,
+and up to the per-key prior for a query bias.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+FORMAT = "vtprune.alvts.factors/1"
+_LAYER_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+
+
+def default_rank(hidden_size: int) -> int:
+    """``hidden_size // 16``: the paper's R = 256 at D = 4096 (LLaVA-7B) and 128 at D = 2048 (Qwen2.5-VL-3B)."""
+    return max(1, hidden_size // 16)
+
+
+def _grouped_weights(layer, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(A, B, c)`` with ``M = c * A^T B``: A sums the query heads of each KV group, B is ``k_proj.weight``.
+
+    ``sum_h Wq_h^T Wk_g(h) = sum_g (sum_{h in g} Wq_h)^T Wk_g``, so A, B are ``[Hkv*d, D]`` and
+    ``c = scaling / H`` (head average and the layer's softmax scale).
+    """
+    attn = getattr(layer, "self_attn", layer)
+    q, k = getattr(attn, "q_proj", None), getattr(attn, "k_proj", None)
+    if not isinstance(q, torch.nn.Linear) or not isinstance(k, torch.nn.Linear):
+        raise ValueError(
+            f"layer must be a decoder layer whose self_attn has q_proj/k_proj nn.Linear modules "
+            f"(LLaMA/Qwen2 style), got {type(layer).__name__}"
+        )
+    d = getattr(attn, "head_dim", None)
+    if not isinstance(d, int) or q.weight.shape[0] % d or k.weight.shape[0] % d:
+        raise ValueError(
+            f"layer.self_attn.head_dim must divide q_proj and k_proj output sizes "
+            f"({q.weight.shape[0]}, {k.weight.shape[0]}), got {d!r}"
+        )
+    H, Hkv, D = q.weight.shape[0] // d, k.weight.shape[0] // d, q.weight.shape[1]
+    if H % Hkv:
+        raise ValueError(f"layer: query heads ({H}) must be a multiple of key/value heads ({Hkv})")
+    a = q.weight.detach().to(dtype).view(Hkv, H // Hkv, d, D).sum(1).reshape(Hkv * d, D)
+    return a, k.weight.detach().to(dtype), float(getattr(attn, "scaling", d**-0.5)) / H
+
+
+def decoder_layers(model_or_layers) -> list[torch.nn.Module]:
+    """The decoder layers of a language model (the ``nn.ModuleList`` whose layers have ``input_layernorm``,
+    ``self_attn``, ``post_attention_layernorm`` and ``mlp``), or the given sequence of layers itself."""
+    if isinstance(model_or_layers, (list, tuple, torch.nn.ModuleList)):
+        layers = list(model_or_layers)
+    elif isinstance(model_or_layers, torch.nn.Module):
+        layers = next(
+            (list(m) for m in model_or_layers.modules() if isinstance(m, torch.nn.ModuleList) and len(m)
+             and all(all(hasattr(x, a) for a in _LAYER_PARTS) for x in m)),
+            [],
+        )
+    else:
+        raise ValueError(
+            f"model_or_layers must be an nn.Module or a list of decoder layers, got {type(model_or_layers).__name__}"
+        )
+    if not layers:
+        raise ValueError(
+            f"model_or_layers: found no decoder layers (modules with {', '.join(_LAYER_PARTS)}) in "
+            f"{type(model_or_layers).__name__}"
+        )
+    return layers
+
+
+def hidden_size(layer) -> int:
+    """D, the input width of the layer's q_proj."""
+    q = getattr(getattr(layer, "self_attn", None), "q_proj", None)
+    if not isinstance(q, torch.nn.Linear):
+        raise ValueError(f"layer must have self_attn.q_proj (an nn.Linear), got {type(layer).__name__}")
+    return q.in_features
+
+
+def bilinear_form(layer, *, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The head-averaged, scaled pre-RoPE bilinear form ``M [D, D]`` of a layer (logits = ``h M h^T``).
+
+    Parameters
+    ----------
+    layer : a LLaMA/Qwen2-style decoder layer
+    dtype : computation and output dtype
+
+    Returns
+    -------
+    Tensor [D, D] on the weights' device.
+    """
+    a, b, c = _grouped_weights(layer, dtype)
+    return (a.T @ b) * c
+
+
+def svd_factors(
+    layer, rank: int, *, compute_dtype: torch.dtype = torch.float32, dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-``rank`` selector factors ``(U, V)`` of one layer from the truncated SVD of its bilinear form.
+
+    See the module docstring for the exact scaling. ``rank`` may exceed ``rank(M)`` (the extra columns are
+    zero); at ``rank >= rank(M)`` the selector reproduces the head-averaged pre-RoPE logits exactly.
+
+    Parameters
+    ----------
+    layer : a LLaMA/Qwen2-style decoder layer
+    rank : R, ``1 <= R <= D``
+    compute_dtype : dtype of the QR/SVD (float32 by default; float64 for tests)
+    dtype : output dtype, default the q_proj weight's
+
+    Returns
+    -------
+    (U, V), each Tensor [D, R] on the weights' device.
+
+    Example
+    -------
+    >>> u, v = svd_factors(model.model.layers[3], 256)
+    """
+    a, b, c = _grouped_weights(layer, compute_dtype)  # [n, D] each
+    n, D = a.shape
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= D:
+        raise ValueError(f"rank must be an int in [1, {D}] (the hidden size), got {rank!r}")
+    if n < D:
+        # M = c A^T B with thin A, B: QR both (A^T = Qa Ra, B^T = Qb Rb) and take the SVD of the small core
+        # Ra Rb^T [n, n]; O(D n^2) instead of the O(D^3) SVD of M (Qwen2.5-VL-3B: n = 256, D = 2048).
+        qa, ra = torch.linalg.qr(a.T)  # [D, n], [n, n]
+        qb, rb = torch.linalg.qr(b.T)
+        p, s, qh = torch.linalg.svd(ra @ rb.T)
+        p, q = qa @ p, qb @ qh.T  # [D, n]
+    else:
+        p, s, qh = torch.linalg.svd(a.T @ b)
+        q = qh.T
+    keep = min(rank, s.shape[0])
+    # c >= 0 and s >= 0, so sqrt(c s) is real; R^(1/4) per factor cancels the op's 1/sqrt(R).
+    root = (s[:keep] * c).sqrt() * rank**0.25
+    u = torch.zeros(D, rank, dtype=compute_dtype, device=a.device)
+    v = torch.zeros_like(u)
+    u[:, :keep] = p[:, :keep] * root
+    v[:, :keep] = q[:, :keep] * root
+    out = dtype or layer.self_attn.q_proj.weight.dtype
+    return u.to(out), v.to(out)
+
+
+@dataclass
+class SelectorFactors:
+    """Per-layer selector factors ``U[l], V[l]`` (``[D, R]`` each) of a decoder stack.
+
+    ``meta`` holds strings saved with the file (``source``: ``svd`` or ``calibrated``, ``rank``, ...).
+
+    Example
+    -------
+    >>> f = init_factors(model.model.layers, rank=256)
+    >>> f.save("llava-1.5-7b.alvts.safetensors"); g = SelectorFactors.load("llava-1.5-7b.alvts.safetensors")
+    """
+
+    u: list[torch.Tensor]
+    v: list[torch.Tensor]
+    meta: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.u) != len(self.v) or not self.u:
+            raise ValueError(f"u and v must be non-empty lists of equal length, got {len(self.u)} and {len(self.v)}")
+        shape = tuple(self.u[0].shape)
+        for i, (u, v) in enumerate(zip(self.u, self.v)):
+            if u.dim() != 2 or tuple(u.shape) != shape or tuple(v.shape) != shape:
+                raise ValueError(
+                    f"every factor must have shape [D, R] = {list(shape)}, got u[{i}] {tuple(u.shape)} "
+                    f"and v[{i}] {tuple(v.shape)}"
+                )
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.u)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.u[0].shape[0]
+
+    @property
+    def rank(self) -> int:
+        return self.u[0].shape[1]
+
+    def __getitem__(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.u[layer_idx], self.v[layer_idx]
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> SelectorFactors:
+        return SelectorFactors(
+            [u.to(device=device, dtype=dtype) for u in self.u],
+            [v.to(device=device, dtype=dtype) for v in self.v],
+            dict(self.meta),
+        )
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write a safetensors file: tensors ``layers.<l>.u`` / ``layers.<l>.v`` plus string metadata."""
+        from safetensors.torch import save_file
+
+        tensors = {}
+        for i, (u, v) in enumerate(zip(self.u, self.v)):
+            tensors[f"layers.{i}.u"] = u.detach().contiguous().cpu()
+            tensors[f"layers.{i}.v"] = v.detach().contiguous().cpu()
+        meta = {**self.meta, "format": FORMAT, "num_layers": str(self.num_layers), "rank": str(self.rank)}
+        save_file(tensors, os.fspath(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, device="cpu") -> SelectorFactors:
+        """Read a file written by :meth:`save`."""
+        from safetensors import safe_open
+
+        with safe_open(os.fspath(path), framework="pt", device=str(device)) as f:
+            meta = dict(f.metadata() or {})
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"path: {path} is not a vtprune ALVTS factors file (format {meta.get('format')!r})")
+            n = int(meta["num_layers"])
+            keys = set(f.keys())
+            missing = [k for i in range(n) for k in (f"layers.{i}.u", f"layers.{i}.v") if k not in keys]
+            if missing:
+                raise ValueError(f"path: {path} lacks tensors {missing[:4]}")
+            u = [f.get_tensor(f"layers.{i}.u") for i in range(n)]
+            v = [f.get_tensor(f"layers.{i}.v") for i in range(n)]
+        for key in ("format", "num_layers", "rank"):
+            meta.pop(key)
+        return cls(u, v, meta)
+
+
+def init_factors(
+    layers: Sequence[torch.nn.Module],
+    rank: int | None = None,
+    *,
+    compute_dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
+) -> SelectorFactors:
+    """SVD-initialised factors for every layer of a decoder stack (no data needed).
+
+    Parameters
+    ----------
+    layers : the decoder layers (e.g. ``language_model.layers``) or a model holding them
+    rank : R, default :func:`default_rank` of the hidden size
+    compute_dtype, dtype : as in :func:`svd_factors`
+
+    Returns
+    -------
+    SelectorFactors with ``meta["source"] == "svd"``.
+    """
+    layers = decoder_layers(layers)
+    rank = default_rank(hidden_size(layers[0])) if rank is None else rank
+    us, vs = zip(*(svd_factors(layer, rank, compute_dtype=compute_dtype, dtype=dtype) for layer in layers))
+    return SelectorFactors(list(us), list(vs), {"source": "svd"})

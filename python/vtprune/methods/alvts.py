@@ -1,0 +1,283 @@
+"""ALVTS (Chen et al., CVPR 2026, arXiv 2606.14277), DESIGN §4.2: adaptive layer-wise visual token selection.
+
+Before every routed decoder layer a low-rank selector (:func:`vtprune.ops.lowrank_scores`) scores the image
+tokens; all text tokens plus the top ``k`` image tokens run through the layer (:func:`vtprune.ops.routed_layer`)
+and the others skip it unchanged, back in their original order, selectable again at the next layer.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import weakref
+
+import torch
+
+from vtprune._backend import BACKENDS
+from vtprune.alvts.calibrate import calibrate
+from vtprune.alvts.factors import SelectorFactors, decoder_layers, hidden_size, init_factors
+from vtprune.ops.lowrank_scores import lowrank_scores
+from vtprune.ops.routed_layer import routed_attention_mask, routed_layer
+from vtprune.ops.topk_keep_order import topk_keep_order
+
+
+class _DefaultKeep(int):
+    """The default ``keep=64``, distinguishable from an explicit 64 (which may not be combined with ratio)."""
+
+
+_KEEP_DEFAULT = _DefaultKeep(64)
+
+# Priorities of the final top-K over all positions (see ALVTS.route): text > picked image > padding >
+# other image tokens, whose scores (products of probabilities, in [0, 1]) are halved into [0, 0.5].
+_TEXT, _PICKED, _PADDING = 4.0, 3.0, 2.0
+
+
+class ALVTS:
+    """ALVTS token routing with a fixed per-layer budget.
+
+    Parameters
+    ----------
+    keep : int or None, default 64
+        Image tokens routed through each layer, per batch row (``min(keep, N)`` for a row with ``N`` image
+        tokens): 192 / 128 / 64 of LLaVA-1.5's 576, 320 of LLaVA-NeXT's 2880. ``None`` (and no ``ratio``)
+        keeps every token but still runs the scoring and selection, and reproduces the unpatched model.
+    ratio : float in (0, 1], optional
+        ``k = floor(ratio * N)`` per row instead of ``keep`` (the paper's uniform ``r``); not with ``keep``.
+    rank : int, optional
+        Selector rank R; default ``hidden_size // 16`` (the paper's 256 at D = 4096, 128 at D = 2048).
+    first_layer : int, default 1
+        First routed decoder layer; earlier layers run on every token.
+    factors : SelectorFactors, path to a saved one, or None (SVD initialisation at :meth:`prepare`)
+    calibration : dict, optional
+        Keyword arguments of :func:`vtprune.alvts.calibrate` (``batches`` required, ``steps``, ``lr``, ...),
+        run at :meth:`prepare` from the initial factors.
+    skipped_as_keys : bool, default False
+        Whether skipped tokens still serve as keys/values of the layer's attention; only ``False`` exists.
+    backend : "auto" | "reference" | "triton" | "cuda"
+
+    Decisions where the paper is silent
+    -----------------------------------
+    * **First layers.** Layer 0 runs in full by default (``first_layer=1``; ``first_layer=0`` routes every
+      layer as the paper states). Layer 0 sees raw, uncontextualised embeddings, whose selector scores say
+      little; and with a KV cache a full layer 0 holds the whole sequence, so ``past_key_values.get_seq_length()``
+      (layer 0 by default in transformers' generation and mask code) stays the true length. The price: at
+      keep 64 of 576 (K ~ 138 of L ~ 650) one full layer of 32 adds ~12% to the routed model's layer FLOPs
+      (3% of the unpruned model's); ``first_layer=0`` is the setting for reproducing the paper's numbers.
+    * **Skipped tokens are not keys** (``skipped_as_keys=False``): the paper sends only the selected tokens
+      "through the layer", and only then does the attention cost shrink to K^2; with the KV cache each layer
+      caches just its routed tokens. Serving skipped tokens as keys would need their K/V projections inside
+      the layer's own attention module, which the Hugging Face modules cannot take; not offered.
+    * **Positions are the original ones**: each routed token keeps its RoPE position in the full sequence
+      (the routed ``(cos, sin)`` are gathered, causal order = original order). Re-compacting per layer would
+      give a token a different position in every layer and break the shared decode positions.
+    * **Batches with different image counts.** The routed count K must be uniform over the batch. Each row
+      routes its real text tokens and its top ``k_b`` image tokens; ``K = max_b (text_b + k_b)``, and rows
+      that need fewer fill the difference first with their own padding positions (masked as keys, so
+      harmless), then with their next-best image tokens. No row gets fewer than its budget, and a padded row
+      (fewer image tokens than the longest row) does not push the others' K up. Keep-all routes all L
+      positions. A row without an image (count 0) routes its text.
+    * **Biases** (Qwen2's q/k biases) are left out of the SVD initialisation (see
+      :mod:`vtprune.alvts.factors`: the key bias cancels in the softmax, the query bias's per-key prior cannot
+      be expressed by the selector); calibration fits against the biased, RoPE'd attention.
+
+    Integration API: :meth:`prepare` once per model, :meth:`layers_routed`, then per routed layer either
+    :meth:`route` + :func:`vtprune.ops.routed_layer`, or :meth:`forward_layer` which does norm, route, mask
+    and routed layer in one call.
+
+    Example
+    -------
+    >>> handle = vtprune.apply(model, ALVTS(keep=64))
+    """
+
+    name = "alvts"
+
+    def __init__(self, keep: int | None = _KEEP_DEFAULT, *, ratio: float | None = None, rank: int | None = None,
+                 first_layer: int = 1, factors: SelectorFactors | str | os.PathLike | None = None,
+                 calibration: dict | None = None, skipped_as_keys: bool = False, backend: str = "auto"):
+        if ratio is not None:
+            if keep is not _KEEP_DEFAULT:
+                raise ValueError(f"ALVTS: give keep= or ratio=, not both (got keep={keep!r}, ratio={ratio!r})")
+            if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+                raise ValueError(f"ALVTS ratio must be a float in (0, 1], got {ratio!r}")
+            keep = None
+        elif keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+            raise ValueError(f"ALVTS keep must be a positive int or None, got {keep!r}")
+        keep = None if keep is None else int(keep)
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+            raise ValueError(f"ALVTS rank must be a positive int or None, got {rank!r}")
+        if isinstance(first_layer, bool) or not isinstance(first_layer, int) or first_layer < 0:
+            raise ValueError(f"ALVTS first_layer must be an int >= 0, got {first_layer!r}")
+        if factors is not None and not isinstance(factors, (SelectorFactors, str, os.PathLike)):
+            raise ValueError(f"ALVTS factors must be SelectorFactors, a path or None, got {type(factors).__name__}")
+        if calibration is not None and (not isinstance(calibration, dict) or "batches" not in calibration):
+            raise ValueError("ALVTS calibration must be a dict of vtprune.alvts.calibrate keyword arguments with "
+                             f"'batches', got {calibration!r}")
+        if skipped_as_keys is not False:
+            raise ValueError("ALVTS skipped_as_keys=True is not supported: skipped tokens would need K/V inside the "
+                             "layer's own attention module; only skipped_as_keys=False (the paper's routing) exists")
+        if backend not in BACKENDS:
+            raise ValueError(f"ALVTS backend must be one of {BACKENDS}, got {backend!r}")
+        self.keep, self.ratio, self.rank, self.first_layer = keep, ratio, rank, first_layer
+        self.factors, self.calibration, self.backend = factors, calibration, backend
+        self.skipped_as_keys = False
+        self._model_ref = None
+        self._uv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._plan_key: tuple | None = None
+        self._plan: tuple | None = None
+
+    @property
+    def keep_all(self) -> bool:
+        return self.keep is None and self.ratio is None
+
+    def __repr__(self) -> str:
+        budget = f"ratio={self.ratio}" if self.ratio is not None else f"keep={self.keep}"
+        return f"ALVTS({budget}, rank={self.rank}, first_layer={self.first_layer}, backend={self.backend!r})"
+
+    # ------------------------------------------------------------------ model-facing API
+    def prepare(self, language_model) -> SelectorFactors:
+        """Build (SVD), load or calibrate the selector factors of every decoder layer; cached per model.
+
+        Each layer's ``U, V`` are stored on that layer's device and in its dtype. Returns the factors.
+        """
+        if self._model_ref is not None and self._model_ref() is language_model:
+            return self._factors
+        layers = decoder_layers(language_model)
+        factors = self.factors
+        if isinstance(factors, (str, os.PathLike)):
+            factors = SelectorFactors.load(factors)
+        elif factors is None:
+            factors = init_factors(layers, self.rank)
+        if factors.num_layers != len(layers) or factors.hidden_size != hidden_size(layers[0]):
+            raise ValueError(f"factors: {factors.num_layers} layers of width {factors.hidden_size} do not fit a model "
+                             f"with {len(layers)} decoder layers of width {hidden_size(layers[0])}")
+        if self.rank is not None and factors.rank != self.rank:
+            raise ValueError(f"factors have rank {factors.rank}, ALVTS was given rank={self.rank}")
+        if self.calibration is not None:
+            factors = calibrate(language_model, factors=factors, **self.calibration)
+        self._uv = []
+        for i, layer in enumerate(layers):
+            w = layer.self_attn.q_proj.weight
+            u, v = factors[i]
+            self._uv.append((u.to(w.device, w.dtype), v.to(w.device, w.dtype)))
+        self._factors = factors
+        self._model_ref = weakref.ref(language_model)
+        return factors
+
+    def layers_routed(self, num_layers: int) -> list[bool]:
+        """Per decoder layer, whether :meth:`route` decides its tokens (False: the layer runs on all)."""
+        return [i >= self.first_layer for i in range(num_layers)]
+
+    def visual_budget(self, counts: torch.Tensor) -> torch.Tensor:
+        """Image tokens routed per row, ``k_b``, from the rows' image counts (int64 [B] on the CPU)."""
+        if self.keep_all:
+            return counts.clone()
+        if self.ratio is not None:
+            # floor(r N); the tiny slack absorbs float error such as (64 / 576) * 576 = 63.999...
+            return torch.tensor([math.floor(self.ratio * int(n) + 1e-9) for n in counts], dtype=torch.int64)
+        return counts.clamp(max=self.keep)
+
+    def _batch_plan(self, visual_spans, key_padding_mask, L: int, device):
+        """(k_b [B] and spans [B, 2] on device, K, spans for scoring [B, 2] on the CPU) for this batch.
+
+        One host read (the padding counts) per forward pass, none per layer.
+
+        Cached on the identity of the span and mask tensors, which the model patch passes unchanged to every
+        layer of a forward pass.
+        """
+        key = (visual_spans, key_padding_mask, L)
+        pk = self._plan_key
+        if pk is not None and pk[0] is visual_spans and pk[1] is key_padding_mask and pk[2] == L:
+            return self._plan
+        spans = visual_spans.detach().cpu()
+        counts = spans[:, 1]
+        k = self.visual_budget(counts)
+        real = torch.full_like(counts, L) if key_padding_mask is None else key_padding_mask.sum(1).cpu()
+        K = L if self.keep_all else max(1, int((real - counts + k).max()))
+        # lowrank_scores needs a non-empty span: rows without an image score a 1-token dummy, ignored below
+        score_spans = torch.stack([spans[:, 0].clamp(max=L - 1), counts.clamp(min=1)], 1)
+        self._plan_key, self._plan = key, (k.to(device), spans.to(device), K, score_spans)
+        return self._plan
+
+    def route(self, layer_idx: int, normed_hidden: torch.Tensor, visual_spans: torch.Tensor,
+              key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+        """Positions that run through decoder layer ``layer_idx``: int64 [B, K], ascending.
+
+        Every real text token, the ``k_b`` highest-scoring image tokens of each row (selector scores of
+        :func:`vtprune.ops.lowrank_scores` on ``normed_hidden``), then padding and next-best image tokens to
+        fill rows up to the batch's uniform K (see the class docstring). No host read except once per batch.
+
+        Parameters
+        ----------
+        layer_idx : decoder layer index (selects its factors; :meth:`prepare` must have run)
+        normed_hidden : Tensor [B, L, D]  the layer's input_layernorm applied to its input
+        visual_spans : int64 Tensor [B, 2]  ``(start, count)`` of the image tokens (count may be 0)
+        key_padding_mask : bool Tensor [B, L] or None  True for a real token
+
+        Returns
+        -------
+        int64 Tensor [B, K] on normed_hidden's device.
+        """
+        if not self._uv:
+            raise ValueError("ALVTS.route: call prepare(language_model) first (no selector factors yet)")
+        if not 0 <= layer_idx < len(self._uv):
+            raise ValueError(f"layer_idx must be in [0, {len(self._uv)}), got {layer_idx}")
+        B, L, _ = normed_hidden.shape
+        dev = normed_hidden.device
+        k, spans, K, score_spans = self._batch_plan(visual_spans, key_padding_mask, L, dev)
+        u, v = self._uv[layer_idx]
+        scores = lowrank_scores(normed_hidden, u, v, visual_spans=score_spans, key_padding_mask=key_padding_mask,
+                                backend=self.backend)  # [B, V] float32
+        Vm = scores.shape[1]
+        t = torch.arange(Vm, device=dev)
+        valid = t < spans[:, 1:]  # [B, V]
+        # rank of each image token in its row: score descending, ties to the lower position (stable sort)
+        order = torch.sort(torch.where(valid, scores, -1.0), dim=1, descending=True, stable=True).indices
+        rank = torch.empty_like(order).scatter_(1, order, t.expand(B, Vm).contiguous())
+        picked = valid & (rank < k[:, None])
+        real = torch.ones(B, L, dtype=torch.bool, device=dev) if key_padding_mask is None else key_padding_mask
+        prio = torch.where(real, _TEXT, _PADDING)  # [B, L]
+        vis_prio = torch.where(picked, _PICKED, 0.5 * scores)  # [B, V]
+        vpos = (spans[:, :1] + t).clamp(max=L - 1)  # [B, V]
+        # write image priorities at their positions; entries past a row's count go to a dump column L
+        prio = torch.cat([prio, prio.new_zeros(B, 1)], 1).scatter_(1, torch.where(valid, vpos, L), vis_prio)[:, :L]
+        return topk_keep_order(prio, K, backend=self.backend)
+
+    def forward_layer(self, layer_idx: int, layer, hidden_states: torch.Tensor, *, visual_spans, key_padding_mask,
+                      position_embeddings, config, past_key_values=None, past_key_padding_mask=None,
+                      **layer_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Norm, route, mask and :func:`vtprune.ops.routed_layer` for one routed layer call (in place).
+
+        Parameters
+        ----------
+        layer_idx, layer : the decoder layer and its index
+        hidden_states : Tensor [B, L, D]  the layer's input, updated in place
+        visual_spans, key_padding_mask : as in :meth:`route` (key_padding_mask covers the L current tokens)
+        position_embeddings : (cos, sin) of the L current tokens
+        config : the language model's config (its attention backend decides the mask's form)
+        past_key_values : Cache, optional; the layer caches only its routed tokens
+        past_key_padding_mask : bool [B, P], optional  padding of the P tokens this layer has cached (what
+            :func:`vtprune.ops.routed_layer.routed_key_padding_mask` gave for them; None: all real)
+        **layer_kwargs : passed to the layer (``use_cache``, ...)
+
+        Returns
+        -------
+        (hidden_states, routed_idx [B, K]): keep ``routed_key_padding_mask(routed_idx, key_padding_mask)``
+        to decode against this layer's cache later.
+        """
+        normed = layer.input_layernorm(hidden_states)
+        idx = self.route(layer_idx, normed, visual_spans, key_padding_mask)
+        del normed
+        kpm = key_padding_mask
+        if past_key_values is not None and past_key_values.get_seq_length(layer_idx) > 0:
+            B = hidden_states.shape[0]
+            P = past_key_values.get_seq_length(layer_idx)
+            past = past_key_padding_mask if past_key_padding_mask is not None else \
+                torch.ones(B, P, dtype=torch.bool, device=hidden_states.device)
+            cur = kpm if kpm is not None else torch.ones(B, hidden_states.shape[1], dtype=torch.bool,
+                                                         device=hidden_states.device)
+            kpm = torch.cat([past, cur], 1)
+        mask = routed_attention_mask(config, idx, kpm, past_key_values, layer_idx=layer_idx,
+                                     dtype=hidden_states.dtype)
+        out = routed_layer(layer, hidden_states, idx, position_embeddings=position_embeddings, attention_mask=mask,
+                           past_key_values=past_key_values, backend=self.backend, **layer_kwargs)
+        return out, idx
