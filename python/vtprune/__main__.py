@@ -18,8 +18,9 @@ import time
 METHODS = ("visiondrop", "alvts", "fastv", "visionzip", "pyramiddrop", "pool")
 
 
-def make_method(name: str, tokens: int | None, visual: int):
-    """A method object for the demo's ``--method`` / ``--tokens`` (``visual``: image tokens per image)."""
+def make_method(name: str, tokens: int | None, visual: int, tiles: int = 1):
+    """A method object for the demo's ``--method`` / ``--tokens`` (``visual``: image tokens per image; ``tiles``:
+    336 px tiles of the image, LLaVA-NeXT, where ``--tokens`` is per tile)."""
     import vtprune
 
     if name == "visiondrop":
@@ -36,7 +37,7 @@ def make_method(name: str, tokens: int | None, visual: int):
         return vtprune.UniformPool(tokens=tokens or 64)
     if name == "alvts":
         ALVTS = vtprune.ALVTS  # raises a clear ImportError while ALVTS is not in this build
-        return ALVTS(keep=tokens or 64)
+        return ALVTS(keep=(tokens or 64) * tiles)  # image tokens routed through each layer (LLaVA-NeXT: 64 x 5)
     raise ValueError(f"--method must be one of {METHODS}, got {name!r}")
 
 
@@ -119,7 +120,8 @@ def demo(argv) -> None:
     p.add_argument("--family", default="llava", choices=FAMILIES,
                    help="model family of the built-in tiny model (LLaVA-NeXT: --tokens is per 336 px tile)")
     p.add_argument("--method", default="visiondrop", choices=METHODS)
-    p.add_argument("--tokens", type=int, default=64, help="average visual tokens (method budget)")
+    p.add_argument("--tokens", type=int, default=64,
+                   help="average visual tokens (method budget; ALVTS: image tokens routed through each layer)")
     p.add_argument("--image", help="image file: fed to the model and used for the retention map")
     p.add_argument("--out", default="retention_map.png", help="retention-map PNG (with --image)")
     p.add_argument("--repeats", type=int, default=5, help="timed prefills per setting (median)")
@@ -129,7 +131,8 @@ def demo(argv) -> None:
     model, inputs = _load(args)
     visual = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
     try:
-        method = make_method(args.method, args.tokens, visual)
+        tiles = inputs["pixel_values"].shape[1] if args.family == "llava_next" else 1
+        method = make_method(args.method, args.tokens, visual, tiles)
     except ImportError as e:
         raise SystemExit(f"--method {args.method}: {e}") from e
     base_ms = _prefill_ms(model, inputs, args.repeats)

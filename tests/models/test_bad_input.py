@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import SCHEDULE
+from models_common import SCHEDULE
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import vtprune

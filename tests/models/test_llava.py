@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import SCHEDULE, row
+from models_common import SCHEDULE, row
 from official_visiondrop import official_logits
 
 import vtprune

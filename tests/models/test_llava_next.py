@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SCHEDULE, check_batch_equals_rows
+from models_common import SCHEDULE, check_batch_equals_rows
 from official_visiondrop import merge
 
 import vtprune

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from conftest import SCHEDULE, check_batch_equals_rows
+from models_common import SCHEDULE, check_batch_equals_rows
 
 import vtprune
 from vtprune.models._tiny import IMAGE_TOKEN, tiny_qwen2_5_vl, tiny_qwen_inputs

@@ -5,12 +5,13 @@ import os
 
 import pytest
 import torch
-from conftest import SCHEDULE
+from models_common import SCHEDULE
 
 import vtprune
 
 OPS = ("attention_scores", "attention_with_scores", "select_and_merge")
-MISSING = [op for op in OPS if importlib.util.find_spec(f"vtprune.triton_kernels.{op}") is None]
+MISSING = list(OPS) if importlib.util.find_spec("vtprune.triton_kernels") is None else \
+    [op for op in OPS if importlib.util.find_spec(f"vtprune.triton_kernels.{op}") is None]
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and not torch.cuda.is_available(),

@@ -1,64 +1,137 @@
 """Adapter from a per-layer router (ALVTS, :mod:`vtprune.methods.alvts`) to the decoder-layer hook.
 
-The router exposes ``prepare(language_model)``, ``layers_routed(num_layers)`` and
-``route(layer_idx, normed_hidden, visual_spans, key_padding_mask) -> routed_idx [B, K]``; the layer itself then
-runs through ``vtprune.ops.routed_layer`` (only the routed tokens pass through it, the others skip it
-unchanged, positions stay the original ones).
+The router exposes ``prepare(language_model)``, ``layers_routed(num_layers) -> list[bool]``,
+``visual_budget(counts)`` and ``forward_layer(...)`` (input norm, selector, top-k, routed mask and
+:func:`vtprune.ops.routed_layer` in one call): only the routed tokens (all text + the top-k image tokens) pass
+through a routed layer, the others skip it unchanged, every token keeps its original position.
 
-Integration status: prefill without a KV cache is wired (``model(..., use_cache=False)`` and
-``generate(..., use_cache=False)``). With a KV cache every routed layer caches a different subset of tokens,
-so decoding needs one attention mask per layer (the prefill mask gathered at that layer's routed positions,
-plus the decoded columns); that per-layer group is not built yet and a cached prefill is refused with an
-error rather than decoding against the wrong mask.
+**Prefill** (a forward with an image). Each routed layer routes its own tokens. With a KV cache the layer caches
+only its K routed tokens, so each layer keeps the key padding mask of what it cached
+(:func:`vtprune.ops.routed_layer.routed_key_padding_mask`), per cache object.
+
+**Decoding** (a call that continues such a cache). New tokens are text, and text is always routed: every new
+token runs through every layer. A routed layer attends to its own cache, so it gets its own attention mask:
+its cached tokens' padding, then the new tokens' columns (appended to the layer's record after the call).
+Positions are the unpruned model's (ALVTS keeps original positions; the decoder patch continues them from the
+full prompt length). Layers before ``first_layer`` run unchanged on the full cache.
+
+Routing layer 0 with a KV cache is refused: ``transformers`` (``generate``, the mask builders) and the decoder
+patch read the sequence length from layer 0's cache, which must therefore hold every token.
+
+Statistics: per layer, batch row 0's image tokens routed through the layer (its ``k`` plus, in a batch whose
+rows need different numbers of routed tokens, the image tokens that fill it up to the batch's uniform K; see
+:class:`vtprune.methods.alvts.ALVTS`), computed on the host from the routed count without a device read.
 """
 
 from __future__ import annotations
 
-import importlib
+import copy
+import weakref
+
+import torch
 
 from vtprune.methods.base import LayerCall, Method, Plan
+from vtprune.ops.routed_layer import routed_attention_mask, routed_key_padding_mask
+
+# arguments of the decoder-layer call that the routed call replaces or takes by name
+_OWN = ("attention_mask", "position_embeddings", "past_key_values")
 
 
 class RoutedMethod(Method):
     name = "alvts"
 
     def __init__(self, router):
+        missing = [a for a in ("prepare", "layers_routed", "visual_budget", "forward_layer") if not hasattr(router, a)]
+        if missing:
+            raise TypeError(f"vtprune: a router needs {', '.join(missing)} (see vtprune.methods.alvts.ALVTS), "
+                            f"{type(router).__name__} lacks them")
         super().__init__(getattr(router, "backend", "auto"))
         self.router = router
         self.routed: frozenset = frozenset()
+        # KV cache -> {layer index: key padding mask [B, P] of the tokens that layer cached}
+        self.cached: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._row0 = None  # (key_padding_mask, spans, L, K) -> image tokens row 0 routes; cached per forward
 
     def plan(self, num_layers: int) -> Plan:
-        self.routed = frozenset(self.router.layers_routed(num_layers))
+        self.routed = frozenset(i for i, r in enumerate(self.router.layers_routed(num_layers)) if r)
         return self._plan(None, (), num_layers)
 
     def prepare(self, language_model) -> None:
         self.router.prepare(language_model)
 
     def run_layer(self, call: LayerCall):
-        if call.layer_idx not in self.routed or not call.prefill or not bool((call.visual_spans[:, 1] > 0).any()):
+        if call.layer_idx not in self.routed:
             return None
-        if call.kwargs.get("past_key_values") is not None:
-            raise NotImplementedError(
-                "ALVTS with a KV cache is not wired into the decoder loop yet (each layer would cache a different "
-                "token subset); run with use_cache=False"
+        cache = call.kwargs.get("past_key_values")
+        if not call.prefill:
+            return self._decode(call, cache)
+        records = self.cached.get(cache) if cache is not None else None
+        if records is not None:
+            records.pop(call.layer_idx, None)  # a new prefill on this cache object
+        if not bool((call.visual_spans[:, 1] > 0).any()):
+            return None  # no image in the batch: nothing to route, the layer runs (and caches) in full
+        if cache is not None and call.layer_idx == 0:
+            raise ValueError(
+                f"{self.router!r}: routing decoder layer 0 with a KV cache is not supported (transformers' generate "
+                "and mask code read the sequence length from layer 0's cache); use first_layer >= 1 (the default) "
+                "or use_cache=False"
             )
-        module = _routed_module()
-        normed = call.layer.input_layernorm(call.hidden_states)
-        idx = self.router.route(call.layer_idx, normed, call.visual_spans, call.key_padding_mask)
-        mask = module.routed_attention_mask(call.layer.self_attn.config, idx, call.key_padding_mask,
-                                            layer_idx=call.layer_idx, dtype=call.hidden_states.dtype)
-        kw = {k: v for k, v in call.kwargs.items() if k not in ("attention_mask", "position_embeddings")}
-        out = module.routed_layer(call.layer, call.hidden_states, idx, position_embeddings=call.kwargs[
-            "position_embeddings"], attention_mask=mask, backend=self.backend, **kw)
-        call.visual_tokens = idx.shape[1] - (int(call.key_padding_mask[0].sum()) - int(call.visual_spans[0, 1]))
+        kw = {k: v for k, v in call.kwargs.items() if k not in _OWN}
+        hidden, idx = self.router.forward_layer(
+            call.layer_idx, _unhooked(call.layer, call.call), call.hidden_states, visual_spans=call.visual_spans,
+            key_padding_mask=call.key_padding_mask, position_embeddings=call.kwargs["position_embeddings"],
+            config=call.layer.self_attn.config, past_key_values=cache, **kw)
+        if cache is not None:
+            self.cached.setdefault(cache, {})[call.layer_idx] = routed_key_padding_mask(idx, call.key_padding_mask)
+        call.visual_tokens = self._row0_visual(call.visual_spans, call.key_padding_mask, idx.shape[1])
+        return hidden
+
+    def _decode(self, call: LayerCall, cache):
+        """One decoding call at a routed layer: every new token runs, against this layer's own cache."""
+        records = self.cached.get(cache) if cache is not None else None
+        past = None if records is None else records.get(call.layer_idx)
+        if past is None:  # the prefill did not route (no image): the layer cached everything
+            return None
+        i = call.layer_idx
+        B, q = call.hidden_states.shape[:2]
+        cached = int(cache.get_seq_length(i))
+        if past.shape[1] != cached:
+            raise RuntimeError(f"vtprune ALVTS: layer {i} cached {cached} tokens but its record covers "
+                               f"{past.shape[1]}; the cache was changed outside the patched model (cropped, reordered, "
+                               "reused?)")
+        kpm = torch.cat([past, call.key_padding_mask[:, -q:].to(past.device)], 1)  # [B, cached + q]
+        new = torch.arange(q, device=call.hidden_states.device).expand(B, q)
+        mask = routed_attention_mask(call.layer.self_attn.config, new, kpm, cache, layer_idx=i,
+                                     dtype=call.hidden_states.dtype)
+        out = call.call(call.hidden_states, **dict(call.kwargs, attention_mask=mask))
+        records[i] = kpm
         return out
+
+    def _row0_visual(self, spans, key_padding_mask, K: int) -> int:
+        """Image tokens batch row 0 routes when the batch routes K tokens per row: its real text, its ``k``, then
+        its padding, then more image tokens (ALVTS's fill order)."""
+        key = self._row0
+        L = key_padding_mask.shape[1]
+        if key is None or key[0] is not key_padding_mask or key[1] is not spans or key[2] != L:
+            count0 = int(spans[0, 1])
+            real0 = int(key_padding_mask[0].sum())  # one host read per forward
+            k0 = int(self.router.visual_budget(spans[:1, 1].cpu())[0])
+            key = self._row0 = (key_padding_mask, spans, L, count0, real0, k0)
+        count0, real0, k0 = key[3:]
+        text0, pad0 = real0 - count0, L - real0
+        return K - text0 - min(pad0, max(0, K - text0 - k0))
 
     def _describe(self):
         return repr(self.router)
 
 
-def _routed_module():
-    try:
-        return importlib.import_module("vtprune.ops.routed_layer")
-    except ModuleNotFoundError as e:
-        raise NotImplementedError("ALVTS needs vtprune.ops.routed_layer, which is not in this build yet") from e
+def _unhooked(layer: torch.nn.Module, forward) -> torch.nn.Module:
+    """A view of ``layer`` (same class, same submodules and parameters) whose ``__call__`` runs ``forward`` without
+    the layer's own module hooks. The routed call runs the layer on the compact routed sequence; the hooks (e.g.
+    transformers' ``output_hidden_states`` capture) fire once, on the wrapped call with the full sequence."""
+    view = copy.copy(layer)
+    for name, value in vars(layer).items():
+        if "hooks" in name and isinstance(value, dict):
+            view.__dict__[name] = type(value)()
+    view.__dict__["forward"] = forward
+    return view

@@ -6,8 +6,14 @@ family patch opened (:meth:`DecoderPatch.activate`), the wrapper
 
 1. swaps in the attention mask, position ids and position embeddings of the layer's *group* (the layers
    between two stages run on the same, shorter sequence and share a KV-cache length);
-2. lets the method replace the layer call (:meth:`vtprune.methods.base.Method.run_layer`, ALVTS's hook);
+2. lets the method replace the layer call (:meth:`vtprune.methods.base.Method.run_layer`, ALVTS's hook), in
+   prefill and decode calls. Inside ``run_layer`` the layer is not wrapped again: a call to it runs the original
+   forward (re-entrance guard). ``run_layer`` may overwrite the hidden states in place (ALVTS's routed layer
+   does); when the forward records hidden states (``output_hidden_states``) it gets a copy;
 3. after the last layer before a stage, prunes the hidden states (prefill only).
+
+The span and key-padding tensors handed to ``run_layer`` are the same objects for every layer of a group in one
+forward call (a method may cache per-forward work on their identity).
 
 Group 0 is what the language model's own forward prepares from the inputs the family patch hands it.
 """
@@ -21,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vtprune import ops
-from vtprune.methods.base import LayerCall, Plan
+from vtprune.methods.base import LayerCall, Method, Plan
 from vtprune.methods.schedule import Stage, resolve_count
 from vtprune.models._sequence import Sequence, gather_span
 
@@ -53,6 +59,8 @@ class Call:
     selections: list = field(default_factory=list)  # retention-map records, row 0
     origin: list | None = None  # row 0: original patch index of each current visual token
     orig_len: int = 0  # unpruned length of the prefill sequence
+    copy_hidden: bool = False  # hidden states are recorded: a run_layer hook must not overwrite its input
+    key_padding: dict = field(default_factory=dict)  # group -> (bool key padding mask [B, Lg], row 0 real tokens)
 
 
 class DecoderPatch:
@@ -64,6 +72,8 @@ class DecoderPatch:
         self.plan = plan
         self.qk = qk
         self.active: Call | None = None
+        self._in_hook = False  # a method's run_layer is running: a layer called inside it runs unwrapped
+        self.hooked = type(plan.method).run_layer is not Method.run_layer
         self.records: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.layers = list(language_model.layers)
         self.stage_after = {s.layer - 1: s for s in plan.stages}  # index of the layer a stage follows
@@ -83,25 +93,33 @@ class DecoderPatch:
     def _wrap(self, i, layer, original):
         def forward(hidden_states, *args, **kwargs):
             call = self.active
-            if call is None:
+            if call is None or self._in_hook:
                 return original(hidden_states, *args, **kwargs)
             g = self.group_of[i]
             if g > 0:
                 causal, pos_emb = self._group_inputs(call, g, hidden_states, kwargs)
                 kwargs.update(attention_mask=causal, position_embeddings=pos_emb,
                               position_ids=_layer_positions(call.group_positions[g]))
-            out = None
-            lc = None
-            if call.prefill:
-                lc = LayerCall(i, layer, original, hidden_states, kwargs, call.seq.spans,
-                               call.group_masks[g].bool(), call.prefill)
-                out = self.plan.method.run_layer(lc)
+            if g not in call.key_padding:  # once per group and call: same tensor for every layer, one host read
+                kpm = call.group_masks[g].bool()
+                call.key_padding[g] = (kpm, int(kpm[0].sum()) if call.prefill else None)  # row 0 count: stats
+            kpm, real0 = call.key_padding[g]
+            out = lc = None
+            if self.hooked:
+                lc = LayerCall(i, layer, original, hidden_states.clone() if call.copy_hidden else hidden_states,
+                               kwargs, call.seq.spans, kpm, call.prefill)
+                self._in_hook = True
+                try:
+                    out = self.plan.method.run_layer(lc)
+                finally:
+                    self._in_hook = False
             if out is None:
                 out = original(hidden_states, *args, **kwargs)
             if call.prefill:
-                visual = lc.visual_tokens if lc.visual_tokens is not None else int(call.seq.spans[0, 1])
+                span0 = int(call.seq.spans[0, 1])
+                visual = span0 if lc is None or lc.visual_tokens is None else lc.visual_tokens
                 call.visual_per_layer.append(visual)
-                call.tokens_per_layer.append(int(call.group_masks[g][0].sum()))
+                call.tokens_per_layer.append(real0 - (span0 - visual))  # a hook's skipped image tokens do not run
                 stage = self.stage_after.get(i)
                 if stage is not None:
                     hidden = out[0] if isinstance(out, tuple) else out

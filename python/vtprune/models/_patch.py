@@ -144,6 +144,7 @@ class ModelPatch:
         padded = a.get("attention_mask") is not None or bool((seq.mask == 0).any())
         a.update(input_ids=None, pixel_values=None, inputs_embeds=embeds, position_ids=seq.positions,
                  attention_mask=seq.mask if padded else None)
+        call.copy_hidden = self._records_hidden(a)
         self.decoder.active = call
         try:
             out = original(**a)
@@ -152,6 +153,14 @@ class ModelPatch:
         self.decoder.finish_prefill(call, out.past_key_values if cache is None else cache)
         self.last_call = call
         return out
+
+    def _records_hidden(self, a) -> bool:
+        """Whether this forward records the decoder layers' hidden states (``output_hidden_states``: a flag, an
+        index or indices, else the language model's config); a per-layer hook must then not overwrite them."""
+        flag = a.get("output_hidden_states")
+        if flag is None:
+            flag = getattr(self.lm.config, "output_hidden_states", False)
+        return flag is not None and flag is not False
 
     def _decode_positions(self, a, record: CacheRecord, mask, q: int):
         """Positions of the ``q`` new tokens in the unpruned sequence ([B, q]; Qwen2.5-VL: [3, B, q])."""
@@ -176,6 +185,7 @@ class ModelPatch:
                              f"(length {record.orig_len + grown + q}), got shape {tuple(mask.shape)}")
         call = self.decoder.decode_call(record, mask, self._decode_positions(a, record, mask, q))
         a.update(attention_mask=call.group_masks[0], position_ids=call.group_positions[0])
+        call.copy_hidden = self._records_hidden(a)
         self.decoder.active = call
         try:
             return original(**a)
