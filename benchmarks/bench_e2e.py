@@ -329,22 +329,26 @@ def plot_breakdown(rows, path) -> None:
 
 
 def plot(rows, path) -> None:
-    """Prefill latency against average visual tokens, one line per method and model/batch (needs matplotlib)."""
+    """Prefill latency against average visual tokens: one panel per model (smallest batch), a line per method,
+    the unpruned model as a dashed line (needs matplotlib)."""
     plt = _pyplot()
     if plt is None:
         return
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    keys = sorted({(r["model"], r["batch"], r["method"]) for r in rows if r["method"] != "unpruned"})
-    for model, batch, method in keys:
-        pts = sorted((r["avg_visual"], r["prefill_ms"]) for r in rows
-                     if (r["model"], r["batch"], r["method"]) == (model, batch, method))
-        ax.plot(*zip(*pts), marker="o", label=f"{method} ({model}, b={batch})")
-    for r in rows:
-        if r["method"] == "unpruned":
-            ax.axhline(r["prefill_ms"], ls="--", lw=0.8, color="gray")
-    ax.set_xlabel("average visual tokens per LLM layer")
-    ax.set_ylabel("prefill latency (ms)")
-    ax.legend(fontsize=6)
+    batch = min(r["batch"] for r in rows)
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.8), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        mine = [r for r in rows if r["model"] == model and r["batch"] == batch]
+        for method in dict.fromkeys(r["method"] for r in mine if r["method"] != "unpruned"):
+            pts = sorted((r["avg_visual"], r["prefill_ms"]) for r in mine if r["method"] == method)
+            ax.plot(*zip(*pts), marker="o", label=method)
+        for r in mine:
+            if r["method"] == "unpruned":
+                ax.axhline(r["prefill_ms"], ls="--", lw=0.8, color="gray", label="unpruned")
+        ax.set_title(f"{model}, batch {batch}", fontsize=9)
+        ax.set_xlabel("average visual tokens per LLM layer")
+        ax.set_ylabel("prefill latency (ms)")
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"plot: {path}")
