@@ -2,7 +2,8 @@
 
 A method object is a plain description; :func:`vtprune.apply` binds it to a model (``plan``) and the model
 family's patch runs it. Methods that replace whole layer calls (ALVTS routes a subset of tokens through
-each layer) implement :meth:`Method.run_layer`; the decoder patch calls it for every layer of a prefill.
+each layer) implement :meth:`Method.run_layer`; the decoder patch calls it for every layer call, prefill
+and decode (``LayerCall.prefill`` tells which).
 """
 
 from __future__ import annotations
