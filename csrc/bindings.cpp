@@ -46,4 +46,22 @@ PYBIND11_MODULE(_C, m) {
       py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
       "ALVTS selector scores out float [B, max_visual] (DESIGN 3.4) from fp32 projections a = h U, "
       "b = h V [B, L, R]; workspaces lse float [B, L], partial float [2, B, max_visual].");
+  m.def(
+      "routed_gather_rmsnorm", &vtprune::routed_gather_rmsnorm, py::arg("x"), py::arg("idx"),
+      py::arg("weight"), py::arg("out"), py::arg("batch"), py::arg("length"), py::arg("routed"),
+      py::arg("dim"), py::arg("batch_stride"), py::arg("row_stride"), py::arg("eps"),
+      py::arg("dtype"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+      "routed_layer's first read (DESIGN 3.5): out [B, K, D] = RMSNorm(x[b, idx[b]]); x [B, L, D] "
+      "with the given batch / row strides, idx int64 [B, K], weight [D].");
+  m.def("routed_gather_add_rmsnorm", &vtprune::routed_gather_add_rmsnorm, py::arg("x"),
+        py::arg("idx"), py::arg("delta"), py::arg("weight"), py::arg("out"), py::arg("batch"),
+        py::arg("length"), py::arg("routed"), py::arg("dim"), py::arg("batch_stride"),
+        py::arg("row_stride"), py::arg("eps"), py::arg("dtype"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>(),
+        "delta [B, K, D] <- x[b, idx[b]] + delta in place; out [B, K, D] = RMSNorm(delta).");
+  m.def("routed_add_scatter", &vtprune::routed_add_scatter, py::arg("x"), py::arg("idx"),
+        py::arg("mid"), py::arg("delta"), py::arg("batch"), py::arg("length"), py::arg("routed"),
+        py::arg("dim"), py::arg("batch_stride"), py::arg("row_stride"), py::arg("dtype"),
+        py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+        "routed_layer's last write: x[b, idx[b]] = mid + delta in place (mid, delta [B, K, D]).");
 }

@@ -21,8 +21,12 @@ from vtprune import ops
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILD_REQUIRED = os.environ.get("VTPRUNE_BUILD_CUDA") == "1"
-# Ops implemented in the glue by composing kernels of other bindings (topk_keep_order + contextual_merge).
-COMPOSED = {"select_and_merge": ("topk_keep_order", "contextual_merge")}
+# Ops implemented in the glue by composing kernels of other bindings (topk_keep_order + contextual_merge), or
+# by row kernels around the layer's own modules (routed_layer).
+COMPOSED = {
+    "select_and_merge": ("topk_keep_order", "contextual_merge"),
+    "routed_layer": ("routed_gather_rmsnorm", "routed_gather_add_rmsnorm", "routed_add_scatter"),
+}
 # Known, measured exceptions: (kernel name prefix, largest spill in bytes). The fp32 flash kernel with a
 # 64-wide head tile spills one 4-byte value with sm_90a's ptxas (13.0); 16-bit paths spill nothing.
 SPILL_ALLOWED = {"void vtprune::attn::flash_forward_kernel<float, 64>": 8}
@@ -37,9 +41,8 @@ def _extension():
         pytest.skip(f"vtprune._C is not built ({e})")
 
 
-# The routed layer's CUDA gather/RMSNorm and residual/scatter kernels are not written yet (its Triton path
-# exists); routed_attention_mask is host-side mask construction with no kernel of its own.
-WITHOUT_CUDA = {"routed_layer", "routed_attention_mask"}
+# routed_attention_mask is host-side mask construction with no kernel of its own.
+WITHOUT_CUDA = {"routed_attention_mask"}
 
 
 @pytest.mark.parametrize("op", [op for op in ops.__all__ if op not in WITHOUT_CUDA])
@@ -67,6 +70,13 @@ def test_launchers_check_arguments_before_cuda():
     assert extension.contextual_merge(0, 0, 0, 0, 0, 0, 0, 0, 0, 10, 8, 8, 6, 4, 0, 0, 0) is None
     with pytest.raises(RuntimeError, match="max_visual"):
         extension.lowrank_scores(0, 0, 0, 0, 0, 0, 0, 1, 10, 64, 11, 0)
+    with pytest.raises(RuntimeError, match="routed <= length"):
+        extension.routed_gather_rmsnorm(0, 0, 0, 0, 1, 10, 11, 64, 640, 64, 1e-6, 2, 0)
+    with pytest.raises(RuntimeError, match="pointer is null"):
+        extension.routed_add_scatter(0, 0, 0, 0, 1, 10, 5, 64, 640, 64, 2, 0)
+    with pytest.raises(RuntimeError, match="dim 1048576 exceeds"):
+        extension.routed_gather_add_rmsnorm(16, 16, 16, 16, 16, 1, 10, 5, 1 << 20, 1 << 20, 4096, 1e-6, 2, 0)
+    assert extension.routed_add_scatter(0, 0, 0, 0, 0, 10, 5, 64, 640, 64, 2, 0) is None
 
 
 def _nvcc() -> str | None:
@@ -117,7 +127,7 @@ def test_kernels_do_not_spill():
     kernels = {name: spill for name, (_, spill) in zip(names, entries, strict=True)}
     for prefix in ("attn::row_lse_kernel", "attn::column_sum_kernel", "attn::single_query_kernel",
                    "attn::flash_forward_kernel", "merge::merge_assign_kernel", "merge::merge_output_kernel",
-                   "topk_keep_order_kernel"):
+                   "topk_keep_order_kernel", "routed::routed_row_kernel"):
         assert any(prefix in name for name in kernels), f"no {prefix} in the resource report"
     spilling = {
         name: spill

@@ -52,4 +52,28 @@ void lowrank_scores(std::uintptr_t a, std::uintptr_t b, std::uintptr_t visual_sp
                     std::uintptr_t out, std::int64_t batch, std::int64_t length, std::int64_t rank,
                     std::int64_t max_visual, std::uintptr_t stream);
 
+// Row kernels of routed_layer (DESIGN 3.5). x [B, L, D] with unit stride on D and batch / row
+// strides in elements (updated in place by routed_add_scatter); idx int64 [B, K]; weight [D];
+// delta, mid and out [B, K, D] contiguous; all in one dtype. Indices outside [0, L) read zeros and
+// write nothing.
+
+// out = RMSNorm(x[b, idx[b]]) with the weight and eps of a LlamaRMSNorm.
+void routed_gather_rmsnorm(std::uintptr_t x, std::uintptr_t idx, std::uintptr_t weight,
+                           std::uintptr_t out, std::int64_t batch, std::int64_t length,
+                           std::int64_t routed, std::int64_t dim, std::int64_t batch_stride,
+                           std::int64_t row_stride, double eps, int dtype, std::uintptr_t stream);
+
+// delta <- x[b, idx[b]] + delta (in place), out = RMSNorm(delta).
+void routed_gather_add_rmsnorm(std::uintptr_t x, std::uintptr_t idx, std::uintptr_t delta,
+                               std::uintptr_t weight, std::uintptr_t out, std::int64_t batch,
+                               std::int64_t length, std::int64_t routed, std::int64_t dim,
+                               std::int64_t batch_stride, std::int64_t row_stride, double eps,
+                               int dtype, std::uintptr_t stream);
+
+// x[b, idx[b]] = mid + delta (in place; the other rows of x are not touched).
+void routed_add_scatter(std::uintptr_t x, std::uintptr_t idx, std::uintptr_t mid,
+                        std::uintptr_t delta, std::int64_t batch, std::int64_t length,
+                        std::int64_t routed, std::int64_t dim, std::int64_t batch_stride,
+                        std::int64_t row_stride, int dtype, std::uintptr_t stream);
+
 }  // namespace vtprune
