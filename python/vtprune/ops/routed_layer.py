@@ -44,12 +44,13 @@ def routed_layer(layer, hidden_states, routed_idx, *, position_embeddings, atten
     returned (no full-size copy). Clone first if the input is still needed (e.g. recorded hidden states).
     Inference only (no autograd through the in-place write).
 
-    Backends: ``reference`` gathers, calls ``layer`` itself and scatters (any decoder layer). ``triton``
-    re-runs the layer as norm -> self_attn -> residual -> norm -> mlp -> residual with the gather fused into
-    the first RMSNorm, residual + second RMSNorm fused, and the scatter fused into the last residual add; the
-    attention and MLP are the layer's own modules on the compact ``[B, K, D]`` batch. It takes LLaMA, Mistral,
-    Qwen2 and Qwen2.5-VL text decoder layers (RMSNorms with ``weight``/``variance_epsilon``) and raises
-    ``ValueError`` for others. Neither backend loops over batch rows or reads device values on the host.
+    Backends: ``reference`` gathers, calls ``layer`` itself and scatters (any decoder layer). ``triton`` and
+    ``cuda`` (one walk, :mod:`vtprune.ops._routed_fused`, with their own row kernels) re-run the layer as
+    norm -> self_attn -> residual -> norm -> mlp -> residual with the gather fused into the first RMSNorm,
+    residual + second RMSNorm fused, and the scatter fused into the last residual add; the attention and MLP
+    are the layer's own modules on the compact ``[B, K, D]`` batch. They take LLaMA, Mistral, Qwen2 and
+    Qwen2.5-VL text decoder layers (RMSNorms with ``weight``/``variance_epsilon``) and raise ``ValueError``
+    for others. Neither backend loops over batch rows or reads device values on the host.
 
     Parameters
     ----------
@@ -57,8 +58,8 @@ def routed_layer(layer, hidden_states, routed_idx, *, position_embeddings, atten
         ``mlp``)
     hidden_states : Tensor [B, L, D]
     routed_idx : int64 Tensor [B, K], strictly ascending per row, ``1 <= K <= L``. On the CPU its values are
-        checked; on the GPU they are trusted (a check would synchronise every layer), and the Triton kernels
-        mask any out-of-range index rather than touch memory outside ``hidden_states``.
+        checked; on the GPU they are trusted (a check would synchronise every layer), and the Triton and CUDA
+        kernels mask any out-of-range index rather than touch memory outside ``hidden_states``.
     position_embeddings : (cos, sin) of the **full** sequence, each ``[..., B or 1, L, d]``
     attention_mask : what the layer's attention expects for the **routed** sequence (None, 4-D
         ``[B, 1, K, Kkv]``, or the 2-D mask of flash-attention); build it with :func:`routed_attention_mask`
