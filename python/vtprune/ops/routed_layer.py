@@ -50,7 +50,7 @@ def routed_layer(layer, hidden_states, routed_idx, *, position_embeddings, atten
     residual + second RMSNorm fused, and the scatter fused into the last residual add; the attention and MLP
     are the layer's own modules on the compact ``[B, K, D]`` batch. They take LLaMA, Mistral, Qwen2 and
     Qwen2.5-VL text decoder layers (RMSNorms with ``weight``/``variance_epsilon``) and raise ``ValueError``
-    for others. Neither backend loops over batch rows or reads device values on the host.
+    for others. No backend loops over batch rows or reads device values on the host.
 
     Parameters
     ----------
