@@ -26,18 +26,19 @@ def make_method(name: str, tokens: int | None, visual: int, tiles: int = 1):
     if name == "visiondrop":
         return vtprune.VisionDrop(tokens=tokens)
     if name == "fastv":
-        return vtprune.FastV(tokens=tokens) if tokens else vtprune.FastV()
+        return vtprune.FastV() if tokens is None else vtprune.FastV(tokens=tokens)
     if name == "visionzip":
-        t = tokens or 64
+        t = 64 if tokens is None else tokens
         contextual = max(1, t * 10 // 64)  # VisionZip's default 54 + 10 = 64 split
         return vtprune.VisionZip(dominant=t - contextual, contextual=contextual)
     if name == "pyramiddrop":
         return vtprune.PyramidDrop()
     if name == "pool":
-        return vtprune.UniformPool(tokens=tokens or 64)
+        return vtprune.UniformPool(tokens=64 if tokens is None else tokens)
     if name == "alvts":
         ALVTS = vtprune.ALVTS  # raises a clear ImportError while ALVTS is not in this build
-        return ALVTS(keep=(tokens or 64) * tiles)  # image tokens routed through each layer (LLaVA-NeXT: 64 x 5)
+        # image tokens routed through each layer (LLaVA-NeXT: 64 x 5)
+        return ALVTS(keep=(64 if tokens is None else tokens) * tiles)
     raise ValueError(f"--method must be one of {METHODS}, got {name!r}")
 
 
@@ -135,13 +136,18 @@ def demo(argv) -> None:
         method = make_method(args.method, args.tokens, visual, tiles)
     except ImportError as e:
         raise SystemExit(f"--method {args.method}: {e}") from e
+    except ValueError as e:  # a budget the method refuses
+        raise SystemExit(f"--method {args.method} --tokens {args.tokens}: {e}") from e
     base_ms = _prefill_ms(model, inputs, args.repeats)
     try:
         handle = vtprune.apply(model, method)
     except ValueError as e:
         raise SystemExit(f"--method {args.method} on --family {args.family}: {e}") from e
     with handle:
-        pruned_ms = _prefill_ms(model, inputs, args.repeats)
+        try:
+            pruned_ms = _prefill_ms(model, inputs, args.repeats)
+        except ValueError as e:  # a budget this model's images cannot meet (checked on the first forward)
+            raise SystemExit(f"--method {args.method} --tokens {args.tokens} on --family {args.family}: {e}") from e
         st = handle.stats
     name = f"tiny random {args.family} (demo size)" if args.model is None else args.model
     print(f"model: {name}; method: {method!r}")

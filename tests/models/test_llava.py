@@ -23,6 +23,50 @@ def test_keep_all_reproduces_unpatched(llava, batch):
     assert torch.equal(gen, ref_gen)
 
 
+@pytest.mark.parametrize("ratio,counts", [(0.7, [64, 50, 38, 27]), (0.9, [64, 64, 59, 43]), (1.0, [64] * 4)])
+def test_high_ratios_fit_the_image(llava, batch, ratio, counts):
+    """ratio > 2/3: the encoder keeps the whole image, the later stages get the rest of the budget."""
+    with vtprune.apply(llava, vtprune.VisionDrop(tokens=None)):
+        keep_all = llava(**batch).logits
+    with vtprune.apply(llava, vtprune.VisionDrop(ratio=ratio)) as h:
+        out = llava(**batch).logits
+        st = h.stats
+    assert st.visual_tokens_per_layer == counts
+    assert abs(st.average_visual_tokens - ratio * 64) < 1
+    # every stage still scores and selects (a keep-all stage too)
+    assert [s["stage"] for s in st.selections] == ["encoder", "after layer 1", "after layer 2", "after layer 3"]
+    if ratio == 1.0:
+        assert torch.equal(out, keep_all)
+
+
+def test_decode_steps_read_no_more_masks_than_unpatched(llava, batch, monkeypatch):
+    """Decode steps use what the host knows about each layer group's padding after the prefill, so the mask builder
+    does not read every group's mask on the host (once per group and step before): a step reads the incoming mask
+    at most once, as the unpatched model does (none when generate() drops an all-ones mask)."""
+    real, reads = torch.Tensor.__bool__, []  # a host read of a mask ends in bool(tensor) (an `if` on it)
+    monkeypatch.setattr(torch.Tensor, "__bool__", lambda t: reads.append(1) or real(t))
+    unpadded = tiny_inputs(llava, (3, 7), (6, 2), seed=1)
+    assert unpadded["attention_mask"].all()
+
+    def reads_per_step(inputs):
+        counts = []
+        for steps in (1, 3):
+            reads.clear()
+            out = llava.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
+            counts.append(len(reads))
+        return (counts[1] - counts[0]) / 2, out
+
+    unpatched_padded, unpatched_unpadded = reads_per_step(batch)[0], reads_per_step(unpadded)[0]
+    assert unpatched_padded >= 1  # transformers reads the padded mask once per step
+    with vtprune.apply(llava, vtprune.VisionDrop(**SCHEDULE)):
+        per_step, gen = reads_per_step(unpadded)
+        assert per_step == unpatched_unpadded
+        assert torch.equal(gen, llava.generate(**unpadded, max_new_tokens=3, do_sample=False, use_cache=False))
+        per_step, gen = reads_per_step(batch)
+        assert per_step == unpatched_padded
+        assert torch.equal(gen, llava.generate(**batch, max_new_tokens=3, do_sample=False, use_cache=False))
+
+
 def test_counts_follow_schedule(llava, inputs):
     with vtprune.apply(llava, vtprune.VisionDrop(**SCHEDULE)) as h:
         out = llava(**inputs).logits

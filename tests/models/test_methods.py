@@ -4,6 +4,7 @@ import pytest
 
 import vtprune
 from vtprune.methods.schedule import resolve_count
+from vtprune.methods.visiondrop import ratio_totals
 
 
 def test_official_default_schedule():
@@ -47,16 +48,55 @@ def test_explicit_and_ratio_schedules():
     (lambda: vtprune.UniformPool(tokens=10), "square"),
     (lambda: vtprune.VisionZip(dominant=0), "dominant"),
     (lambda: vtprune.VisionDrop(backend="fast"), "backend"),
+    (lambda: vtprune.VisionDrop(tokens=16, ratio=0.5), "tokens=.*ratio="),
+    (lambda: vtprune.VisionDrop(tokens=None, ratio=0.5), "tokens=.*ratio="),
+    (lambda: vtprune.VisionDrop(tokens=16, encoder=(12, 2), stages={1: (8, 2)}), "tokens=.*encoder="),
+    (lambda: vtprune.VisionDrop(tokens=16, stages={1: (8, 2)}), "tokens=.*stages="),
+    (lambda: vtprune.FastV(ratio=0.3, tokens=10), "ratio=.*tokens="),
+    (lambda: vtprune.FastV(ratio=0.5, tokens=10), "ratio=.*tokens="),  # even the default value, given explicitly
+    (lambda: vtprune.FastV(tokens=0.3), "FastV tokens must be a positive int"),
+    (lambda: vtprune.FastV(tokens=True), "FastV tokens must be a positive int"),
+    (lambda: vtprune.FastV(tokens=0), "FastV tokens must be a positive int"),
 ])
 def test_bad_arguments(make, match):
     with pytest.raises(ValueError, match=match):
         make()
 
 
+def test_defaults_and_single_budgets():
+    assert vtprune.VisionDrop().plan(32) == vtprune.VisionDrop(tokens=64).plan(32)
+    assert vtprune.VisionDrop(ratio=0.5).tokens is None
+    assert vtprune.FastV().plan(4).stages[0].dominant == 0.5
+    assert vtprune.FastV(ratio=0.3).plan(4).stages[0].dominant == 0.3
+    fastv = vtprune.FastV(tokens=10)
+    assert (fastv.ratio, fastv.plan(4).stages[0].dominant) == (None, 10)
+    assert repr(fastv) == "FastV(layer=2, tokens=10)"
+
+
+@pytest.mark.parametrize("ratio", [0.05, 0.25, 0.5, 2 / 3, 0.7, 0.8, 0.9, 0.99, 1.0])
+def test_ratio_schedule_averages_ratio_and_fits_the_image(ratio):
+    totals = ratio_totals(ratio)
+    assert sum(totals) / 4 == pytest.approx(ratio)
+    assert all(0 < t <= 1 for t in totals) and totals == sorted(totals, reverse=True)
+    if ratio <= 2 / 3:  # the paper's rule: the encoder keeps 1.5x the average, the official 48:35:26:19 shape
+        assert totals == pytest.approx([ratio * t / 32 for t in (48, 35, 26, 19)])
+    plan = vtprune.VisionDrop(ratio=ratio).plan(32)
+    for (d, c), total in zip([(plan.encoder.dominant, plan.encoder.contextual)]
+                             + [(s.dominant, s.contextual) for s in plan.stages], totals):
+        if total == 1.0:  # the whole image: keep every token (still scored and selected)
+            assert (d, c) == (None, 0)
+        else:
+            assert (d, c) == pytest.approx((total * 7 / 8, total / 8))
+            for n in (64, 576, 577, 2880):  # never more than the image, the error the review found
+                assert resolve_count(d, n, n) + resolve_count(c, n, n) <= n
+
+
+def test_ratio_one_is_keep_all():
+    assert vtprune.VisionDrop(ratio=1.0).plan(32) == vtprune.VisionDrop(tokens=None).plan(32)
+    assert ratio_totals(1.0) == [1.0] * 4
+
+
 def test_alvts_export_is_explicit():
-    try:
-        cls = vtprune.ALVTS
-    except ImportError as e:
-        assert "vtprune.methods.alvts" in str(e)
-    else:
-        assert cls.__name__ == "ALVTS"
+    from vtprune.methods.alvts import ALVTS
+
+    assert vtprune.ALVTS is ALVTS

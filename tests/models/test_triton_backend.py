@@ -1,22 +1,15 @@
-"""The model patch on the Triton kernels, through the interpreter on the CPU (TRITON_INTERPRET=1)."""
-
-import importlib.util
-import os
+"""The model patch on the Triton kernels, through the interpreter on the CPU (TRITON_INTERPRET=1, which
+tests/conftest.py sets when no CUDA device is visible)."""
 
 import pytest
 import torch
 from models_common import SCHEDULE
 
 import vtprune
-
-OPS = ("attention_scores", "attention_with_scores", "select_and_merge")
-MISSING = list(OPS) if importlib.util.find_spec("vtprune.triton_kernels") is None else \
-    [op for op in OPS if importlib.util.find_spec(f"vtprune.triton_kernels.{op}") is None]
+from utils import triton_installed
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and not torch.cuda.is_available(),
-                    reason="Triton on the CPU needs TRITON_INTERPRET=1 (set it to run this class)")
-@pytest.mark.skipif(bool(MISSING), reason=f"Triton kernels not written yet: {', '.join(MISSING)}")
+@pytest.mark.skipif(not triton_installed(), reason="Triton is not installed (pip install 'vtprune[triton]')")
 class TestTritonBackend:
     def test_same_tokens_as_reference(self, llava, inputs):
         with vtprune.apply(llava, vtprune.VisionDrop(**SCHEDULE, backend="reference")) as h:

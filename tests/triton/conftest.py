@@ -3,7 +3,8 @@
 TRITON_INTERPRET must be set before the kernels are decorated (at import), so it is set here, before any test
 module of this folder imports them; CI sets it anyway (scripts/test.sh). The modules skip on
 ``importorskip("triton.language")``, not ``"triton"``: with tests/ on sys.path this folder would pass for a
-(namespace) package named triton when the real one is missing.
+(namespace) package named triton when the real one is missing. Under ``CI`` (which installs Triton) a missing
+Triton fails this folder's collection instead (:func:`utils.triton_installed`).
 """
 
 import os
@@ -11,10 +12,12 @@ import os
 import pytest
 import torch
 
-from utils import interpret
+from utils import interpret, triton_installed
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton_installed()  # raises under CI when Triton is missing; elsewhere the modules' importorskip skips them
 
 
 @pytest.fixture

@@ -10,6 +10,8 @@ import math
 from vtprune.methods.base import Method, Plan
 from vtprune.methods.schedule import EncoderStage, Stage, check_count, depth_scaled
 
+_UNSET = object()  # an argument not given (its default applies unless a conflicting one is given)
+
 
 def _ratio(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
@@ -26,15 +28,24 @@ class FastV(Method):
     ----------
     layer : int, default 2  FastV's K
     ratio : float, default 0.5  fraction of the visual tokens **kept** (FastV's R is ``1 - ratio``)
-    tokens : int, optional  an absolute kept count instead of ``ratio``
+    tokens : int, optional  an absolute kept count instead of ``ratio`` (not together with ``ratio``)
     """
 
     name = "fastv"
 
-    def __init__(self, layer: int = 2, ratio: float = 0.5, *, tokens: int | None = None, backend="auto"):
+    def __init__(self, layer: int = 2, ratio: float = _UNSET, *, tokens: int | None = None, backend="auto"):
         super().__init__(backend)
-        self.layer, self.ratio, self.tokens = layer, _ratio("FastV ratio", ratio), tokens
-        check_count("FastV tokens", tokens, allow_zero=False)
+        if tokens is not None:
+            if ratio is not _UNSET:
+                raise ValueError(f"FastV: give either ratio= or tokens=, not both (got ratio={ratio!r}, "
+                                 f"tokens={tokens!r})")
+            if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+                raise ValueError(f"FastV tokens must be a positive int count (a kept fraction is ratio=), "
+                                 f"got {tokens!r}")
+            ratio = None
+        else:
+            ratio = _ratio("FastV ratio", 0.5 if ratio is _UNSET else ratio)
+        self.layer, self.ratio, self.tokens = layer, ratio, tokens
         Stage(layer, 1)  # validates layer
 
     def plan(self, num_layers: int) -> Plan:
@@ -42,7 +53,7 @@ class FastV(Method):
         return self._plan(None, [Stage(self.layer, keep, 0, query="last", score_layer="self")], num_layers)
 
     def _describe(self):
-        return f"layer={self.layer}, " + (f"tokens={self.tokens}" if self.tokens else f"ratio={self.ratio}")
+        return f"layer={self.layer}, " + (f"tokens={self.tokens}" if self.tokens is not None else f"ratio={self.ratio}")
 
 
 class PyramidDrop(Method):

@@ -22,7 +22,12 @@ tokens encoder      stage 1      stage 2      stage 3
 ====== ============ ============ ============ ============
 
 ``ratio=r`` gives the same shape as fractions of each row's original visual-token count (average ``r``), for
-dynamic resolutions. ``tokens=None`` keeps every token but still runs the scoring and selection path.
+dynamic resolutions: the stage totals are ``min(1, a * t / 32)`` for the official totals ``t`` with ``a`` chosen
+so that they average ``r``. Up to ``r = 2/3`` that is ``a = r`` (the encoder keeps ``1.5 r``); above it the
+encoder (then the later stages) is capped at the whole image and the rest of the budget goes to the later
+stages, so ``r = 1`` keeps every token at every stage. Each total below the whole image is split 7:1 into
+dominant and contextual; a total of the whole image keeps every token. ``tokens=None`` keeps every token but
+still runs the scoring and selection path.
 """
 
 from __future__ import annotations
@@ -36,6 +41,24 @@ from vtprune.methods.schedule import EncoderStage, Stage, depth_scaled
 OFFICIAL_TOTALS = (48, 35, 26, 19)
 OFFICIAL_AVERAGE = 32
 STAGE_FRACTIONS = (0.25, 0.5, 0.75)
+
+
+DEFAULT_TOKENS = 64
+_DEFAULT = object()  # tokens not given: DEFAULT_TOKENS unless ratio= or an explicit schedule is
+
+
+def ratio_totals(ratio: float) -> list[float]:
+    """Encoder and stage totals, as fractions of the image, that average ``ratio``: ``min(1, a * t / 32)`` for the
+    official totals ``t``, with ``a`` found by capping the largest totals at the whole image one at a time."""
+    shape = [t / OFFICIAL_AVERAGE for t in OFFICIAL_TOTALS]  # decreasing, mean 1
+    if ratio == 1.0:
+        return [1.0] * len(shape)
+    total = ratio * len(shape)
+    for capped in range(len(shape)):  # the first `capped` totals are the whole image
+        a = (total - capped) / sum(shape[capped:])
+        if a * shape[capped] <= 1.0:
+            return [1.0] * capped + [a * s for s in shape[capped:]]
+    raise AssertionError(f"no schedule for ratio {ratio}")  # unreachable for ratio < 1
 
 
 def split(total: int) -> tuple[int, int]:
@@ -56,7 +79,8 @@ class VisionDrop(Method):
     Parameters
     ----------
     tokens : int or None, default 64
-        Average visual tokens over the LLM layers (presets above); ``None`` keeps every token.
+        Average visual tokens over the LLM layers (presets above); ``None`` keeps every token. Not together with
+        ``ratio`` or an explicit schedule.
     ratio : float, optional
         Average kept fraction of each row's visual tokens instead of ``tokens`` (dynamic resolutions).
     encoder : (dominant, contextual), optional
@@ -72,12 +96,17 @@ class VisionDrop(Method):
 
     name = "visiondrop"
 
-    def __init__(self, tokens: int | None = 64, *, ratio: float | None = None, encoder=None, stages=None,
+    def __init__(self, tokens: int | None = _DEFAULT, *, ratio: float | None = None, encoder=None, stages=None,
                  backend: str = "auto"):
         super().__init__(backend)
         explicit = encoder is not None or stages is not None
         if explicit and ratio is not None:
             raise ValueError("VisionDrop: give either ratio= or an explicit encoder=/stages= schedule, not both")
+        if tokens is not _DEFAULT and (ratio is not None or explicit):
+            other = "ratio=" if ratio is not None else "an explicit encoder=/stages= schedule"
+            raise ValueError(f"VisionDrop: give either tokens= or {other}, not both (got tokens={tokens!r})")
+        if tokens is _DEFAULT:
+            tokens = DEFAULT_TOKENS
         if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, float) or not 0 < ratio <= 1):
             raise ValueError(f"VisionDrop ratio must be a float in (0, 1], got {ratio!r}")
         if not explicit and ratio is None and tokens is not None:
@@ -98,8 +127,7 @@ class VisionDrop(Method):
             return self._plan(self._encoder, self._stages or (), num_layers)
         layers = depth_scaled(STAGE_FRACTIONS, num_layers)
         if self.ratio is not None:
-            fracs = [t * self.ratio / OFFICIAL_AVERAGE for t in OFFICIAL_TOTALS]
-            pairs = [(min(1.0, f * 7 / 8), min(1.0, f / 8)) for f in fracs]
+            pairs = [(None, 0) if f == 1.0 else (f * 7 / 8, f / 8) for f in ratio_totals(self.ratio)]
         elif self.tokens is None:
             pairs = [(None, 0)] * 4
         else:

@@ -35,11 +35,14 @@ from vtprune.models._sequence import Sequence, gather_span
 @dataclass
 class CacheRecord:
     """What decoding needs to know about a pruned prefill: per group, the prefill's 2-D mask and the
-    cumulative number of tokens dropped per row; ``orig_len`` is the unpruned prefill length."""
+    cumulative number of tokens dropped per row; ``orig_len`` is the unpruned prefill length. ``padded``: per
+    group, whether its prefill mask holds padding (read once on the host after the prefill, so that decode steps
+    need not read the masks again)."""
 
     orig_len: int
     masks: list
     shifts: list
+    padded: list
 
 
 @dataclass
@@ -61,6 +64,8 @@ class Call:
     orig_len: int = 0  # unpruned length of the prefill sequence
     copy_hidden: bool = False  # hidden states are recorded: a run_layer hook must not overwrite its input
     key_padding: dict = field(default_factory=dict)  # group -> (bool key padding mask [B, Lg], row 0 real tokens)
+    unpadded: list | None = None  # decode: per group, True when its mask is known on the host to hold no padding
+    padded: list | None = None  # decode: per group, True when its mask is known on the host to hold padding
 
 
 class DecoderPatch:
@@ -134,10 +139,16 @@ class DecoderPatch:
     def _group_inputs(self, call: Call, g: int, hidden, kwargs):
         if g not in call.built:
             positions = call.group_positions[g]
+            # Decode steps: what the host knows about a group's padding spares the mask builder reading the mask
+            # (SDPA's causal-skip test). No padding: the mask goes in as None. Padding: that test would fail anyway,
+            # so it is not allowed (the same mask results).
+            known = call.unpadded is not None
+            unpadded, padded = known and call.unpadded[g], known and call.padded[g]
             causal = self._create_causal_mask(
-                config=self.lm.config, inputs_embeds=hidden, attention_mask=call.group_masks[g],
+                config=self.lm.config, inputs_embeds=hidden,
+                attention_mask=None if unpadded else call.group_masks[g],
                 past_key_values=kwargs.get("past_key_values"), position_ids=_layer_positions(positions),
-                layer_idx=self.first_layer[g],
+                layer_idx=self.first_layer[g], allow_is_causal_skip=not padded,
             )
             call.built[g] = (causal, self.lm.rotary_emb(hidden, positions))
         return call.built[g]
@@ -185,9 +196,12 @@ class DecoderPatch:
             x = gather_span(hidden[dev_rows], spans, n)
             metric = gather_span(k[dev_rows].mean(1), spans, n)  # post-RoPE keys averaged over heads
             tokens, keep_idx, target_idx = ops.select_and_merge(scores, x, metric, d, c, backend=self.plan.backend)
+            if not seq.recompact:  # where the new tokens come from: one host copy per key group
+                kept_host = spans[:, :1] + torch.cat([keep_idx, target_idx], 1).cpu()
             for j, b in enumerate(rows.tolist()):
                 pieces[b] = tokens[j]
-                kept_at[b] = int(spans[j, 0]) + torch.cat([keep_idx[j], target_idx[j]]).cpu()
+                if not seq.recompact:
+                    kept_at[b] = kept_host[j]
                 if b == 0:
                     self._record(call, f"after layer {stage.layer}", keep_idx[0], target_idx[0])
         order = [b for b in range(B) if b in pieces]
@@ -231,16 +245,26 @@ class DecoderPatch:
         if len(call.group_masks) != self.num_groups:
             raise RuntimeError(f"vtprune: {len(call.group_masks)} layer groups ran, expected {self.num_groups}")
         if cache is not None:
-            self.records[cache] = CacheRecord(call.orig_len, list(call.group_masks), list(call.group_shifts))
+            dev = call.group_masks[0].device
+            padded = torch.stack([(m == 0).any().to(dev) for m in call.group_masks]).tolist()  # one host read
+            self.records[cache] = CacheRecord(call.orig_len, list(call.group_masks), list(call.group_shifts), padded)
 
-    def decode_call(self, record: CacheRecord, attention_mask, positions) -> Call:
-        """Group masks and positions for a call that continues a pruned prefill (no new image)."""
+    def decode_call(self, record: CacheRecord, attention_mask, positions, new_real: bool | None = None) -> Call:
+        """Group masks and positions for a call that continues a pruned prefill (no new image).
+
+        ``new_real``: whether every new column of ``attention_mask`` is a real token, when the caller knows (it built
+        the mask itself). A group whose prefill had no padding then has none, and its mask need not be read again.
+        Unknown (``None``): read once here if a group's prefill had no padding (instead of once per such group in
+        the mask builder)."""
         new_cols = attention_mask[:, record.orig_len:]
+        if new_real is None:
+            new_real = not all(record.padded) and bool((new_cols != 0).all())
         masks = [torch.cat([m.to(new_cols.device, new_cols.dtype), new_cols], 1) for m in record.masks]
         pos = [positions - s.to(positions.device)[:, None] for s in record.shifts]
         seq = Sequence(masks[0], pos[0], torch.zeros(masks[0].shape[0], 2, dtype=torch.int64), record.shifts[0])
         # positions [B, q] or [3, B, q]: each group's shift [B] broadcasts over the trailing query dimension
-        return Call(False, seq, masks, pos, list(record.shifts), torch.zeros(masks[0].shape[0], dtype=torch.int64))
+        return Call(False, seq, masks, pos, list(record.shifts), torch.zeros(masks[0].shape[0], dtype=torch.int64),
+                    unpadded=[new_real and not p for p in record.padded], padded=list(record.padded))
 
 
 def _layer_positions(positions):

@@ -178,13 +178,17 @@ class ModelPatch:
         cache = a["past_key_values"]
         grown = cache.get_seq_length(0) - record.masks[0].shape[1]  # tokens decoded since the prefill
         mask = a.get("attention_mask")
-        if mask is None:
+        built = mask is None  # generate() drops an all-ones mask: every new token is then known to be real
+        if built:
             mask = torch.ones(B, record.orig_len + grown + q, dtype=torch.long, device=ids.device)
         if mask.dim() != 2 or mask.shape[1] != record.orig_len + grown + q:
             raise ValueError(f"vtprune: a 2-D attention_mask over the unpruned sequence is expected while decoding "
                              f"(length {record.orig_len + grown + q}), got shape {tuple(mask.shape)}")
-        call = self.decoder.decode_call(record, mask, self._decode_positions(a, record, mask, q))
-        a.update(attention_mask=call.group_masks[0], position_ids=call.group_positions[0])
+        call = self.decoder.decode_call(record, mask, self._decode_positions(a, record, mask, q),
+                                        new_real=True if built else None)
+        # a group-0 mask known to hold no padding goes in as None, so the mask builder does not read it on the host
+        a.update(attention_mask=None if call.unpadded[0] else call.group_masks[0],
+                 position_ids=call.group_positions[0])
         call.copy_hidden = self._records_hidden(a)
         self.decoder.active = call
         try:

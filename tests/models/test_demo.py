@@ -1,0 +1,20 @@
+"""``python -m vtprune demo``: a bad method budget ends in a one-line error (SystemExit), not a traceback."""
+
+import pytest
+
+from vtprune.__main__ import demo
+
+
+@pytest.mark.parametrize("argv,match", [
+    # refused when the method is built
+    (["--method", "visionzip", "--tokens", "1"], r"^--method visionzip --tokens 1: encoder dominant must be >= 1"),
+    (["--method", "visiondrop", "--tokens", "0"], r"^--method visiondrop --tokens 0: VisionDrop tokens must be"),
+    (["--method", "pool", "--tokens", "10"], r"^--method pool --tokens 10: UniformPool tokens must be a square"),
+    # refused on the first forward: more tokens than the image has
+    (["--method", "visiondrop", "--tokens", "1000"], r"^--method visiondrop --tokens 1000 on --family llava: "
+                                                     r"VisionDrop: the encoder stage keeps 1312 dominant"),
+])
+def test_bad_budget_is_a_one_line_error(argv, match):
+    with pytest.raises(SystemExit, match=match) as e:
+        demo([*argv, "--repeats", "1"])
+    assert isinstance(e.value.code, str) and "\n" not in e.value.code
