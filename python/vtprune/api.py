@@ -139,7 +139,7 @@ def apply(model, method) -> Handle:
     plan = method.plan(text_config.num_hidden_layers)
     restorer = Restorer()
     try:
-        method.prepare(model.model.language_model)
+        method.prepare(model.model.language_model, vlm=model)
         patch = family(model, plan, restorer)
     except BaseException:
         restorer.restore()

@@ -27,7 +27,7 @@ def batch(B=2, L=24, pads=(0, 5), seed=0):
 
 def expected_route(a, layer, x, spans, kpm, k):
     """All real text + the reference top-k image tokens of each row (plain torch, row by row)."""
-    u, v = a._uv[1]
+    u, v = a.selector_factors(1)
     s = lowrank_scores(layer.input_layernorm(x), u, v, visual_spans=spans, key_padding_mask=kpm, backend="reference")
     rows = []
     for b in range(x.shape[0]):
@@ -45,7 +45,7 @@ def test_routes_text_and_the_top_k_image_tokens():
     x, kpm = batch(pads=(0, 0))
     spans = torch.tensor([[3, 12], [6, 12]])
     layer = model.model.layers[1]
-    idx = a.route(1, layer.input_layernorm(x), spans, kpm)
+    idx = a.route(1, layer.input_layernorm(x), spans, kpm).idx
     assert idx.dtype == torch.int64 and idx.shape == (2, 12 + 5)
     assert idx.tolist() == expected_route(a, layer, x, spans, kpm, [5, 5])
 
@@ -56,14 +56,20 @@ def test_rows_with_different_image_counts_fill_with_padding_then_images():
     a.prepare(model.model)
     x, kpm = batch(pads=(0, 6))
     spans = torch.tensor([[2, 16], [8, 10]])  # row 0: 8 text + 16 image; row 1: 6 pad + 8 text + 10 image
-    idx = a.route(1, model.model.layers[1].input_layernorm(x), spans, kpm)
+    idx = a.route(1, model.model.layers[1].input_layernorm(x), spans, kpm).idx
     assert idx.shape == (2, 8 + 4)  # K = max(text + k) = 12 for both rows: row 1 needs no filling
     assert idx.tolist() == expected_route(a, model.model.layers[1], x, spans, kpm, [4, 4])
     spans = torch.tensor([[2, 16], [8, 3]])  # row 1: 15 text + all 3 image = its 18 real tokens; row 0: 8 + 4
-    idx = a.route(1, model.model.layers[1].input_layernorm(x), spans, kpm)
+    r = a.route(1, model.model.layers[1].input_layernorm(x), spans, kpm)
+    idx = r.idx
     assert idx.shape == (2, 18)  # K = 18; row 0 fills 6 slots with its next-best image tokens (no padding)
     assert idx[0].tolist() == expected_route(a, model.model.layers[1], x, spans, kpm, [10, 3])[0]
     assert idx[1].tolist() == list(range(6, 24))
+    # the 6 fill tokens are marked: row 0's routed image tokens outside its own top 4
+    top4 = set(expected_route(a, model.model.layers[1], x, spans, kpm, [4, 3])[0])
+    assert r.num_fill == 6 and r.masked
+    assert [i for i, f in zip(idx[0].tolist(), r.fill[0].tolist()) if f] == sorted(set(idx[0].tolist()) - top4)
+    assert not r.fill[1].any()
 
 
 def test_padding_fills_before_image_tokens():
@@ -72,11 +78,39 @@ def test_padding_fills_before_image_tokens():
     a.prepare(model.model)
     x, kpm = batch(pads=(0, 4))
     spans = torch.tensor([[4, 6], [10, 6]])  # row 0: 18 text; row 1: 4 pad + 14 text
-    idx = a.route(1, model.model.layers[1].input_layernorm(x), spans, kpm)
+    idx = a.route(1, model.model.layers[1].input_layernorm(x), spans, kpm).idx
     assert idx.shape == (2, 20)
     row1 = set(idx[1].tolist())
     assert {0, 1, 2, 3} <= row1  # all padding routed before any extra image token
     assert len(row1 & set(range(10, 16))) == 2
+    r = a.route(1, model.model.layers[1].input_layernorm(x), spans, kpm)
+    assert r.fill is None and r.num_fill == 0 and r.masked  # padding only: masked as keys, no fill token
+    x, kpm = batch(pads=(0, 0))
+    r = a.route(1, model.model.layers[1].input_layernorm(x), torch.tensor([[4, 6], [10, 6]]), kpm)
+    assert r.fill is None and not r.masked  # same text and image counts: plain causal routed sequence
+
+
+def test_fill_tokens_are_not_keys_and_leave_the_layer_unchanged():
+    model = tiny_model()
+    lm = model.model
+    a = ALVTS(keep=4)
+    a.prepare(lm)
+    x, kpm = batch(pads=(0, 6))
+    spans = torch.tensor([[2, 16], [8, 3]])  # row 0 fills 6 slots with image tokens (see above)
+    pe = lm.rotary_emb(x, left_padded_positions(kpm))
+    layer = lm.layers[1]
+    with torch.no_grad():
+        r = a.route(1, layer.input_layernorm(x), spans, kpm)
+        out, idx, routed_kpm = a.forward_layer(1, layer, x.clone(), visual_spans=spans, key_padding_mask=kpm,
+                                               position_embeddings=pe, config=lm.config)
+        assert torch.equal(idx, r.idx) and torch.equal(routed_kpm, kpm.gather(1, idx) & ~r.fill)
+        fill = idx[0][r.fill[0]]
+        assert torch.equal(out[0, fill], x[0, fill])  # bit for bit: as if skipped
+        own = idx[0][~r.fill[0]]  # row 0's text and top 4 alone: what the row routes without batch-mates
+        alone = layer(x[:1, own], attention_mask=None, position_embeddings=tuple(t[:1, own] for t in pe))
+        alone = alone[0] if isinstance(alone, tuple) else alone
+    torch.testing.assert_close(out[0, own], alone[0], atol=1e-5, rtol=1e-5)
+    assert not torch.isclose(out[0, own], x[0, own]).all(-1).any()
 
 
 def test_row_without_image_and_ratio_budget():
@@ -86,10 +120,10 @@ def test_row_without_image_and_ratio_budget():
     a = ALVTS(ratio=0.25)
     a.prepare(model.model)
     spans = torch.tensor([[3, 12], [6, 0]])  # row 1 has no image: all 24 positions are text
-    idx = a.route(1, layer.input_layernorm(x), spans, kpm)
+    idx = a.route(1, layer.input_layernorm(x), spans, kpm).idx
     assert idx.shape == (2, 24) and idx[1].tolist() == list(range(24))
     spans = torch.tensor([[3, 12], [6, 9]])
-    idx = a.route(1, layer.input_layernorm(x), spans, kpm)
+    idx = a.route(1, layer.input_layernorm(x), spans, kpm).idx
     assert idx.shape == (2, max(12 + 3, 15 + 2))  # floor(0.25 * 12) = 3, floor(0.25 * 9) = 2
     assert a.visual_budget(torch.tensor([576, 2880])).tolist() == [144, 720]
     assert ALVTS(ratio=64 / 576).visual_budget(torch.tensor([576])).tolist() == [64]
@@ -111,7 +145,7 @@ def test_keep_all_reproduces_the_unpatched_model_exactly(attn):
     with torch.no_grad():
         for i, layer in enumerate(lm.layers):
             assert a.layers_routed(2)[i]
-            h, idx = a.forward_layer(i, layer, h, visual_spans=spans, key_padding_mask=kpm, position_embeddings=pe,
+            h, idx, _ = a.forward_layer(i, layer, h, visual_spans=spans, key_padding_mask=kpm, position_embeddings=pe,
                                      config=lm.config)
             assert idx.shape == (2, 24)
         assert torch.equal(lm.norm(h), expected)
@@ -129,15 +163,17 @@ def test_forward_layer_with_cache_then_decode():
     cache = DynamicCache(config=lm.config)
     layer = lm.layers[1]
     with torch.no_grad():
-        _, idx = a.forward_layer(1, layer, x.clone(), visual_spans=spans, key_padding_mask=kpm, position_embeddings=pe,
-                                 config=lm.config, past_key_values=cache, use_cache=True)
+        _, idx, cached_kpm = a.forward_layer(1, layer, x.clone(), visual_spans=spans, key_padding_mask=kpm,
+                                             position_embeddings=pe, config=lm.config, past_key_values=cache,
+                                             use_cache=True)
         assert cache.get_seq_length(1) == idx.shape[1] == 12 + 4
         x1 = torch.randn(2, 1, 64)
         pe1 = lm.rotary_emb(x1, pos[:, -1:] + 1)
         no_image = torch.tensor([[0, 0], [0, 0]])
-        out, idx1 = a.forward_layer(1, layer, x1.clone(), visual_spans=no_image, key_padding_mask=None,
+        assert torch.equal(cached_kpm, routed_key_padding_mask(idx, kpm))  # no fill here: padding only
+        out, idx1, _ = a.forward_layer(1, layer, x1.clone(), visual_spans=no_image, key_padding_mask=None,
                                     position_embeddings=pe1, config=lm.config, past_key_values=cache, use_cache=True,
-                                    past_key_padding_mask=routed_key_padding_mask(idx, kpm))
+                                    past_key_padding_mask=cached_kpm)
         assert idx1.tolist() == [[0], [0]]
         # the plain layer on the compacted prefill, then the same step
         plain = DynamicCache(config=lm.config)
@@ -161,6 +197,13 @@ def test_layers_routed_and_prepare_cache(tmp_path):
     a = ALVTS(keep=8, rank=3)
     f = a.prepare(model.model)
     assert f.rank == 3 and a.prepare(model.model) is f  # cached per model
+    other = tiny_model()
+    spread_weights(other.model.layers, seed=7)
+    g = a.prepare(other.model)  # a second model keeps its own factors; the first keeps its
+    assert g is not f and a.prepare(model.model) is f and a.prepare(other.model) is g
+    assert not torch.equal(g.u[1], f.u[1]) and torch.equal(g.u[1], init_factors(other.model, 3).u[1])
+    assert torch.equal(a.selector_factors(1, model.model.layers[1])[0], f.u[1])
+    assert torch.equal(a.selector_factors(1, other.model.layers[1])[0], g.u[1])
     path = tmp_path / "f.safetensors"
     f.save(path)
     b = ALVTS(keep=8, factors=str(path))
@@ -168,7 +211,7 @@ def test_layers_routed_and_prepare_cache(tmp_path):
     bf16 = tiny_model().to(torch.bfloat16)
     c = ALVTS(keep=8, factors=f)
     c.prepare(bf16.model)
-    assert c._uv[0][0].dtype == torch.bfloat16
+    assert c.selector_factors(0)[0].dtype == torch.bfloat16
     with pytest.raises(ValueError, match="do not fit"):
         ALVTS(factors=init_factors(model.model.layers[:1], 3)).prepare(model.model)
     with pytest.raises(ValueError, match="rank 3, ALVTS was given rank=4"):
@@ -204,6 +247,30 @@ def test_errors():
     with pytest.raises(ValueError, match="call prepare"):
         ALVTS().route(0, torch.zeros(1, 4, 64), torch.tensor([[0, 2]]), None)
     a = ALVTS()
-    a.prepare(tiny_model().model)
+    model = tiny_model()
+    a.prepare(model.model)
     with pytest.raises(ValueError, match="layer_idx must be in"):
         a.route(2, torch.zeros(1, 4, 64), torch.tensor([[0, 2]]), None)
+
+
+def test_one_object_routes_two_models_with_their_own_factors():
+    first, second = tiny_model(), tiny_model()
+    spread_weights(second.model.layers, seed=9)
+    x, kpm = batch(pads=(0, 0))
+    spans = torch.tensor([[3, 12], [6, 12]])
+    h = first.model.layers[1].input_layernorm(x)
+    alone = ALVTS(keep=3)
+    alone.prepare(first.model)
+    expected = alone.route(1, h, spans, kpm).idx
+    shared = ALVTS(keep=3)
+    shared.prepare(first.model)
+    shared.prepare(second.model)  # must not replace the first model's factors
+    with pytest.raises(ValueError, match="prepared for 2 models: pass layer="):
+        shared.route(1, h, spans, kpm)
+    assert torch.equal(shared.route(1, h, spans, kpm, layer=first.model.layers[1]).idx, expected)
+    theirs = shared.route(1, h, spans, kpm, layer=second.model.layers[1]).idx
+    other = ALVTS(keep=3)
+    other.prepare(second.model)
+    assert torch.equal(theirs, other.route(1, h, spans, kpm).idx) and not torch.equal(theirs, expected)
+    with pytest.raises(ValueError, match="not decoder layer 0 of a model this ALVTS was prepared for"):
+        shared.route(0, h, spans, kpm, layer=tiny_model().model.layers[0])

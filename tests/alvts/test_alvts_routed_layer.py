@@ -153,6 +153,21 @@ def test_mask_sdpa_and_eager_forms():
     assert eager.dtype == torch.bfloat16 and torch.equal(eager[:, 0] == 0, allowed)
 
 
+def test_mask_materialize_builds_the_same_mask_without_reading_it(monkeypatch):
+    import transformers.masking_utils as masking
+
+    kpm = torch.arange(L)[None, :] >= torch.tensor(PADS)[:, None]
+    idx = torch.tensor([[0, 3, 4, 7, 8, 10, 12], [0, 1, 2, 3, 6, 9, 11]])
+    for attn in ("sdpa", "eager"):
+        cfg = tiny_layer("llama", attn)[2]
+        expected = routed_attention_mask(cfg, idx, kpm)
+        monkeypatch.setattr(masking, "fast_all", lambda t: pytest.fail("materialize=True read the mask"))
+        assert torch.equal(routed_attention_mask(cfg, idx, kpm, materialize=True), expected)
+        monkeypatch.undo()
+    with pytest.raises(ValueError, match="materialize=True needs the key_padding_mask"):
+        routed_attention_mask(cfg, idx, None, materialize=True)
+
+
 def test_mask_flash_attention_is_the_gathered_2d_mask():
     cfg = tiny_layer("llama")[2]
     cfg._attn_implementation = "flash_attention_2"

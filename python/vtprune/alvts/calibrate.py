@@ -16,6 +16,7 @@ gradients.
 
 from __future__ import annotations
 
+import inspect
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -34,21 +35,32 @@ class _Captured(Exception):
     """Raised by the capture hook to stop the model's forward after the first decoder layer's inputs."""
 
 
-def capture_layer_inputs(model: torch.nn.Module, batches: Iterable[dict]) -> list[dict]:
+def capture_layer_inputs(model: torch.nn.Module, batches: Iterable[dict], *,
+                         layers: Sequence[torch.nn.Module] | None = None) -> list[dict]:
     """Run ``model`` on each batch up to its first decoder layer and record that layer's inputs.
 
     Parameters
     ----------
-    model : the VLM or its language model (anything whose forward reaches the decoder layers)
+    model : the VLM or its language model (anything whose forward reaches the decoder layers). Batches with
+        images (``pixel_values``, ...) need the VLM: a language model would take the image placeholders' plain
+        token embeddings for the image.
     batches : dicts of ``model(**batch)`` keyword arguments plus ``visual_spans`` (int64 [B, 2], required)
-        and optionally ``key_padding_mask`` (bool [B, L]; default: the batch's 2-D ``attention_mask``)
+        and optionally ``key_padding_mask`` (bool [B, L]; default: the batch's 2-D ``attention_mask``). Every
+        other key must be a named parameter of ``model``'s forward (``ValueError`` otherwise: a key that would
+        only land in its ``**kwargs`` is most likely ignored there, such as ``pixel_values`` given to a language
+        model).
+    layers : the decoder layers whose first layer's inputs are recorded; default
+        :func:`vtprune.alvts.factors.decoder_layers` of ``model``
 
     Returns
     -------
     list of records ``{"hidden_states": [B, L, D], "layer_kwargs": dict, "visual_spans", "key_padding_mask"}``,
     the format :func:`calibrate` and :func:`selector_loss` also accept directly.
     """
-    first = decoder_layers(model)[0]
+    first = (decoder_layers(model) if layers is None else list(layers))[0]
+    if not any(m is first for m in model.modules()):
+        raise ValueError(f"layers: not the decoder layers of the given {type(model).__name__}")
+    named = _named_parameters(model)
     records = []
     for batch in batches:
         batch = dict(batch)
@@ -56,6 +68,14 @@ def capture_layer_inputs(model: torch.nn.Module, batches: Iterable[dict]) -> lis
             raise ValueError("batches: every batch needs 'visual_spans' (int64 [B, 2] start, count of the image)")
         spans = batch.pop("visual_spans")
         kpm = batch.pop("key_padding_mask", None)
+        unknown = [k for k in batch if k not in named]
+        if unknown:
+            raise ValueError(
+                f"batches: {', '.join(repr(k) for k in unknown)} is not a parameter of "
+                f"{type(model).__name__}.forward (it takes {', '.join(sorted(named))}); a key left to its **kwargs "
+                "would be ignored. Image inputs need the whole VLM as the model (vtprune.apply passes it to "
+                "ALVTS.prepare)"
+            )
         if kpm is None and isinstance(batch.get("attention_mask"), torch.Tensor) and batch["attention_mask"].dim() == 2:
             kpm = batch["attention_mask"].bool()
         seen = {}
@@ -77,6 +97,12 @@ def capture_layer_inputs(model: torch.nn.Module, batches: Iterable[dict]) -> lis
             raise ValueError("model: its forward never reached the first decoder layer")
         records.append({**seen, "visual_spans": spans, "key_padding_mask": kpm})
     return records
+
+
+def _named_parameters(model: torch.nn.Module) -> set[str]:
+    """Names the class's forward takes explicitly (not through ``*args`` / ``**kwargs``)."""
+    params = inspect.signature(type(model).forward).parameters.values()
+    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self"}
 
 
 def _records(model_or_layers, batches) -> list[dict]:

@@ -10,11 +10,12 @@ from __future__ import annotations
 import math
 import os
 import weakref
+from typing import NamedTuple
 
 import torch
 
 from vtprune._backend import BACKENDS
-from vtprune.alvts.calibrate import calibrate
+from vtprune.alvts.calibrate import calibrate, capture_layer_inputs
 from vtprune.alvts.factors import SelectorFactors, decoder_layers, hidden_size, init_factors
 from vtprune.ops.lowrank_scores import lowrank_scores
 from vtprune.ops.routed_layer import routed_attention_mask, routed_layer
@@ -72,17 +73,25 @@ class ALVTS:
       give a token a different position in every layer and break the shared decode positions.
     * **Batches with different image counts.** The routed count K must be uniform over the batch. Each row
       routes its real text tokens and its top ``k_b`` image tokens; ``K = max_b (text_b + k_b)``, and rows
-      that need fewer fill the difference first with their own padding positions (masked as keys, so
-      harmless), then with their next-best image tokens. No row gets fewer than its budget, and a padded row
-      (fewer image tokens than the longest row) does not push the others' K up. Keep-all routes all L
-      positions. A row without an image (count 0) routes its text.
+      that need fewer fill the difference first with their own padding positions, then with their next-best
+      image tokens (*fill* tokens, :attr:`Route.fill`). Neither padding nor a fill token is a key of the layer's
+      attention (both are False in the routed key padding mask, and stay masked in the layer's KV cache while
+      decoding), and a fill token's hidden state is put back after the layer, so it is exactly as if it had
+      skipped the layer: a row's output does not depend on its batch-mates. Only the real routed image tokens
+      (``k_b``) count in the statistics. A padded row (fewer image tokens than the longest row) does not push
+      the others' K up. Keep-all routes all L positions (no fill). A row without an image (count 0) routes its
+      text.
     * **Biases** (Qwen2's q/k biases) are left out of the SVD initialisation (see
       :mod:`vtprune.alvts.factors`: the key bias cancels in the softmax, the query bias's per-key prior cannot
       be expressed by the selector); calibration fits against the biased, RoPE'd attention.
 
+    One ``ALVTS`` object may serve several models at once: :meth:`prepare` builds (or calibrates) the factors of
+    each language model separately, and every call finds the factors of the model its decoder layer belongs to.
+
     Integration API: :meth:`prepare` once per model, :meth:`layers_routed`, then per routed layer either
-    :meth:`route` + :func:`vtprune.ops.routed_layer`, or :meth:`forward_layer` which does norm, route, mask
-    and routed layer in one call.
+    :meth:`route` + :func:`vtprune.ops.routed_layer` (masking the fill tokens and restoring their rows, as
+    :meth:`forward_layer` does), or :meth:`forward_layer` which does norm, route, mask and routed layer in one
+    call.
 
     Example
     -------
@@ -120,10 +129,10 @@ class ALVTS:
         self.keep, self.ratio, self.rank, self.first_layer = keep, ratio, rank, first_layer
         self.factors, self.calibration, self.backend = factors, calibration, backend
         self.skipped_as_keys = False
-        self._model_ref = None
-        self._uv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # language model -> its factors (one entry per prepared model; dropped with the model)
+        self._prepared: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._plan_key: tuple | None = None
-        self._plan: tuple | None = None
+        self._plan: _BatchPlan | None = None
 
     @property
     def keep_all(self) -> bool:
@@ -134,14 +143,27 @@ class ALVTS:
         return f"ALVTS({budget}, rank={self.rank}, first_layer={self.first_layer}, backend={self.backend!r})"
 
     # ------------------------------------------------------------------ model-facing API
-    def prepare(self, language_model) -> SelectorFactors:
+    def prepare(self, language_model, vlm=None) -> SelectorFactors:
         """Build (SVD), load or calibrate the selector factors of every decoder layer; cached per model.
 
-        Each layer's ``U, V`` are stored on that layer's device and in its dtype. Returns the factors.
+        Each layer's ``U, V`` are stored on that layer's device and in its dtype. Several models may be prepared
+        (each keeps its own factors). Returns the factors.
+
+        Parameters
+        ----------
+        language_model : the decoder whose layers are routed (e.g. ``vlm.model.language_model``)
+        vlm : the whole vision-language model, optional. Calibration batches that carry images
+            (``pixel_values``, ...) run through it, so the layers are calibrated on encoded image tokens;
+            ``vtprune.apply`` passes it. Without it, calibration batches run through ``language_model`` and
+            must hold only what its forward takes (``input_ids`` / ``inputs_embeds``, ``attention_mask``, ...).
         """
-        if self._model_ref is not None and self._model_ref() is language_model:
-            return self._factors
+        state = self._prepared.get(language_model)
+        if state is not None:
+            return state.factors
         layers = decoder_layers(language_model)
+        if vlm is not None and not any(m is language_model for m in vlm.modules()):
+            raise ValueError(f"vlm: a {type(vlm).__name__} that does not contain the given language model "
+                             f"({type(language_model).__name__})")
         factors = self.factors
         if isinstance(factors, (str, os.PathLike)):
             factors = SelectorFactors.load(factors)
@@ -153,15 +175,47 @@ class ALVTS:
         if self.rank is not None and factors.rank != self.rank:
             raise ValueError(f"factors have rank {factors.rank}, ALVTS was given rank={self.rank}")
         if self.calibration is not None:
-            factors = calibrate(language_model, factors=factors, **self.calibration)
-        self._uv = []
+            options = dict(self.calibration)
+            batches = options.pop("batches")
+            if not all(isinstance(b, dict) and "hidden_states" in b for b in batches):
+                # run the batches through the VLM (images encoded), record the first decoder layer's inputs
+                batches = capture_layer_inputs(language_model if vlm is None else vlm, batches, layers=layers)
+            factors = calibrate(layers, batches, factors=factors, **options)
+        uv = []
         for i, layer in enumerate(layers):
             w = layer.self_attn.q_proj.weight
             u, v = factors[i]
-            self._uv.append((u.to(w.device, w.dtype), v.to(w.device, w.dtype)))
-        self._factors = factors
-        self._model_ref = weakref.ref(language_model)
+            uv.append((u.to(w.device, w.dtype), v.to(w.device, w.dtype)))
+        self._prepared[language_model] = _Prepared(factors, uv, [layer.self_attn for layer in layers])
         return factors
+
+    def selector_factors(self, layer_idx: int, layer=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(U, V)`` of decoder layer ``layer_idx`` as :meth:`route` uses them (the layer's device and dtype).
+
+        ``layer`` (the decoder layer itself) picks the model when this object was prepared for several.
+        """
+        uv = self._state(layer_idx, layer).uv
+        if not 0 <= layer_idx < len(uv):
+            raise ValueError(f"layer_idx must be in [0, {len(uv)}), got {layer_idx}")
+        return uv[layer_idx]
+
+    def _state(self, layer_idx: int, layer) -> _Prepared:
+        """The prepared model whose decoder layer ``layer_idx`` is ``layer`` (matched by its attention module,
+        so a shallow copy of the layer matches too); with ``layer=None`` the only prepared model."""
+        states = list(self._prepared.values())
+        if not states:
+            raise ValueError("ALVTS.route: call prepare(language_model) first (no selector factors yet)")
+        if layer is None:
+            if len(states) > 1:
+                raise ValueError(f"ALVTS is prepared for {len(states)} models: pass layer= (the decoder layer) so "
+                                 "route / selector_factors use that model's selector factors")
+            return states[0]
+        attn = getattr(layer, "self_attn", None)
+        for state in states:
+            if 0 <= layer_idx < len(state.attn) and state.attn[layer_idx] is attn:
+                return state
+        raise ValueError(f"layer: not decoder layer {layer_idx} of a model this ALVTS was prepared for "
+                         "(call prepare(language_model) for its model first)")
 
     def layers_routed(self, num_layers: int) -> list[bool]:
         """Per decoder layer, whether :meth:`route` decides its tokens (False: the layer runs on all)."""
@@ -176,35 +230,41 @@ class ALVTS:
             return torch.tensor([math.floor(self.ratio * int(n) + 1e-9) for n in counts], dtype=torch.int64)
         return counts.clamp(max=self.keep)
 
-    def _batch_plan(self, visual_spans, key_padding_mask, L: int, device):
-        """(k_b [B] and spans [B, 2] on device, K, spans for scoring [B, 2] on the CPU) for this batch.
-
-        One host read (the padding counts) per forward pass, none per layer.
+    def _batch_plan(self, visual_spans, key_padding_mask, L: int, device) -> _BatchPlan:
+        """The routing plan of this batch (see :class:`_BatchPlan`): one host read (the rows' real-token counts)
+        per forward pass, none per layer.
 
         Cached on the identity of the span and mask tensors, which the model patch passes unchanged to every
         layer of a forward pass.
         """
-        key = (visual_spans, key_padding_mask, L)
+        key = (visual_spans, key_padding_mask, L, device)
         pk = self._plan_key
-        if pk is not None and pk[0] is visual_spans and pk[1] is key_padding_mask and pk[2] == L:
+        if pk is not None and pk[0] is visual_spans and pk[1] is key_padding_mask and pk[2:] == key[2:]:
             return self._plan
         spans = visual_spans.detach().cpu()
         counts = spans[:, 1]
         k = self.visual_budget(counts)
         real = torch.full_like(counts, L) if key_padding_mask is None else key_padding_mask.sum(1).cpu()
-        K = L if self.keep_all else max(1, int((real - counts + k).max()))
+        need = real - counts + k  # text + k per row
+        K = L if self.keep_all else max(1, int(need.max()))
+        slack = K - need  # routed beyond each row's own text + k: its padding first, then its fill image tokens
+        pad_fill = torch.minimum(L - real, slack)
+        fill = int((slack - pad_fill).max())
         # lowrank_scores needs a non-empty span: rows without an image score a 1-token dummy, ignored below
         score_spans = torch.stack([spans[:, 0].clamp(max=L - 1), counts.clamp(min=1)], 1)
-        self._plan_key, self._plan = key, (k.to(device), spans.to(device), K, score_spans)
+        self._plan_key = key
+        self._plan = _BatchPlan(k.to(device), spans.to(device), K, score_spans, fill,
+                                bool((pad_fill > 0).any()) or fill > 0)
         return self._plan
 
     def route(self, layer_idx: int, normed_hidden: torch.Tensor, visual_spans: torch.Tensor,
-              key_padding_mask: torch.Tensor | None) -> torch.Tensor:
-        """Positions that run through decoder layer ``layer_idx``: int64 [B, K], ascending.
+              key_padding_mask: torch.Tensor | None, *, layer=None) -> Route:
+        """Which positions run through decoder layer ``layer_idx``: a :class:`Route` (``idx [B, K]`` ascending,
+        the ``fill`` marks and the host flag ``masked``).
 
         Every real text token, the ``k_b`` highest-scoring image tokens of each row (selector scores of
-        :func:`vtprune.ops.lowrank_scores` on ``normed_hidden``), then padding and next-best image tokens to
-        fill rows up to the batch's uniform K (see the class docstring). No host read except once per batch.
+        :func:`vtprune.ops.lowrank_scores` on ``normed_hidden``), then padding and next-best image tokens (fill)
+        to bring rows up to the batch's uniform K (see the class docstring). No host read except once per batch.
 
         Parameters
         ----------
@@ -212,20 +272,19 @@ class ALVTS:
         normed_hidden : Tensor [B, L, D]  the layer's input_layernorm applied to its input
         visual_spans : int64 Tensor [B, 2]  ``(start, count)`` of the image tokens (count may be 0)
         key_padding_mask : bool Tensor [B, L] or None  True for a real token
+        layer : the decoder layer, optional; needed when this object was prepared for several models (it picks
+            the model's factors)
 
         Returns
         -------
-        int64 Tensor [B, K] on normed_hidden's device.
+        :class:`Route`, tensors on normed_hidden's device.
         """
-        if not self._uv:
-            raise ValueError("ALVTS.route: call prepare(language_model) first (no selector factors yet)")
-        if not 0 <= layer_idx < len(self._uv):
-            raise ValueError(f"layer_idx must be in [0, {len(self._uv)}), got {layer_idx}")
+        u, v = self.selector_factors(layer_idx, layer)
         B, L, _ = normed_hidden.shape
         dev = normed_hidden.device
-        k, spans, K, score_spans = self._batch_plan(visual_spans, key_padding_mask, L, dev)
-        u, v = self._uv[layer_idx]
-        scores = lowrank_scores(normed_hidden, u, v, visual_spans=score_spans, key_padding_mask=key_padding_mask,
+        plan = self._batch_plan(visual_spans, key_padding_mask, L, dev)
+        k, spans = plan.k, plan.spans
+        scores = lowrank_scores(normed_hidden, u, v, visual_spans=plan.score_spans, key_padding_mask=key_padding_mask,
                                 backend=self.backend)  # [B, V] float32
         Vm = scores.shape[1]
         t = torch.arange(Vm, device=dev)
@@ -240,12 +299,18 @@ class ALVTS:
         vpos = (spans[:, :1] + t).clamp(max=L - 1)  # [B, V]
         # write image priorities at their positions; entries past a row's count go to a dump column L
         prio = torch.cat([prio, prio.new_zeros(B, 1)], 1).scatter_(1, torch.where(valid, vpos, L), vis_prio)[:, :L]
-        return topk_keep_order(prio, K, backend=self.backend)
+        idx = topk_keep_order(prio, plan.K, backend=self.backend)
+        # fill: routed image tokens below the picked ones (their priorities are halved scores, under _PADDING)
+        fill = prio.gather(1, idx) < _PADDING if plan.fill else None
+        return Route(idx, fill, plan.fill, plan.masked)
 
     def forward_layer(self, layer_idx: int, layer, hidden_states: torch.Tensor, *, visual_spans, key_padding_mask,
                       position_embeddings, config, past_key_values=None, past_key_padding_mask=None,
-                      **layer_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+                      **layer_kwargs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Norm, route, mask and :func:`vtprune.ops.routed_layer` for one routed layer call (in place).
+
+        Fill tokens (:attr:`Route.fill`) are masked as keys and their rows restored after the layer: a small
+        ``[B, F, D]`` copy of their inputs, F the most fill tokens of a row (none is made when no row has any).
 
         Parameters
         ----------
@@ -255,29 +320,91 @@ class ALVTS:
         position_embeddings : (cos, sin) of the L current tokens
         config : the language model's config (its attention backend decides the mask's form)
         past_key_values : Cache, optional; the layer caches only its routed tokens
-        past_key_padding_mask : bool [B, P], optional  padding of the P tokens this layer has cached (what
-            :func:`vtprune.ops.routed_layer.routed_key_padding_mask` gave for them; None: all real)
+        past_key_padding_mask : bool [B, P], optional  key padding of the P tokens this layer has cached (the
+            third value this method returned for them); None: all of them are keys
         **layer_kwargs : passed to the layer (``use_cache``, ...)
 
         Returns
         -------
-        (hidden_states, routed_idx [B, K]): keep ``routed_key_padding_mask(routed_idx, key_padding_mask)``
-        to decode against this layer's cache later.
+        (hidden_states, routed_idx [B, K], routed key padding mask): the last is bool [B, K], False for the
+        routed padding and fill tokens, or None when every routed token is a key (known on the host, no device
+        read). Keep it to decode against this layer's cache later (``past_key_padding_mask``).
         """
         normed = layer.input_layernorm(hidden_states)
-        idx = self.route(layer_idx, normed, visual_spans, key_padding_mask)
+        r = self.route(layer_idx, normed, visual_spans, key_padding_mask, layer=layer)
         del normed
-        kpm = key_padding_mask
-        if past_key_values is not None and past_key_values.get_seq_length(layer_idx) > 0:
-            B = hidden_states.shape[0]
-            P = past_key_values.get_seq_length(layer_idx)
+        B, L, D = hidden_states.shape
+        dev = hidden_states.device
+        idx = r.idx
+        routed_kpm = None
+        if r.masked:
+            routed_kpm = torch.ones(B, idx.shape[1], dtype=torch.bool, device=dev) if key_padding_mask is None \
+                else key_padding_mask.bool().gather(1, idx)
+            if r.fill is not None:
+                routed_kpm = routed_kpm & ~r.fill
+        P = 0 if past_key_values is None else int(past_key_values.get_seq_length(layer_idx))
+        kpm = None  # [B, P + K] keys of this call: cached, then routed
+        if routed_kpm is not None or (P > 0 and past_key_padding_mask is not None):
             past = past_key_padding_mask if past_key_padding_mask is not None else \
-                torch.ones(B, P, dtype=torch.bool, device=hidden_states.device)
-            cur = kpm if kpm is not None else torch.ones(B, hidden_states.shape[1], dtype=torch.bool,
-                                                         device=hidden_states.device)
-            kpm = torch.cat([past, cur], 1)
-        mask = routed_attention_mask(config, idx, kpm, past_key_values, layer_idx=layer_idx,
-                                     dtype=hidden_states.dtype)
+                torch.ones(B, P, dtype=torch.bool, device=dev)
+            cur = routed_kpm if routed_kpm is not None else torch.ones(B, idx.shape[1], dtype=torch.bool, device=dev)
+            kpm = torch.cat([past.to(dev).bool(), cur], 1)
+        # the routed columns are already gathered: index them with arange over the last K columns
+        mask = routed_attention_mask(config, _compact_index(B, idx.shape[1], dev), kpm, past_key_values,
+                                     layer_idx=layer_idx, dtype=hidden_states.dtype, materialize=kpm is not None)
+        saved = None
+        if r.fill is not None:
+            # the fill tokens first in each row (F slots; rows with fewer fill them with distinct non-fill routed
+            # positions, whose post-layer value is written back unchanged)
+            slots = r.fill.to(torch.int8).topk(r.num_fill, dim=1).indices  # [B, F]
+            pos = idx.gather(1, slots)[:, :, None].expand(B, r.num_fill, D)
+            saved = (pos, r.fill.gather(1, slots)[:, :, None], hidden_states.gather(1, pos))
         out = routed_layer(layer, hidden_states, idx, position_embeddings=position_embeddings, attention_mask=mask,
                            past_key_values=past_key_values, backend=self.backend, **layer_kwargs)
-        return out, idx
+        if saved is not None:
+            pos, is_fill, before = saved
+            out.scatter_(1, pos, torch.where(is_fill, before, out.gather(1, pos)))
+        return out, idx, routed_kpm
+
+
+class Route(NamedTuple):
+    """What :meth:`ALVTS.route` decides for one layer call.
+
+    idx : int64 Tensor [B, K]  routed positions, ascending per row
+    fill : bool Tensor [B, K] or None  True for an image token routed only to bring its row up to the batch's
+        uniform K (not one of the row's top ``k``): it must not be a key and must leave the layer unchanged.
+        None when no row has one (known on the host).
+    num_fill : int  the most fill tokens in one row (0 when ``fill`` is None)
+    masked : bool  whether any routed token (padding or fill) must be masked as a key; False: the routed
+        sequence needs only the causal mask (known on the host, no device read)
+    """
+
+    idx: torch.Tensor
+    fill: torch.Tensor | None
+    num_fill: int
+    masked: bool
+
+
+class _BatchPlan(NamedTuple):
+    """Per forward pass: ``k`` [B] and ``spans`` [B, 2] on the device, the uniform ``K``, the spans for scoring
+    [B, 2] on the CPU, the most fill image tokens of a row and whether any routed token is padding or fill."""
+
+    k: torch.Tensor
+    spans: torch.Tensor
+    K: int
+    score_spans: torch.Tensor
+    fill: int
+    masked: bool
+
+
+class _Prepared(NamedTuple):
+    """One prepared language model: its factors, per layer ``(U, V)`` on the layer's device and dtype, and its
+    layers' attention modules (to recognise the model from a layer)."""
+
+    factors: SelectorFactors
+    uv: list
+    attn: list
+
+
+def _compact_index(B: int, K: int, device) -> torch.Tensor:
+    return torch.arange(K, device=device).expand(B, K)

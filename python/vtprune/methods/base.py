@@ -65,8 +65,9 @@ class Method:
         check_stages(stages, num_layers, type(self).__name__)
         return Plan(encoder=encoder, stages=stages, backend=self.backend, method=self)
 
-    def prepare(self, language_model) -> None:
-        """Called once by :func:`vtprune.apply` with the language model (e.g. to build low-rank factors)."""
+    def prepare(self, language_model, vlm=None) -> None:
+        """Called once by :func:`vtprune.apply` with the language model and the whole model ``vlm`` (e.g. to build
+        low-rank factors, calibrated on image batches run through ``vlm``)."""
 
     def run_layer(self, call: LayerCall):
         """Replace one decoder-layer call; return its output, or ``None`` to run the layer unchanged."""

@@ -1,26 +1,28 @@
 """Adapter from a per-layer router (ALVTS, :mod:`vtprune.methods.alvts`) to the decoder-layer hook.
 
-The router exposes ``prepare(language_model)``, ``layers_routed(num_layers) -> list[bool]``,
+The router exposes ``prepare(language_model, vlm)``, ``layers_routed(num_layers) -> list[bool]``,
 ``visual_budget(counts)`` and ``forward_layer(...)`` (input norm, selector, top-k, routed mask and
 :func:`vtprune.ops.routed_layer` in one call): only the routed tokens (all text + the top-k image tokens) pass
 through a routed layer, the others skip it unchanged, every token keeps its original position.
 
 **Prefill** (a forward with an image). Each routed layer routes its own tokens. With a KV cache the layer caches
-only its K routed tokens, so each layer keeps the key padding mask of what it cached
-(:func:`vtprune.ops.routed_layer.routed_key_padding_mask`), per cache object.
+only its K routed tokens, so each layer keeps the key padding mask of what it cached (False for padding and for
+the fill tokens of a batch whose rows need different numbers of routed tokens; None when every cached token is
+a key, known on the host), per cache object.
 
 **Decoding** (a call that continues such a cache). New tokens are text, and text is always routed: every new
 token runs through every layer. A routed layer attends to its own cache, so it gets its own attention mask:
 its cached tokens' padding, then the new tokens' columns (appended to the layer's record after the call).
-Positions are the unpruned model's (ALVTS keeps original positions; the decoder patch continues them from the
-full prompt length). Layers before ``first_layer`` run unchanged on the full cache.
+Where neither the layer's cache nor the new tokens hold padding the mask is the plain causal one, built without
+a device read (one read per call checks the new tokens' columns, none per layer). Positions are the unpruned
+model's (ALVTS keeps original positions; the decoder patch continues them from the full prompt length). Layers
+before ``first_layer`` run unchanged on the full cache.
 
 Routing layer 0 with a KV cache is refused: ``transformers`` (``generate``, the mask builders) and the decoder
 patch read the sequence length from layer 0's cache, which must therefore hold every token.
 
-Statistics: per layer, batch row 0's image tokens routed through the layer (its ``k`` plus, in a batch whose
-rows need different numbers of routed tokens, the image tokens that fill it up to the batch's uniform K; see
-:class:`vtprune.methods.alvts.ALVTS`), computed on the host from the routed count without a device read.
+Statistics: per layer, batch row 0's image tokens routed through the layer: its ``k`` (fill tokens, which
+leave the layer unchanged, do not count; see :class:`vtprune.methods.alvts.ALVTS`), computed on the host.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import weakref
 import torch
 
 from vtprune.methods.base import LayerCall, Method, Plan
-from vtprune.ops.routed_layer import routed_attention_mask, routed_key_padding_mask
+from vtprune.ops.routed_layer import routed_attention_mask
 
 # arguments of the decoder-layer call that the routed call replaces or takes by name
 _OWN = ("attention_mask", "position_embeddings", "past_key_values")
@@ -48,16 +50,17 @@ class RoutedMethod(Method):
         super().__init__(getattr(router, "backend", "auto"))
         self.router = router
         self.routed: frozenset = frozenset()
-        # KV cache -> {layer index: key padding mask [B, P] of the tokens that layer cached}
+        # KV cache -> {layer index: (P, key padding mask [B, P] of the tokens that layer cached, or None: all keys)}
         self.cached: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self._row0 = None  # (key_padding_mask, spans, L, K) -> image tokens row 0 routes; cached per forward
+        self._new_cols = None  # (key_padding_mask, q, whether its last q columns hold padding): once per call
+        self._k0 = None  # (spans, row 0's k): once per forward
 
     def plan(self, num_layers: int) -> Plan:
         self.routed = frozenset(i for i, r in enumerate(self.router.layers_routed(num_layers)) if r)
         return self._plan(None, (), num_layers)
 
-    def prepare(self, language_model) -> None:
-        self.router.prepare(language_model)
+    def prepare(self, language_model, vlm=None) -> None:
+        self.router.prepare(language_model, vlm)
 
     def run_layer(self, call: LayerCall):
         if call.layer_idx not in self.routed:
@@ -77,49 +80,54 @@ class RoutedMethod(Method):
                 "or use_cache=False"
             )
         kw = {k: v for k, v in call.kwargs.items() if k not in _OWN}
-        hidden, idx = self.router.forward_layer(
+        hidden, idx, routed_kpm = self.router.forward_layer(
             call.layer_idx, _unhooked(call.layer, call.call), call.hidden_states, visual_spans=call.visual_spans,
             key_padding_mask=call.key_padding_mask, position_embeddings=call.kwargs["position_embeddings"],
             config=call.layer.self_attn.config, past_key_values=cache, **kw)
         if cache is not None:
-            self.cached.setdefault(cache, {})[call.layer_idx] = routed_key_padding_mask(idx, call.key_padding_mask)
-        call.visual_tokens = self._row0_visual(call.visual_spans, call.key_padding_mask, idx.shape[1])
+            self.cached.setdefault(cache, {})[call.layer_idx] = (idx.shape[1], routed_kpm)
+        call.visual_tokens = self._row0_k(call.visual_spans)
         return hidden
 
     def _decode(self, call: LayerCall, cache):
         """One decoding call at a routed layer: every new token runs, against this layer's own cache."""
         records = self.cached.get(cache) if cache is not None else None
-        past = None if records is None else records.get(call.layer_idx)
-        if past is None:  # the prefill did not route (no image): the layer cached everything
+        record = None if records is None else records.get(call.layer_idx)
+        if record is None:  # the prefill did not route (no image): the layer cached everything
             return None
         i = call.layer_idx
         B, q = call.hidden_states.shape[:2]
         cached = int(cache.get_seq_length(i))
-        if past.shape[1] != cached:
+        length, past = record
+        if length != cached:
             raise RuntimeError(f"vtprune ALVTS: layer {i} cached {cached} tokens but its record covers "
-                               f"{past.shape[1]}; the cache was changed outside the patched model (cropped, reordered, "
+                               f"{length}; the cache was changed outside the patched model (cropped, reordered, "
                                "reused?)")
-        kpm = torch.cat([past, call.key_padding_mask[:, -q:].to(past.device)], 1)  # [B, cached + q]
+        kpm = None  # [B, cached + q], None: every key is real (the plain causal mask, no device read)
+        new_cols = call.key_padding_mask[:, -q:]
+        if past is not None or self._new_columns_padded(call.key_padding_mask, q):
+            past = torch.ones(B, cached, dtype=torch.bool, device=new_cols.device) if past is None else past
+            kpm = torch.cat([past, new_cols.to(past.device)], 1)
         new = torch.arange(q, device=call.hidden_states.device).expand(B, q)
         mask = routed_attention_mask(call.layer.self_attn.config, new, kpm, cache, layer_idx=i,
-                                     dtype=call.hidden_states.dtype)
+                                     dtype=call.hidden_states.dtype, materialize=kpm is not None)
         out = call.call(call.hidden_states, **dict(call.kwargs, attention_mask=mask))
-        records[i] = kpm
+        records[i] = (cached + q, kpm)
         return out
 
-    def _row0_visual(self, spans, key_padding_mask, K: int) -> int:
-        """Image tokens batch row 0 routes when the batch routes K tokens per row: its real text, its ``k``, then
-        its padding, then more image tokens (ALVTS's fill order)."""
-        key = self._row0
-        L = key_padding_mask.shape[1]
-        if key is None or key[0] is not key_padding_mask or key[1] is not spans or key[2] != L:
-            count0 = int(spans[0, 1])
-            real0 = int(key_padding_mask[0].sum())  # one host read per forward
-            k0 = int(self.router.visual_budget(spans[:1, 1].cpu())[0])
-            key = self._row0 = (key_padding_mask, spans, L, count0, real0, k0)
-        count0, real0, k0 = key[3:]
-        text0, pad0 = real0 - count0, L - real0
-        return K - text0 - min(pad0, max(0, K - text0 - k0))
+    def _row0_k(self, spans) -> int:
+        """Image tokens batch row 0 routes through a routed layer: its ``k`` (fill tokens do not count)."""
+        if self._k0 is None or self._k0[0] is not spans:
+            self._k0 = (spans, int(self.router.visual_budget(spans[:1, 1].cpu())[0]))
+        return self._k0[1]
+
+    def _new_columns_padded(self, key_padding_mask, q: int) -> bool:
+        """Whether the new tokens' columns hold padding: one host read per decoding call (the patch passes the
+        same mask tensor to every layer of a call)."""
+        seen = self._new_cols
+        if seen is None or seen[0] is not key_padding_mask or seen[1] != q:
+            seen = self._new_cols = (key_padding_mask, q, not bool(key_padding_mask[:, -q:].all()))
+        return seen[2]
 
     def _describe(self):
         return repr(self.router)

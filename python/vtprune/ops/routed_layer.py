@@ -113,7 +113,7 @@ def routed_key_padding_mask(routed_idx, key_padding_mask, past_length: int = 0) 
 
 
 def routed_attention_mask(config, routed_idx, key_padding_mask=None, past_key_values=None, cache_position=None,
-                          *, layer_idx: int = 0, dtype: torch.dtype = torch.float32):
+                          *, layer_idx: int = 0, dtype: torch.dtype = torch.float32, materialize: bool = False):
     """The attention mask a decoder layer expects for the routed sequence, for the config's attention backend.
 
     Causal among the routed tokens (their order is the original order), padding excluded, and with a cache
@@ -135,6 +135,11 @@ def routed_attention_mask(config, routed_idx, key_padding_mask=None, past_key_va
         offset from ``past_key_values``, so only its length (K) is checked
     layer_idx : the decoder layer this mask is for (each routed layer caches a different number of tokens)
     dtype : the attention's dtype (sets the additive mask's minimum for ``eager``)
+    materialize : bool, default False. False: transformers reads ``key_padding_mask`` on the host (one
+        device-to-host sync per call) to see whether a plain causal mask will do (then ``sdpa`` gets ``None``).
+        True: the mask is built from ``key_padding_mask`` without that read, for a caller that knows on the host
+        that it holds padding (``sdpa`` / ``eager``; flash-attention's mask builder still reads it). A caller
+        that knows there is no padding passes ``key_padding_mask=None``: no read either.
 
     Returns
     -------
@@ -150,6 +155,8 @@ def routed_attention_mask(config, routed_idx, key_padding_mask=None, past_key_va
 
     _checks.tensor("routed_idx", routed_idx, ndim=2, dtypes=(torch.int64,))
     B, K = routed_idx.shape
+    if materialize and key_padding_mask is None:
+        raise ValueError("materialize=True needs the key_padding_mask to build the mask from, got None")
     types = getattr(config, "layer_types", None)
     if types is not None and layer_idx < len(types) and types[layer_idx] != "full_attention":
         raise ValueError(f"layer_idx {layer_idx}: routed layers need full attention, the config says "
@@ -168,4 +175,5 @@ def routed_attention_mask(config, routed_idx, key_padding_mask=None, past_key_va
     device = routed_idx.device if key_padding_mask is None else key_padding_mask.device
     shape_only = torch.empty(B, K, 0, dtype=dtype, device=device)  # create_causal_mask reads shape/dtype/device
     return create_causal_mask(config=config, inputs_embeds=shape_only, attention_mask=mask2d,
-                              past_key_values=past_key_values, layer_idx=layer_idx)
+                              past_key_values=past_key_values, layer_idx=layer_idx,
+                              allow_is_causal_skip=not materialize)
