@@ -16,18 +16,21 @@ Triton interpreter is no timing tool) and writes ``results/alvts_ops_cpu.json``.
 
 Usage::
 
-    python -m benchmarks.bench_alvts_ops                    # CUDA, full shapes -> results/alvts_ops_gpu.json
-    python -m benchmarks.bench_alvts_ops --device cpu --quick
+    python benchmarks/bench_alvts_ops.py                    # CUDA, full shapes -> results/alvts_ops_gpu.json
+    python benchmarks/bench_alvts_ops.py --device cpu --quick
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from dataclasses import dataclass
 
 import torch
 
-from benchmarks.common import print_table, time_ms, write_results
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # runs as a script or as -m benchmarks.<name>
+from common import print_table, time_ms, write_results  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -144,7 +147,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="tiny shapes (CI / CPU)")
-    parser.add_argument("--out", default=None, help="result name under benchmarks/results (default by device)")
+    parser.add_argument("--out", default=None, help="directory for the JSON result (default benchmarks/results)")
     args = parser.parse_args(argv)
     device = args.device
     cuda = device.startswith("cuda")
@@ -163,9 +166,9 @@ def main(argv=None) -> None:
     print_table([r for r in rows if r["bench"] == "routed_layer"],
                 ["shape", "L", "K", "keep", "full_layer_ms", "plain_layer_on_K_ms", "unfused_torch_ms",
                  *(f"routed_{b}_ms" for b in backends), "routed_over_plain_K"])
-    name = args.out or f"alvts_ops_{'gpu' if cuda else 'cpu'}"
+    name = f"alvts_ops_{'gpu' if cuda else 'cpu'}"
     meta = dict(dtype=str(dtype).replace("torch.", ""), quick=args.quick, backends=list(backends))
-    print("wrote", write_results(name, [dict(r, **meta) for r in rows]))
+    print("wrote", write_results(name, [dict(r, **meta) for r in rows], out_dir=args.out))
 
 
 if __name__ == "__main__":
