@@ -10,6 +10,7 @@ import copy
 
 import pytest
 import torch
+from cuda_common import llama_7b_layer
 
 from utils import rel_err
 from vtprune.alvts import svd_factors
@@ -32,19 +33,7 @@ def llama():
 
     if interpreting():
         pytest.fail("TRITON_INTERPRET is set: the GPU tests must run the compiled Triton kernels")
-    from transformers import LlamaConfig
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
-
-    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
-                      num_hidden_layers=2, vocab_size=32000, bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        layer = LlamaDecoderLayer(cfg, 1).eval()
-        with torch.no_grad():  # weights large enough for peaked attention, norms away from 1
-            for name, p in layer.named_parameters():
-                p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else 0.03 * torch.randn_like(p))
-        rot = LlamaRotaryEmbedding(cfg)
+    layer, rot, cfg = llama_7b_layer()
     return layer.to(torch.bfloat16), rot, cfg
 
 

@@ -13,7 +13,7 @@ import copy
 
 import pytest
 import torch
-from cuda_common import poison_cuda_cache, rel_err, require_extension
+from cuda_common import llama_7b_layer, poison_cuda_cache, rel_err, require_extension
 
 from vtprune.ops.routed_layer import routed_attention_mask, routed_layer
 
@@ -43,20 +43,7 @@ def kernels():
 @pytest.fixture(scope="module")
 def llama():
     """(fp32 LLaMA-7B-shaped decoder layer on the GPU, its rotary embedding, config), random weights."""
-    from transformers import LlamaConfig
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
-
-    cfg = LlamaConfig(hidden_size=D, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
-                      num_hidden_layers=2, vocab_size=32000, bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        layer = LlamaDecoderLayer(cfg, 1).eval()
-        with torch.no_grad():  # weights large enough for peaked attention, norms away from 1
-            for name, p in layer.named_parameters():
-                p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else 0.03 * torch.randn_like(p))
-        rot = LlamaRotaryEmbedding(cfg)
-    return layer, rot, cfg
+    return llama_7b_layer()
 
 
 def llava_batch(keep: int, dtype, seed: int = 0):
