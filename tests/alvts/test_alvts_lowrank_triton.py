@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from utils import DTYPES, rel_err
-from vtprune._backend import triton_available
+from utils import DTYPES, rel_err, triton_installed
 from vtprune.ops.lowrank_scores import lowrank_scores
 
-pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+# triton_installed() raises under CI (which installs triton), so these cannot pass by skipping there.
+pytestmark = pytest.mark.skipif(not triton_installed(), reason="triton is not installed")
 
 CASES = {
     # name: (B, L, D, R, spans, left pads)

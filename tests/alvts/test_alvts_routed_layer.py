@@ -6,6 +6,7 @@ from alvts_models import FAMILIES, left_padded_positions, rope, tiny_layer
 from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask
 
+from utils import triton_installed
 from vtprune.ops.routed_layer import routed_attention_mask, routed_key_padding_mask, routed_layer
 
 B, L = 2, 13
@@ -78,9 +79,7 @@ def test_position_ids_are_not_forwarded(backend):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import sdpa_mask
 
-    from vtprune._backend import triton_available
-
-    if backend == "triton" and not triton_available():
+    if backend == "triton" and not triton_installed():  # an error under CI, which installs triton
         pytest.skip("triton is not installed")
     seen = []
 
@@ -103,9 +102,7 @@ def test_position_ids_are_not_forwarded(backend):
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_kv_cache_holds_the_routed_tokens_and_decodes_like_the_compacted_layer(family, backend):
-    from vtprune._backend import triton_available
-
-    if backend == "triton" and not triton_available():
+    if backend == "triton" and not triton_installed():  # an error under CI, which installs triton
         pytest.skip("triton is not installed")
     layer, rot, cfg = tiny_layer(family)
     x, kpm, pos, pe = inputs(rot)
