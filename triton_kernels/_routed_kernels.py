@@ -55,12 +55,17 @@ def _rmsnorm_store(v, w_ptr, out_ptr, cols, D, eps, RNE: tl.constexpr):
 
 
 @triton.jit
-def _routed_row(x_ptr, idx_ptr, row, K, L, sxb, sxl, BLOCK_D: tl.constexpr):
-    """(address of routed row ``row`` of x, whether its index is in range, column offsets)."""
+def _routed_row(x_ptr, idx_ptr, row, K, L, D, sxb, sxl, BLOCK_D: tl.constexpr):
+    """(address of routed row ``row`` of x, its column count: ``D``, or 0 when its index is out of range,
+    column offsets).
+
+    The range test is folded into a column bound so that every mask is one vector comparison: Triton 3.9's
+    interpreter turns ``vector_bool & scalar_bool`` into int32, which loads and stores refuse as a mask.
+    """
     b = row // K
     t = tl.load(idx_ptr + row)
     cols = tl.arange(0, BLOCK_D)
-    return x_ptr + b * sxb + t * sxl, (t >= 0) & (t < L), cols
+    return x_ptr + b * sxb + t * sxl, tl.where((t >= 0) & (t < L), D, 0), cols
 
 
 @triton.jit
@@ -68,8 +73,8 @@ def gather_rmsnorm_kernel(x_ptr, idx_ptr, w_ptr, out_ptr, K, L, D, sxb, sxl, eps
                           BLOCK_D: tl.constexpr, RNE: tl.constexpr):
     # grid: (B * K,); out [B, K, D] contiguous
     row = tl.program_id(0).to(tl.int64)
-    src, ok, cols = _routed_row(x_ptr, idx_ptr, row, K, L, sxb, sxl, BLOCK_D)
-    v = tl.load(src + cols, mask=(cols < D) & ok, other=0.0).to(tl.float32)
+    src, cols_ok, cols = _routed_row(x_ptr, idx_ptr, row, K, L, D, sxb, sxl, BLOCK_D)
+    v = tl.load(src + cols, mask=cols < cols_ok, other=0.0).to(tl.float32)
     _rmsnorm_store(v, w_ptr, out_ptr + row * D, cols, D, eps, RNE)
 
 
@@ -79,8 +84,8 @@ def gather_add_rmsnorm_kernel(
 ):
     # grid: (B * K,); delta [B, K, D] contiguous (the attention output) becomes mid = x[I] + delta in place
     row = tl.program_id(0).to(tl.int64)
-    src, ok, cols = _routed_row(x_ptr, idx_ptr, row, K, L, sxb, sxl, BLOCK_D)
-    x = tl.load(src + cols, mask=(cols < D) & ok, other=0.0)
+    src, cols_ok, cols = _routed_row(x_ptr, idx_ptr, row, K, L, D, sxb, sxl, BLOCK_D)
+    x = tl.load(src + cols, mask=cols < cols_ok, other=0.0)
     d = tl.load(delta_ptr + row * D + cols, mask=cols < D, other=0.0)
     mid = _round(x.to(tl.float32) + d.to(tl.float32), x.dtype, RNE)  # one rounding, as `residual + h`
     tl.store(delta_ptr + row * D + cols, mid, mask=cols < D)
@@ -92,10 +97,10 @@ def add_scatter_kernel(x_ptr, idx_ptr, mid_ptr, delta_ptr, K, L, D, sxb, sxl,
                        BLOCK_D: tl.constexpr, RNE: tl.constexpr):
     # grid: (B * K,); x[b, I[b, k]] = mid[b, k] + delta[b, k]
     row = tl.program_id(0).to(tl.int64)
-    dst, ok, cols = _routed_row(x_ptr, idx_ptr, row, K, L, sxb, sxl, BLOCK_D)
+    dst, cols_ok, cols = _routed_row(x_ptr, idx_ptr, row, K, L, D, sxb, sxl, BLOCK_D)
     mid = tl.load(mid_ptr + row * D + cols, mask=cols < D, other=0.0)
     d = tl.load(delta_ptr + row * D + cols, mask=cols < D, other=0.0)
-    tl.store(dst + cols, _round(mid.to(tl.float32) + d.to(tl.float32), mid.dtype, RNE), mask=(cols < D) & ok)
+    tl.store(dst + cols, _round(mid.to(tl.float32) + d.to(tl.float32), mid.dtype, RNE), mask=cols < cols_ok)
 
 
 def _launch_cfg(x: torch.Tensor) -> dict:

@@ -81,7 +81,8 @@ def _assign_kernel(
         c_ok = c < C
         r = c * step
         t = r + count_below(keep_row, K, r + 1, KEEP_ITERS, True)  # the r-th position of R
-        tl.store(target_ptr + b * C + c, t, mask=c_ok & (pid == 0))
+        if pid == 0:  # one tile writes the targets (a branch, not `c_ok & (pid == 0)`: Triton >= 3.9 wants int1 masks)
+            tl.store(target_ptr + b * C + c, t, mask=c_ok)
         norm_t = _row_norms(metric_ptr, base, t, c_ok, offs_k, DK, smn, eps, BLOCK_C, BLOCK_K)
         sim = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
         for k0 in range(0, DK, BLOCK_K):

@@ -5,6 +5,7 @@ import torch
 from alvts_models import left_padded_positions, rope, spread_weights, tiny_config, tiny_layer
 from transformers import LlamaForCausalLM
 
+from vtprune._compat import cache_kwargs
 from vtprune.alvts import calibrate, capture_layer_inputs, init_factors, selector_loss
 from vtprune.alvts.calibrate import full_rank_scores, selector_scores
 from vtprune.reference.lowrank_scores import lowrank_scores
@@ -34,7 +35,7 @@ def test_full_rank_scores_match_the_layers_own_eager_attention(family):
     pos = left_padded_positions(kpm)
     pe = rope(rot, x, pos)
     h = layer.input_layernorm(x)
-    mask = create_causal_mask(config=cfg, inputs_embeds=x, attention_mask=kpm, past_key_values=None, position_ids=pos)
+    mask = create_causal_mask(config=cfg, inputs_embeds=x, attention_mask=kpm, **cache_kwargs(None), position_ids=pos)
     _, weights = layer.self_attn(h, attention_mask=mask, position_embeddings=pe)  # eager: [B, H, L, L]
     probs = weights.mean(1)
     spans = torch.tensor([[1, 6], [3, 5]])

@@ -6,6 +6,7 @@ from alvts_models import left_padded_positions, spread_weights, tiny_config
 from transformers import DynamicCache, LlamaForCausalLM
 from transformers.masking_utils import create_causal_mask
 
+from vtprune._compat import cache_kwargs
 from vtprune.alvts import init_factors
 from vtprune.methods.alvts import ALVTS
 from vtprune.ops.lowrank_scores import lowrank_scores
@@ -180,13 +181,13 @@ def test_forward_layer_with_cache_then_decode():
         rows = torch.arange(2)[:, None]
         kc = kpm[rows, idx]
         layer(x[rows, idx], attention_mask=create_causal_mask(config=lm.config, inputs_embeds=x[rows, idx],
-                                                              attention_mask=kc, past_key_values=plain,
+                                                              attention_mask=kc, **cache_kwargs(plain),
                                                               layer_idx=1),
-              position_embeddings=tuple(t[rows, idx] for t in pe), past_key_values=plain, use_cache=True)
+              position_embeddings=tuple(t[rows, idx] for t in pe), **cache_kwargs(plain), use_cache=True)
         kc1 = torch.cat([kc, torch.ones(2, 1, dtype=torch.bool)], 1)
         expected = layer(x1, attention_mask=create_causal_mask(config=lm.config, inputs_embeds=x1, attention_mask=kc1,
-                                                               past_key_values=plain, layer_idx=1),
-                         position_embeddings=pe1, past_key_values=plain, use_cache=True)
+                                                               **cache_kwargs(plain), layer_idx=1),
+                         position_embeddings=pe1, **cache_kwargs(plain), use_cache=True)
     assert torch.equal(out, expected)
 
 

@@ -7,6 +7,7 @@ from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask
 
 from utils import triton_installed
+from vtprune._compat import cache_kwargs
 from vtprune.ops.routed_layer import routed_attention_mask, routed_key_padding_mask, routed_layer
 
 B, L = 2, 13
@@ -27,9 +28,9 @@ def compact_call(layer, cfg, x, kpm, pe, idx, cache=None):
     rows = torch.arange(B)[:, None]
     xc, kc = x[rows, idx], kpm[rows, idx]
     pec = tuple(t[rows, idx] for t in pe)
-    mask = create_causal_mask(config=cfg, inputs_embeds=xc, attention_mask=kc, past_key_values=cache,
+    mask = create_causal_mask(config=cfg, inputs_embeds=xc, attention_mask=kc, **cache_kwargs(cache),
                               layer_idx=layer.self_attn.layer_idx)
-    return layer(xc, attention_mask=mask, position_embeddings=pec, past_key_values=cache, use_cache=cache is not None)
+    return layer(xc, attention_mask=mask, position_embeddings=pec, **cache_kwargs(cache), use_cache=cache is not None)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -37,7 +38,7 @@ def compact_call(layer, cfg, x, kpm, pe, idx, cache=None):
 def test_keep_all_is_the_unpatched_layer_exactly(family, attn):
     layer, rot, cfg = tiny_layer(family, attn)
     x, kpm, pos, pe = inputs(rot)
-    full_mask = create_causal_mask(config=cfg, inputs_embeds=x, attention_mask=kpm, past_key_values=None,
+    full_mask = create_causal_mask(config=cfg, inputs_embeds=x, attention_mask=kpm, **cache_kwargs(None),
                                    position_ids=pos)
     expected = layer(x, attention_mask=full_mask, position_embeddings=pe, position_ids=pos)
     idx = torch.arange(L).expand(B, L).contiguous()
@@ -124,8 +125,8 @@ def test_kv_cache_holds_the_routed_tokens_and_decodes_like_the_compacted_layer(f
     # the same two steps through the plain layer on the compacted sequence
     plain = DynamicCache(config=cfg)
     compact_call(layer, cfg, x, kpm, pe, IDX, plain)
-    mask_p = create_causal_mask(config=cfg, inputs_embeds=x1, attention_mask=kpm1, past_key_values=plain, layer_idx=1)
-    expected = layer(x1, attention_mask=mask_p, position_embeddings=pe1, past_key_values=plain, use_cache=True)
+    mask_p = create_causal_mask(config=cfg, inputs_embeds=x1, attention_mask=kpm1, **cache_kwargs(plain), layer_idx=1)
+    expected = layer(x1, attention_mask=mask_p, position_embeddings=pe1, **cache_kwargs(plain), use_cache=True)
     if backend == "reference":
         assert torch.equal(out, expected)
     else:

@@ -13,6 +13,7 @@ import torch
 from cuda_common import llama_7b_layer
 
 from utils import rel_err
+from vtprune._compat import cache_kwargs
 from vtprune.alvts import svd_factors
 from vtprune.ops.lowrank_scores import lowrank_scores
 from vtprune.ops.routed_layer import routed_attention_mask, routed_layer
@@ -98,7 +99,7 @@ def test_keep_all_reference_is_exact_and_triton_close(llama):
     pe = rot(x, pos)
     idx = torch.arange(L, device="cuda").expand(2, L).contiguous()
     with torch.no_grad():
-        full_mask = create_causal_mask(config=cfg, inputs_embeds=x, attention_mask=kpm, past_key_values=None,
+        full_mask = create_causal_mask(config=cfg, inputs_embeds=x, attention_mask=kpm, **cache_kwargs(None),
                                        position_ids=pos)
         expected = layer(x, attention_mask=full_mask, position_embeddings=pe)
         mask = routed_attention_mask(cfg, idx, kpm, dtype=torch.bfloat16)

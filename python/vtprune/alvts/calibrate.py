@@ -28,7 +28,7 @@ from vtprune.reference._common import head_chunk, host_max, span_index
 
 # Keyword arguments of the first decoder layer's call that are not re-used when replaying it: the replay
 # runs without a cache.
-_DROP_KWARGS = ("past_key_values", "past_key_value", "use_cache", "cache_position")
+_DROP_KWARGS = ("past_key_values", "past_key_value", "cache", "use_cache", "cache_position")
 
 
 class _Captured(Exception):

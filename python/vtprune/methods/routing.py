@@ -32,11 +32,12 @@ import weakref
 
 import torch
 
+from vtprune._compat import cache_from
 from vtprune.methods.base import LayerCall, Method, Plan
 from vtprune.ops.routed_layer import routed_attention_mask
 
 # arguments of the decoder-layer call that the routed call replaces or takes by name
-_OWN = ("attention_mask", "position_embeddings", "past_key_values")
+_OWN = ("attention_mask", "position_embeddings", "past_key_values", "cache")
 
 
 class RoutedMethod(Method):
@@ -65,7 +66,7 @@ class RoutedMethod(Method):
     def run_layer(self, call: LayerCall):
         if call.layer_idx not in self.routed:
             return None
-        cache = call.kwargs.get("past_key_values")
+        cache = cache_from(call.kwargs)
         if not call.prefill:
             return self._decode(call, cache)
         records = self.cached.get(cache) if cache is not None else None

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vtprune import ops
+from vtprune._compat import cache_from, cache_kwargs
 from vtprune.methods.base import LayerCall, Method, Plan
 from vtprune.methods.schedule import Stage, resolve_count
 from vtprune.models._sequence import Sequence, gather_span
@@ -147,7 +148,7 @@ class DecoderPatch:
             causal = self._create_causal_mask(
                 config=self.lm.config, inputs_embeds=hidden,
                 attention_mask=None if unpadded else call.group_masks[g],
-                past_key_values=kwargs.get("past_key_values"), position_ids=_layer_positions(positions),
+                **cache_kwargs(cache_from(kwargs)), position_ids=_layer_positions(positions),
                 layer_idx=self.first_layer[g], allow_is_causal_skip=not padded,
             )
             call.built[g] = (causal, self.lm.rotary_emb(hidden, positions))

@@ -19,6 +19,7 @@ import inspect
 
 import torch
 
+from vtprune._compat import cache_from, output_cache
 from vtprune.models._decoder import CacheRecord, Call
 
 
@@ -112,7 +113,7 @@ class ModelPatch:
         a = bound_arguments(original, args, kwargs)
         if a.get("pixel_values") is not None:
             return self._prefill(original, a)
-        cache = a.get("past_key_values")
+        cache = cache_from(a)
         record = self.decoder.records.get(cache) if cache is not None else None
         if record is None:
             return original(*args, **kwargs)
@@ -131,7 +132,7 @@ class ModelPatch:
             raise ValueError("vtprune: pass input_ids, not inputs_embeds, with pixel_values")
         if a.get("mm_encoder_outputs") is not None:
             raise ValueError("vtprune: mm_encoder_outputs is not supported (the encoder stage runs in the prefill)")
-        cache = a.get("past_key_values")
+        cache = cache_from(a)
         check_cache(cache, prefill=True)
         mask = a.get("attention_mask")
         if mask is not None and mask.dim() != 2:
@@ -150,7 +151,7 @@ class ModelPatch:
             out = original(**a)
         finally:
             self.decoder.active = None
-        self.decoder.finish_prefill(call, out.past_key_values if cache is None else cache)
+        self.decoder.finish_prefill(call, output_cache(out) if cache is None else cache)
         self.last_call = call
         return out
 
@@ -172,10 +173,10 @@ class ModelPatch:
         return positions.expand(B, q)
 
     def _continue(self, original, a, record: CacheRecord):
-        check_cache(a["past_key_values"], prefill=False)
+        cache = cache_from(a)
+        check_cache(cache, prefill=False)
         ids = a.get("input_ids") if a.get("input_ids") is not None else a.get("inputs_embeds")
         B, q = ids.shape[:2]
-        cache = a["past_key_values"]
         grown = cache.get_seq_length(0) - record.masks[0].shape[1]  # tokens decoded since the prefill
         mask = a.get("attention_mask")
         built = mask is None  # generate() drops an all-ones mask: every new token is then known to be real

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from vtprune import ops
+from vtprune._compat import vision_encoder_layers, with_image_features
 from vtprune.methods.schedule import resolve_count
 from vtprune.models._decoder import DecoderPatch, llama_qk
 from vtprune.models._patch import ModelPatch, image_slots
@@ -103,7 +104,7 @@ class LlavaPatch(ModelPatch):
         enc = plan.encoder
         if enc is not None and enc.kind == "select":
             tower = self.mm.vision_tower
-            layers = getattr(tower, "vision_model", tower).encoder.layers  # older releases nest vision_model
+            layers = vision_encoder_layers(tower)
             f = self.config.vision_feature_layer
             if not isinstance(f, int) or f == 0:
                 raise ValueError(f"{type(plan.method).__name__}'s encoder stage needs a single int "
@@ -230,5 +231,4 @@ class LlavaPatch(ModelPatch):
         if enc.record is not None and row0_single:
             call.selections.append(enc.record)
         out = self._run_prefill(original, a, call, embeds, cache)
-        out.image_hidden_states = enc.features
-        return out
+        return with_image_features(out, enc.features)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from vtprune._compat import cache_kwargs
 from vtprune.reference.routed_layer import gather_position_embeddings
 
 # Decoder layers whose forward is exactly norm -> self_attn -> residual -> norm -> mlp -> residual (checked
@@ -71,7 +72,7 @@ def fused_routed_layer(layer, hidden_states, routed_idx, kernels, *, backend: st
         kwargs["cache_position"] = cache_position
     attn = layer.self_attn(hidden_states=normed, attention_mask=attention_mask,
                            position_embeddings=gather_position_embeddings(position_embeddings, routed_idx),
-                           past_key_values=past_key_values, **kwargs)[0].contiguous()  # [B, K, D]
+                           **cache_kwargs(past_key_values), **kwargs)[0].contiguous()  # [B, K, D]
     del normed
     normed = gather_add_rmsnorm(x, routed_idx, attn, w2, eps2)  # attn := x[I] + attn (mid)
     mlp = layer.mlp(normed).contiguous()  # [B, K, D]

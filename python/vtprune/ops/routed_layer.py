@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from vtprune import _backend
+from vtprune._compat import cache_kwargs
 from vtprune.ops import _checks
 
 
@@ -175,5 +176,5 @@ def routed_attention_mask(config, routed_idx, key_padding_mask=None, past_key_va
     device = routed_idx.device if key_padding_mask is None else key_padding_mask.device
     shape_only = torch.empty(B, K, 0, dtype=dtype, device=device)  # create_causal_mask reads shape/dtype/device
     return create_causal_mask(config=config, inputs_embeds=shape_only, attention_mask=mask2d,
-                              past_key_values=past_key_values, layer_idx=layer_idx,
+                              **cache_kwargs(past_key_values), layer_idx=layer_idx,
                               allow_is_causal_skip=not materialize)

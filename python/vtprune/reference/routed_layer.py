@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from vtprune._compat import cache_kwargs
+
 
 def gather_position_embeddings(position_embeddings, routed_idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Gather ``(cos, sin)`` of the full sequence at the routed positions along the sequence dim (-2).
@@ -37,7 +39,7 @@ def call_layer(layer, hidden, *, position_embeddings, attention_mask, past_key_v
     if cache_position is not None:
         kwargs["cache_position"] = cache_position
     out = layer(hidden, attention_mask=attention_mask, position_embeddings=position_embeddings,
-                past_key_values=past_key_values, **kwargs)
+                **cache_kwargs(past_key_values), **kwargs)
     return out[0] if isinstance(out, tuple) else out
 
 
