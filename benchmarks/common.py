@@ -1,7 +1,7 @@
 """Shared benchmark plumbing: timing, environment record, result files.
 
-Timing follows /work/.library/device/METHOD.md: warm-up first, then the median of many runs; on CUDA the
-region is timed with events (device work is asynchronous), on the CPU with a monotonic clock.
+Timing: warm-up first, then the median of many runs; on CUDA the region is timed with events (device work is
+asynchronous, so host clocks would time the launches), on the CPU with a monotonic clock.
 """
 
 from __future__ import annotations

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine (see /work/.library/device/README.md): build the CUDA extension, run the
-# GPU tests (with compute-sanitizer where it works) and the benchmarks, and leave logs and JSON results
-# under $OUT. A device command may run 10 minutes at most, so the work is split into stages:
+# One run on a GPU machine with torch, triton, transformers and the CUDA toolkit preinstalled: build the CUDA
+# extension, run the GPU tests (with compute-sanitizer where it works) and the benchmarks, and leave logs and
+# JSON results under $OUT (default: a temporary folder). Each stage fits in about 10 minutes:
 #   bash benchmarks/gpu_session.sh ops            build, GPU tests, sanitizers, the two op benchmarks
 #   bash benchmarks/gpu_session.sh e2e MODEL      the end-to-end benchmark of one model (llava15_7b,
 #                                                 llava_next_7b, qwen25vl_7b, qwen25vl_3b); builds first
 # Unpack $OUT/gpu_run.tgz into benchmarks/results/ and commit the JSON files with the test log.
 set -uo pipefail
-# The device returns at most 8 files from $OUT: everything is written to a work folder and packed into
-# $OUT/gpu_run.tgz at the end (plus the test log on its own, for a quick look).
+# Everything is written to a work folder and packed into one archive, $OUT/gpu_run.tgz, at the end (plus the
+# test log on its own, for a quick look), so a remote run has few files to copy back.
 FINAL="${OUT:-/tmp/vtprune-out}"
 OUT="$(mktemp -d)"
 mkdir -p "$FINAL"

@@ -1,23 +1,31 @@
-# Sourced by scripts/demo.sh and scripts/test.sh: make (once) and activate the project's virtual environment.
+# Sourced by scripts/demo.sh, scripts/test.sh and scripts/test_set.sh: make (once) and activate a virtual
+# environment with the locked package set, and vtprune installed editable into it.
 #
-# .venv in the repository root; torch==2.13.0 (the local CPU build on the project machines) is installed
-# first when the environment has no torch, so pip never pulls a multi-gigabyte CUDA build by accident; then
-# vtprune itself, editable, with its test extras. The install is redone only when the build inputs change.
+# VTPRUNE_VENV (default .venv) names the environment. It gets exactly requirements/lock.txt (the set CI last
+# passed with: torch, triton, transformers, the test and build tools), so a fresh machine reproduces a
+# known-good set whatever is released tomorrow; then vtprune itself, editable, built without isolation against
+# the locked build tools. Each step is redone only when its inputs change, so a release you install by hand
+# into the environment (`pip install -U transformers triton`) stays until the lock file itself changes.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
-if [ ! -x .venv/bin/python ]; then
-  python3 -m venv .venv
+venv="${VTPRUNE_VENV:-.venv}"
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
 fi
-# shellcheck disable=SC1091
-. .venv/bin/activate
+# shellcheck disable=SC1090,SC1091
+. "$venv/bin/activate"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-if ! python -c "import torch" 2>/dev/null; then
-  python -m pip install -q "torch==2.13.0"
+stamp_of() { sha1sum | cut -d' ' -f1; }
+lock_want="$(stamp_of < requirements/lock.txt)"
+if [ "$(cat "$venv/.vtprune-lock" 2>/dev/null)" != "$lock_want" ]; then
+  python -m pip install -q -r requirements/lock.txt
+  echo "$lock_want" > "$venv/.vtprune-lock"
+  rm -f "$venv/.vtprune-build"
 fi
-stamp=.venv/.vtprune-build
-want="$( (cat pyproject.toml setup.py CMakeLists.txt; find csrc -type f | sort | xargs cat; echo "cuda=${VTPRUNE_BUILD_CUDA:-}") | sha1sum | cut -d' ' -f1)"
-if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! python -c "import vtprune" 2>/dev/null; then
-  python -m pip install -q -e ".[test]"
-  echo "$want" > "$stamp"
+build_want="$( (cat pyproject.toml setup.py CMakeLists.txt; find csrc -type f | sort | xargs cat;
+                echo "cuda=${VTPRUNE_BUILD_CUDA:-}") | stamp_of)"
+if [ "$(cat "$venv/.vtprune-build" 2>/dev/null)" != "$build_want" ] || ! python -c "import vtprune" 2>/dev/null; then
+  python -m pip install -q --no-deps --no-build-isolation -e .
+  echo "$build_want" > "$venv/.vtprune-build"
 fi

@@ -8,6 +8,6 @@ ruff check .
 if [ -d csrc ]; then
   find csrc -name '*.cu' -o -name '*.cuh' -o -name '*.cpp' -o -name '*.h' | xargs -r clang-format --dry-run --Werror
 fi
-python -c "import vtprune, vtprune.triton_kernels; print('vtprune', vtprune.__version__, '| CUDA extension built:', __import__('vtprune._ext', fromlist=['x']).extension_available())"
+python -c "import torch, transformers, triton, vtprune, vtprune.triton_kernels; print('vtprune', vtprune.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__, '| triton', triton.__version__, '| CUDA extension built:', __import__('vtprune._ext', fromlist=['x']).extension_available())"
 # pytest exits 5 when it collected no test: that fails this script too (set -e).
 python -m pytest -n "${PYTEST_WORKERS:-2}" -ra "$@"

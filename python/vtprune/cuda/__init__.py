@@ -11,7 +11,7 @@ import torch
 
 # Ops whose CUDA kernel ``backend="auto"`` may pick. An op is listed only after its kernel passed the GPU
 # tests (tests/gpu/) on a real GPU and beat the Triton kernel in the committed results under
-# benchmarks/results/. Nothing is validated yet: no GPU has been lent to the project so far, so "auto"
+# benchmarks/results/. Nothing is validated yet: no CUDA kernel has run on a GPU so far, so "auto"
 # uses Triton on CUDA tensors and the CUDA kernels run only when asked for with backend="cuda".
 VALIDATED: frozenset[str] = frozenset()
 
