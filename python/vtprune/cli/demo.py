@@ -46,6 +46,8 @@ def add_arguments(p) -> None:
     p.add_argument("--method", default="visiondrop", choices=METHODS)
     p.add_argument("--tokens", type=int, default=64,
                    help="average visual tokens (method budget; ALVTS: image tokens routed through each layer)")
+    p.add_argument("--method-config", metavar="FILE",
+                   help="a saved method config (JSON or YAML, see vtprune.config) instead of --method/--tokens")
     p.add_argument("--image", help="image file: fed to the model and used for the retention map")
     p.add_argument("--out", default="retention_map.png", help="retention-map PNG (with --image)")
     p.add_argument("--repeats", type=positive_int, default=5, help="timed prefills per setting (median)")
@@ -134,7 +136,14 @@ def _prefill_ms(model, inputs, repeats: int) -> float:
 
 
 def _method(args, model, inputs):
-    """The method of ``--method`` / ``--tokens``; refusals become UsageErrors."""
+    """The method of ``--method-config`` or of ``--method`` / ``--tokens``; refusals become UsageErrors."""
+    if args.method_config is not None:
+        from vtprune.config import load_method_file
+
+        try:
+            return load_method_file(args.method_config, model=model)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--method-config {args.method_config!r}: {e}") from None
     visual = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
     try:
         tiles = inputs["pixel_values"].shape[1] if args.family == "llava_next" else 1
@@ -152,7 +161,8 @@ def run(args) -> None:
     model, inputs = _load(args)
     visual = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
     method = _method(args, model, inputs)
-    what = f"--method {args.method} --tokens {args.tokens}"
+    what = f"--method-config {args.method_config}" if args.method_config else \
+        f"--method {args.method} --tokens {args.tokens}"
     base_ms = _prefill_ms(model, inputs, args.repeats)
     try:
         handle = vtprune.apply(model, method)
