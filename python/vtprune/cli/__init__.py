@@ -16,11 +16,13 @@ from vtprune.cli._args import Parser, UsageError
 COMMANDS = {
     "demo": "vtprune.cli.demo",
     "ops": "vtprune.ops_demo",
+    "calibrate": "vtprune.cli.calibrate",
 }
 # one-line summaries for ``vtprune --help`` without importing every command module (torch, transformers)
 SUMMARIES = {
     "demo": "run a model with and without a method: tokens per layer, FLOPs, prefill latency",
     "ops": "run the raw ops at real-model shapes: what they select, time per backend",
+    "calibrate": "fit ALVTS selector factors to a model on local image/question data",
 }
 
 
