@@ -12,7 +12,7 @@ from vtprune.methods import FastV, PyramidDrop, UniformPool, VisionDrop, VisionZ
 __version__ = "0.1.0"
 
 __all__ = ["ops", "BackendUnavailableError", "__version__", "apply", "Handle", "VisionDrop", "ALVTS", "FastV",
-           "VisionZip", "PyramidDrop", "UniformPool"]
+           "VisionZip", "PyramidDrop", "UniformPool", "load_method", "to_config"]
 
 
 def __getattr__(name):
@@ -20,4 +20,8 @@ def __getattr__(name):
         from vtprune import methods
 
         return methods.ALVTS
+    if name in ("load_method", "to_config"):  # method configs as data (vtprune.config)
+        from vtprune import config
+
+        return getattr(config, name)
     raise AttributeError(f"module 'vtprune' has no attribute {name!r}")

@@ -7,9 +7,9 @@ Inputs are random (no weights are downloaded), so the selections show the mechan
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -58,7 +58,7 @@ def _grid(idx: torch.Tensor, side: int) -> str:
     return "\n".join("    " + "".join("#" if c else "." for c in row) for row in cells.tolist())
 
 
-def run(device: torch.device, dtype: torch.dtype, backends: list[str], rep: int) -> None:
+def run_shapes(device: torch.device, dtype: torch.dtype, backends: list[str], rep: int) -> None:
     gen = torch.Generator().manual_seed(0)
 
     def randn(*shape):
@@ -92,22 +92,38 @@ def run(device: torch.device, dtype: torch.dtype, backends: list[str], rep: int)
     print(_grid(keep[0].cpu(), 24))
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m vtprune ops", description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+HELP = "run the raw ops at real-model shapes: what they select, time per backend"
+
+
+def add_arguments(p) -> None:
+    from vtprune.cli._args import positive_int
+
+    p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--backends", default=None, help="comma list; default: reference + triton/cuda on a GPU")
-    p.add_argument("--rep", type=int, default=5)
-    a = p.parse_args(argv)
-    device = torch.device(a.device)
+    p.add_argument("--backends", default=None,
+                   help="comma list of reference, triton, cuda; default: reference + triton/cuda on a GPU")
+    p.add_argument("--rep", type=positive_int, default=5, help="timed calls per op and backend (median)")
+
+
+def run(a) -> None:
+    from vtprune._backend import BACKENDS
+    from vtprune.cli._args import choices_list, torch_device
+
+    device = torch_device("--device", a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, a.dtype) if a.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     default = ["reference", "triton", "cuda"] if device.type == "cuda" else ["reference"]
-    backends = a.backends.split(",") if a.backends else default
+    named = tuple(b for b in BACKENDS if b != "auto")
+    backends = choices_list("--backends", a.backends, named) if a.backends is not None else default
     if device.type == "cpu" and "triton" in backends and interp:
         print("note: Triton runs through the CPU interpreter here: its times are not kernel speed")
-    run(device, dtype, backends, a.rep)
+    run_shapes(device, dtype, backends, a.rep)
 
+
+def main(argv=None) -> None:
+    from vtprune.cli import main as cli_main
+
+    cli_main(["ops", *(sys.argv[1:] if argv is None else argv)])
 
 if __name__ == "__main__":
     main()

@@ -117,3 +117,131 @@ def test_errors():
         SelectorFactors([torch.zeros(4, 2)], [])
     with pytest.raises(ValueError, match="found no decoder layers"):
         init_factors(torch.nn.Linear(4, 4))
+
+
+# ---------------------------------------------------------------- damaged files and foreign models (issue 11.9)
+def _llama(seed):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(tiny_config("llama")).eval()
+
+
+def _write(path, tensors, meta):
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=meta)
+    return path
+
+
+FMT = {"format": "vtprune.alvts.factors/1"}
+
+
+@pytest.mark.parametrize("meta,match", [
+    (FMT, "metadata lacks num_layers, rank"),
+    ({**FMT, "num_layers": "1"}, "metadata lacks rank"),
+    ({**FMT, "num_layers": "one", "rank": "1"}, "metadata num_layers='one' is not an integer"),
+    ({**FMT, "num_layers": "1", "rank": "2"}, "metadata rank=2 but layers.0.u has shape \\[8, 3\\]"),
+])
+def test_load_bad_metadata_names_the_file(tmp_path, meta, match):
+    path = _write(tmp_path / "f.safetensors", {"layers.0.u": torch.ones(8, 3), "layers.0.v": torch.ones(8, 3)}, meta)
+    with pytest.raises(ValueError, match=f"factors file '{path}': {match}"):
+        SelectorFactors.load(path)
+
+
+def _saved(tmp_path):
+    f = SelectorFactors([torch.ones(8, 3)] * 2, [torch.ones(8, 3)] * 2, {"source": "x"})
+    path = tmp_path / "f.safetensors"
+    f.save(path)
+    return path
+
+
+def test_load_truncated_file(tmp_path):
+    path = _saved(tmp_path)
+    data = path.read_bytes()
+    for cut in (4, 20, len(data) - 10):
+        path.write_bytes(data[:cut])
+        with pytest.raises(ValueError, match=r"factors file .*: not a readable safetensors file \(truncated or"):
+            SelectorFactors.load(path)
+
+
+def test_load_tampered_header(tmp_path):
+    path = _saved(tmp_path)
+    data = bytearray(path.read_bytes())
+    n = int.from_bytes(data[:8], "little")
+    header = data[8:8 + n].replace(b'"data_offsets":[0,', b'"data_offsets":[9,')  # offsets no longer tile the data
+    assert header != data[8:8 + n]
+    path.write_bytes(bytes(data[:8] + header + data[8 + n:]))
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        SelectorFactors.load(path)
+    path.write_bytes(b"\xff" * 8 + bytes(data[8:]))  # header length past the end of the file
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        SelectorFactors.load(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        SelectorFactors.load(tmp_path / "nope.safetensors")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_factors_are_refused(tmp_path, bad):
+    v = torch.ones(8, 3)
+    v[2, 1] = bad
+    meta = {**FMT, "num_layers": "2", "rank": "3"}
+    tensors = {"layers.0.u": torch.ones(8, 3), "layers.0.v": torch.ones(8, 3), "layers.1.u": torch.ones(8, 3),
+               "layers.1.v": v}
+    path = _write(tmp_path / "f.safetensors", tensors, meta)
+    with pytest.raises(ValueError, match=r"factors file .*: v\[1\] has 1 non-finite"):
+        SelectorFactors.load(path)
+    with pytest.raises(ValueError, match=r"v\[0\] has 1 non-finite"):
+        SelectorFactors([torch.ones(8, 3)], [v])
+
+
+def test_rank_zero_is_refused(tmp_path):
+    meta = {**FMT, "num_layers": "1", "rank": "0"}
+    path = _write(tmp_path / "f.safetensors", {"layers.0.u": torch.ones(8, 0), "layers.0.v": torch.ones(8, 0)}, meta)
+    with pytest.raises(ValueError, match="num_layers=1, rank=0; both must be >= 1"):
+        SelectorFactors.load(path)
+    with pytest.raises(ValueError, match="rank R >= 1"):
+        SelectorFactors([torch.ones(8, 0)], [torch.ones(8, 0)])
+
+
+def test_fingerprint_is_saved_and_dtype_invariant(tmp_path):
+    from vtprune.alvts.factors import model_fingerprint
+
+    model = _llama(0)
+    fp = model_fingerprint(model)
+    assert fp["architecture"] == "LlamaDecoderLayer" and fp["num_layers"] == 2 and fp["hidden_size"] == 64
+    assert len(fp["weight_sha256"]) == 32
+    assert model_fingerprint(_llama(1))["weight_sha256"] != fp["weight_sha256"]
+    f = init_factors(model)
+    f.save(tmp_path / "f.safetensors")
+    g = SelectorFactors.load(tmp_path / "f.safetensors")
+    assert g.fingerprint == fp
+    g.check_model(model)
+    g.check_model(model.to(torch.bfloat16))  # the same checkpoint in another dtype is the same model
+
+
+def test_factors_of_another_model_with_the_same_shapes_are_refused(tmp_path):
+    from vtprune.methods.alvts import ALVTS
+
+    path = tmp_path / "a.safetensors"
+    init_factors(_llama(0)).save(path)
+    other = _llama(1)
+    with pytest.raises(ValueError, match=f"factors file '{path}': made for a different model: weight_sha256"):
+        ALVTS(keep=4, factors=str(path)).prepare(other.model)
+    ALVTS(keep=4, factors=str(path)).prepare(_llama(0).model)  # its own model (same seed) is accepted
+
+
+def test_fingerprint_fields_are_compared(tmp_path):
+    import json
+
+    f = init_factors(_llama(0))
+    fp = json.loads(f.meta["model_fingerprint"])
+    f.meta["model_fingerprint"] = json.dumps({**fp, "architecture": "Qwen2DecoderLayer"})
+    with pytest.raises(ValueError, match="architecture 'Qwen2DecoderLayer' \\(factors\\) vs 'LlamaDecoderLayer'"):
+        f.check_model(_llama(0))
+    f.meta["model_fingerprint"] = "{not json"
+    with pytest.raises(ValueError, match="is not valid JSON"):
+        f.check_model(_llama(0))

@@ -30,6 +30,8 @@ and up to the per-key prior for a query bias.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,6 +40,11 @@ import torch
 
 FORMAT = "vtprune.alvts.factors/1"
 _LAYER_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+_REQUIRED_META = ("format", "num_layers", "rank")
+FINGERPRINT_KEY = "model_fingerprint"
+# Rows of layer 0's q_proj hashed into the fingerprint: enough to tell checkpoints (even fine-tunes) apart
+# without reading a whole 7B weight.
+_HASH_ROWS = 16
 
 
 def default_rank(hidden_size: int) -> int:
@@ -166,6 +173,34 @@ def svd_factors(
     return u.to(out), v.to(out)
 
 
+def model_fingerprint(model_or_layers) -> dict:
+    """What identifies the model factors were made for: decoder layer class, layer count, hidden size and a
+    hash of the first rows of layer 0's ``q_proj`` weight.
+
+    The hash is taken after rounding to bfloat16, so the same checkpoint loaded in float32, float16 or bfloat16
+    gives the same fingerprint; weights on the ``meta`` device (offloaded) give ``weight_sha256 = None``, which
+    :meth:`SelectorFactors.check_model` then leaves unchecked.
+
+    Returns
+    -------
+    dict with ``architecture`` (str), ``num_layers`` (int), ``hidden_size`` (int), ``weight_sha256`` (str or None)
+    """
+    layers = decoder_layers(model_or_layers)
+    w = layers[0].self_attn.q_proj.weight
+    digest = None
+    if w.device.type != "meta":
+        rows = w.detach()[:_HASH_ROWS].to(torch.bfloat16).cpu().contiguous()
+        digest = hashlib.sha256(rows.view(torch.int16).numpy().tobytes()).hexdigest()[:32]
+    return {"architecture": type(layers[0]).__name__, "num_layers": len(layers), "hidden_size": hidden_size(layers[0]),
+            "weight_sha256": digest}
+
+
+def _check_finite(name: str, t: torch.Tensor) -> None:
+    if t.device.type != "meta" and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise ValueError(f"{name} has {bad} non-finite (NaN or Inf) entries; selector factors must be finite")
+
+
 @dataclass
 class SelectorFactors:
     """Per-layer selector factors ``U[l], V[l]`` (``[D, R]`` each) of a decoder stack.
@@ -192,6 +227,50 @@ class SelectorFactors:
                     f"every factor must have shape [D, R] = {list(shape)}, got u[{i}] {tuple(u.shape)} "
                     f"and v[{i}] {tuple(v.shape)}"
                 )
+            for name, t in ((f"u[{i}]", u), (f"v[{i}]", v)):
+                if not t.is_floating_point():
+                    raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+                _check_finite(name, t)
+        if 0 in shape:
+            raise ValueError(f"factors must have D >= 1 and rank R >= 1, got shape [D, R] = {list(shape)}")
+        fp = self.meta.get(FINGERPRINT_KEY)
+        if fp is not None:
+            self.fingerprint  # noqa: B018 (validates the JSON now, not at the first check)
+
+    @property
+    def fingerprint(self) -> dict | None:
+        """The :func:`model_fingerprint` of the model these factors were made for, or None when not recorded."""
+        text = self.meta.get(FINGERPRINT_KEY)
+        if text is None:
+            return None
+        try:
+            fp = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"meta[{FINGERPRINT_KEY!r}] is not valid JSON ({e}): {text[:80]!r}") from None
+        if not isinstance(fp, dict) or not {"architecture", "num_layers", "hidden_size"} <= fp.keys():
+            raise ValueError(f"meta[{FINGERPRINT_KEY!r}] must be a JSON object with architecture, num_layers and "
+                             f"hidden_size, got {text[:80]!r}")
+        return fp
+
+    def check_model(self, model_or_layers, *, source: str = "factors") -> None:
+        """Raise ``ValueError`` unless these factors fit the model: same layer count and width, and, when a
+        fingerprint is recorded, the same decoder class and weight hash (factors of another checkpoint with the
+        same shapes would otherwise be accepted and route badly). ``source`` names the factors in the message.
+        """
+        layers = decoder_layers(model_or_layers)
+        width = hidden_size(layers[0])
+        if self.num_layers != len(layers) or self.hidden_size != width:
+            raise ValueError(f"{source}: {self.num_layers} layers of width {self.hidden_size} do not fit a model "
+                             f"with {len(layers)} decoder layers of width {width}")
+        recorded = self.fingerprint
+        if recorded is None:
+            return
+        actual = model_fingerprint(layers)
+        differ = [f"{k} {recorded.get(k)!r} (factors) vs {actual[k]!r} (model)" for k in actual
+                  if recorded.get(k) is not None and actual[k] is not None and recorded.get(k) != actual[k]]
+        if differ:
+            raise ValueError(f"{source}: made for a different model: " + "; ".join(differ)
+                             + ". Calibrate or initialise factors for this model (vtprune calibrate)")
 
     @property
     def num_layers(self) -> int:
@@ -219,32 +298,61 @@ class SelectorFactors:
         """Write a safetensors file: tensors ``layers.<l>.u`` / ``layers.<l>.v`` plus string metadata."""
         from safetensors.torch import save_file
 
-        tensors = {}
+        tensors, seen = {}, set()
         for i, (u, v) in enumerate(zip(self.u, self.v)):
-            tensors[f"layers.{i}.u"] = u.detach().contiguous().cpu()
-            tensors[f"layers.{i}.v"] = v.detach().contiguous().cpu()
+            for name, t in ((f"layers.{i}.u", u), (f"layers.{i}.v", v)):
+                t = t.detach().contiguous().cpu()
+                if t.untyped_storage().data_ptr() in seen:  # safetensors refuses tensors that share memory
+                    t = t.clone()
+                seen.add(t.untyped_storage().data_ptr())
+                tensors[name] = t
         meta = {**self.meta, "format": FORMAT, "num_layers": str(self.num_layers), "rank": str(self.rank)}
         save_file(tensors, os.fspath(path), metadata=meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, device="cpu") -> SelectorFactors:
-        """Read a file written by :meth:`save`."""
-        from safetensors import safe_open
+        """Read a file written by :meth:`save`; every defect (not a factors file, missing metadata or tensors,
+        a truncated or tampered file, non-finite values, rank 0) is a ``ValueError`` naming the file."""
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(os.fspath(path), framework="pt", device=str(device)) as f:
-            meta = dict(f.metadata() or {})
-            if meta.get("format") != FORMAT:
-                raise ValueError(f"path: {path} is not a vtprune ALVTS factors file (format {meta.get('format')!r})")
-            n = int(meta["num_layers"])
-            keys = set(f.keys())
-            missing = [k for i in range(n) for k in (f"layers.{i}.u", f"layers.{i}.v") if k not in keys]
-            if missing:
-                raise ValueError(f"path: {path} lacks tensors {missing[:4]}")
-            u = [f.get_tensor(f"layers.{i}.u") for i in range(n)]
-            v = [f.get_tensor(f"layers.{i}.v") for i in range(n)]
-        for key in ("format", "num_layers", "rank"):
+        name = f"factors file {os.fspath(path)!r}"
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{name}: no such file")
+        try:
+            with safe_open(os.fspath(path), framework="pt", device=str(device)) as f:
+                meta = dict(f.metadata() or {})
+                if meta.get("format") != FORMAT:
+                    raise ValueError(f"{name}: not a vtprune ALVTS factors file (format {meta.get('format')!r}, "
+                                     f"expected {FORMAT!r})")
+                missing = [k for k in _REQUIRED_META if k not in meta]
+                if missing:
+                    raise ValueError(f"{name}: metadata lacks {', '.join(missing)} (has {', '.join(sorted(meta))})")
+                n, rank = _meta_int(name, meta, "num_layers"), _meta_int(name, meta, "rank")
+                if n < 1 or rank < 1:
+                    raise ValueError(f"{name}: metadata num_layers={n}, rank={rank}; both must be >= 1")
+                keys = set(f.keys())
+                missing = [k for i in range(n) for k in (f"layers.{i}.u", f"layers.{i}.v") if k not in keys]
+                if missing:
+                    raise ValueError(f"{name}: lacks tensors {missing[:4]}")
+                u = [f.get_tensor(f"layers.{i}.u") for i in range(n)]
+                v = [f.get_tensor(f"layers.{i}.v") for i in range(n)]
+        except SafetensorError as e:  # truncated, tampered header, offsets out of range
+            raise ValueError(f"{name}: not a readable safetensors file (truncated or corrupted: {e})") from None
+        if u[0].dim() != 2 or u[0].shape[1] != rank:
+            raise ValueError(f"{name}: metadata rank={rank} but layers.0.u has shape {list(u[0].shape)}")
+        for key in _REQUIRED_META:
             meta.pop(key)
-        return cls(u, v, meta)
+        try:
+            return cls(u, v, meta)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+
+
+def _meta_int(name: str, meta: dict, key: str) -> int:
+    try:
+        return int(meta[key])
+    except ValueError:
+        raise ValueError(f"{name}: metadata {key}={meta[key]!r} is not an integer") from None
 
 
 def init_factors(
@@ -264,9 +372,10 @@ def init_factors(
 
     Returns
     -------
-    SelectorFactors with ``meta["source"] == "svd"``.
+    SelectorFactors with ``meta["source"] == "svd"`` and the layers' :func:`model_fingerprint`.
     """
     layers = decoder_layers(layers)
     rank = default_rank(hidden_size(layers[0])) if rank is None else rank
     us, vs = zip(*(svd_factors(layer, rank, compute_dtype=compute_dtype, dtype=dtype) for layer in layers))
-    return SelectorFactors(list(us), list(vs), {"source": "svd"})
+    return SelectorFactors(list(us), list(vs),
+                           {"source": "svd", FINGERPRINT_KEY: json.dumps(model_fingerprint(layers))})

@@ -16,7 +16,7 @@ import torch
 
 from vtprune._backend import BACKENDS
 from vtprune.alvts.calibrate import calibrate, capture_layer_inputs
-from vtprune.alvts.factors import SelectorFactors, decoder_layers, hidden_size, init_factors
+from vtprune.alvts.factors import SelectorFactors, decoder_layers, init_factors
 from vtprune.ops.lowrank_scores import lowrank_scores
 from vtprune.ops.routed_layer import routed_attention_mask, routed_layer
 from vtprune.ops.topk_keep_order import topk_keep_order
@@ -169,9 +169,9 @@ class ALVTS:
             factors = SelectorFactors.load(factors)
         elif factors is None:
             factors = init_factors(layers, self.rank)
-        if factors.num_layers != len(layers) or factors.hidden_size != hidden_size(layers[0]):
-            raise ValueError(f"factors: {factors.num_layers} layers of width {factors.hidden_size} do not fit a model "
-                             f"with {len(layers)} decoder layers of width {hidden_size(layers[0])}")
+        # layer count, width and (when recorded) the model fingerprint
+        path = isinstance(self.factors, (str, os.PathLike))
+        factors.check_model(layers, source=f"factors file {os.fspath(self.factors)!r}" if path else "factors")
         if self.rank is not None and factors.rank != self.rank:
             raise ValueError(f"factors have rank {factors.rank}, ALVTS was given rank={self.rank}")
         if self.calibration is not None:

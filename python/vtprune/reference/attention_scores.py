@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from vtprune.reference._common import allowed_keys, head_chunk, host_max, masked_softmax, span_index
+from vtprune.reference._common import allowed_keys, blocks, host_max, masked_softmax, span_index
 
 
 def _scores_from_probs(probs, kpos, out):
@@ -32,13 +32,15 @@ def attention_scores(q, k, *, query_spans, key_spans, causal, key_padding_mask=N
     Qm, Km = host_max(query_spans), host_max(key_spans)
     qpos, qvalid = span_index(query_spans, Qm, L, q.device)  # [B, Q]
     kpos, kvalid = span_index(key_spans, Km, L, q.device)  # [B, K]
-    allowed = allowed_keys(qpos, L, causal, key_padding_mask)[:, None] & qvalid[:, None, :, None]
     out = torch.zeros(B, Km, dtype=torch.float32, device=q.device)
-    step = head_chunk(B, H, Qm, L)
-    for h0 in range(0, H, step):  # loop over head chunks only, to bound memory
-        heads = torch.arange(h0, min(H, h0 + step), device=q.device)
-        qh = q[:, heads].float().gather(2, qpos[:, None, :, None].expand(B, len(heads), Qm, d))
+    hstep, rstep = blocks(B, H, Qm, L)
+    for h0 in range(0, H, hstep):  # (head, query-row) blocks bound the memory: never [B, H, Q, L] at once
+        heads = torch.arange(h0, min(H, h0 + hstep), device=q.device)
         kh = k[:, heads // group].float()  # [B, h, L, d]
-        probs = masked_softmax(qh @ kh.transpose(-1, -2) * scale, allowed)  # [B, h, Q, L]
-        _scores_from_probs(probs, kpos, out)
+        for r0 in range(0, Qm, rstep):
+            rpos, rvalid = qpos[:, r0:r0 + rstep], qvalid[:, r0:r0 + rstep]
+            allowed = allowed_keys(rpos, L, causal, key_padding_mask)[:, None] & rvalid[:, None, :, None]
+            qh = q[:, heads].float().gather(2, rpos[:, None, :, None].expand(B, len(heads), rpos.shape[1], d))
+            probs = masked_softmax(qh @ kh.transpose(-1, -2) * scale, allowed)  # [B, h, r, L]
+            _scores_from_probs(probs, kpos, out)
     return _finish(out, query_spans, kvalid, H)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from vtprune.reference._common import allowed_keys, head_chunk, host_max, masked_softmax, span_index
+from vtprune.reference._common import allowed_keys, blocks, host_max, masked_softmax, span_index
 from vtprune.reference.attention_scores import _finish, _scores_from_probs
 
 
@@ -16,19 +16,22 @@ def attention_with_scores(q, k, v, *, query_spans, key_spans, causal, key_paddin
     B, H, L, d = q.shape
     group = H // k.shape[1]
     scale = d**-0.5 if scale is None else scale
-    Qm, Km = host_max(query_spans), host_max(key_spans)
-    qpos, qvalid = span_index(query_spans, Qm, L, q.device)
+    Km = host_max(key_spans)
     kpos, kvalid = span_index(key_spans, Km, L, q.device)
-    rows = torch.arange(L, device=q.device).expand(B, L)
-    allowed = allowed_keys(rows, L, causal, key_padding_mask)[:, None]  # [B, 1, L, L]
+    spans = query_spans.to(q.device)
     out = torch.empty(B, H, L, v.shape[-1], dtype=q.dtype, device=q.device)
     scores = torch.zeros(B, Km, dtype=torch.float32, device=q.device)
-    step = head_chunk(B, H, L, L)
-    for h0 in range(0, H, step):  # loop over head chunks only, to bound memory
-        heads = torch.arange(h0, min(H, h0 + step), device=q.device)
+    hstep, rstep = blocks(B, H, L, L)
+    for h0 in range(0, H, hstep):  # (head, query-row) blocks bound the memory: never [B, H, L, L] at once
+        heads = torch.arange(h0, min(H, h0 + hstep), device=q.device)
         kv_heads = heads // group
-        probs = masked_softmax(q[:, heads].float() @ k[:, kv_heads].float().transpose(-1, -2) * scale, allowed)
-        out[:, heads] = (probs @ v[:, kv_heads].float()).to(q.dtype)
-        rows_p = probs.gather(2, qpos[:, None, :, None].expand(B, len(heads), Qm, L))
-        _scores_from_probs(rows_p * qvalid[:, None, :, None], kpos, scores)
+        kh, vh = k[:, kv_heads].float().transpose(-1, -2), v[:, kv_heads].float()
+        for r0 in range(0, L, rstep):
+            rows = torch.arange(r0, min(L, r0 + rstep), device=q.device).expand(B, -1)  # [B, r]
+            allowed = allowed_keys(rows, L, causal, key_padding_mask)[:, None]  # [B, 1, r, L]
+            probs = masked_softmax(q[:, heads, r0:r0 + rstep].float() @ kh * scale, allowed)  # [B, h, r, L]
+            out[:, heads, r0:r0 + rstep] = (probs @ vh).to(q.dtype)
+            # the rows of this block that lie in the query span add their key-span columns to the scores
+            in_span = (rows >= spans[:, :1]) & (rows < spans[:, :1] + spans[:, 1:])  # [B, r]
+            _scores_from_probs(probs * in_span[:, None, :, None], kpos, scores)
     return out, _finish(scores, query_spans, kvalid, H)
