@@ -10,17 +10,20 @@ from __future__ import annotations
 import torch
 
 from vtprune._ext import load_extension
-from vtprune.cuda import current_stream, device_i64, pointer
+from vtprune.cuda import check_width, current_stream, custom_op, device_i64, pointer
+from vtprune.ops._library import call
 from vtprune.reference._common import host_max
 
 
-def lowrank_scores(h, u, v, *, visual_spans, key_padding_mask=None):
-    """float32 [B, max visual count]; see ``vtprune.ops.lowrank_scores``."""
+def lowrank_scores_launch(h, u, v, visual_spans, key_padding_mask, max_visual):
+    """Projection and the three passes (the body of the custom op ``vtprune::cuda_lowrank_scores``);
+    float32 [B, max_visual]."""
+    check_width("max_visual", visual_spans, max_visual)
     ext = load_extension()
     B, L, _ = h.shape
     R = u.shape[1]
     device = h.device
-    Vm = host_max(visual_spans)
+    Vm = max_visual
     # fp32 like the reference: bf16-rounded projections would shift logits by ~|logit| * 2^-9.
     ab = h.float() @ torch.cat([u, v], dim=1).float()  # [B, L, 2R]
     a, b = ab[..., :R].contiguous(), ab[..., R:].contiguous()  # [B, L, R] each
@@ -37,3 +40,10 @@ def lowrank_scores(h, u, v, *, visual_spans, key_padding_mask=None):
             pointer(out), B, L, R, Vm, current_stream(device),
         )
     return out
+
+
+def lowrank_scores(h, u, v, *, visual_spans, key_padding_mask=None):
+    """float32 [B, max visual count]; see ``vtprune.ops.lowrank_scores``. Under torch.compile it runs as the
+    custom op ``torch.ops.vtprune.cuda_lowrank_scores``."""
+    return call(custom_op("lowrank_scores"), lowrank_scores_launch, h, u, v, visual_spans, key_padding_mask,
+                host_max(visual_spans))
