@@ -293,6 +293,10 @@ def launches(op: str, s: Shape, B: int) -> list[dict]:
         rows = row_pairs(s, 0, L, True) * B
         cols = column_pairs(s, (0, L), s.kspan, True) * B
         return [
+            dict(kernel="vtprune::attn::lowrank_project_kernel<__nv_bfloat16>",
+                 ctas=tiles(B * L) * tiles(2 * R), smem=2 * 2 * TILE * ld(TILE, 2) * 2,
+                 flops=2 * B * L * s.D * 2 * R, bytes=B * L * s.D * 2 + 2 * s.D * R * 2 + B * L * 2 * R * 4,
+                 exps=0),
             dict(kernel=f"vtprune::attn::row_lse_kernel<float, {kr}>", ctas=tiles(L) * B,
                  smem=2 * tile_f + TILE * (TILE + 4) * 4 + 2 * TILE * 4, flops=2 * R * rows,
                  bytes=B * 2 * L * R * 4, exps=rows),

@@ -108,18 +108,19 @@ def test_kernels_do_not_spill(arch):
     assert not spilling, f"kernels spill registers to local memory on {arch}: {spilling}"
 
 
-# The tensor-core passes of the attention ops (attention_mma.cuh), every 16-bit type and head tile.
+# The tensor-core kernels (attention_mma.cuh, lowrank_project.cuh), every 16-bit type and head tile.
 MMA_KERNELS = [f"vtprune::attn::{kernel}<{t}, {d}{extra}>" for t in ("__half", "__nv_bfloat16")
                for kernel, ds, extra in (("row_pass_mma_kernel", (64, 128, 256), ", false"),
                                          ("row_pass_mma_kernel", (64, 128), ", true"),
                                          ("column_sum_mma_kernel", (64, 128, 256), ""))
-               for d in ds]
+               for d in ds] + [f"vtprune::attn::lowrank_project_kernel<{t}>" for t in ("__half", "__nv_bfloat16")]
 
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
-def test_attention_passes_use_tensor_cores_and_async_copies(arch):
-    """The 16-bit attention kernels must keep mma (HMMA) and cp.async (LDGSTS) in their SASS: a rewrite that
-    falls back to scalar products or synchronous loads fails here, long before a GPU benchmark would show it."""
+def test_tensor_core_kernels_keep_mma_and_async_copies(arch):
+    """The 16-bit attention kernels and the lowrank projection must keep mma (HMMA) and cp.async (LDGSTS) in
+    their SASS: a rewrite that falls back to scalar products or synchronous loads fails here, long before a GPU
+    benchmark would show it."""
     report = _report()
     if report.find_cuobjdump() is None:
         pytest.skip("cuobjdump not found (CUDA toolkit, or the copy bundled with Triton)")
