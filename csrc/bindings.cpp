@@ -47,6 +47,12 @@ PYBIND11_MODULE(_C, m) {
       "ALVTS selector scores out float [B, max_visual] (DESIGN 3.4) from fp32 projections a = h U, "
       "b = h V [B, L, R]; workspaces lse float [B, L], partial float [2, B, max_visual].");
   m.def(
+      "lowrank_project", &vtprune::lowrank_project, py::arg("h"), py::arg("u"), py::arg("v"),
+      py::arg("a"), py::arg("b"), py::arg("rows"), py::arg("dim"), py::arg("rank"),
+      py::arg("dtype"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+      "lowrank_scores' projections on the tensor cores: a = h U, b = h V float [M, R] from 16-bit "
+      "h [M, D], U, V [D, R] (one dtype, contiguous, 16-byte aligned, D and R multiples of 8).");
+  m.def(
       "routed_gather_rmsnorm", &vtprune::routed_gather_rmsnorm, py::arg("x"), py::arg("idx"),
       py::arg("weight"), py::arg("out"), py::arg("batch"), py::arg("length"), py::arg("routed"),
       py::arg("dim"), py::arg("batch_stride"), py::arg("row_stride"), py::arg("eps"),

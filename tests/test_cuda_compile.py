@@ -1,18 +1,18 @@
 """CPU checks of the CUDA extension's build: every op has a binding and a glue module, the launchers check
 arguments before touching CUDA, and ptxas reports no local-memory spills for the kernels.
 
-The resource check compiles csrc/ops/*.cu for sm_90a with ``--resource-usage`` (about 10-20 s on 2 cores);
-it needs nvcc and pybind11-free sources only, so it runs wherever nvcc is found, GPU or not.
+The resource checks compile csrc/ops/*.cu for sm_80 and sm_90a with ``--resource-usage`` through
+benchmarks/_report_cuda.py (about 1-2 min of 2 cores the first time; cached under build/ by source content) and
+read the SASS with cuobjdump; they need nvcc and pybind11-free sources only, so they run wherever nvcc is
+found, GPU or not.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
-import re
-import shutil
-import subprocess
-from concurrent.futures import ThreadPoolExecutor
+import sys
 from pathlib import Path
 
 import pytest
@@ -79,59 +79,59 @@ def test_launchers_check_arguments_before_cuda():
     assert extension.routed_add_scatter(0, 0, 0, 0, 0, 10, 5, 64, 640, 64, 2, 0) is None
 
 
-def _nvcc() -> str | None:
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        home = os.environ.get(var)
-        if home and (Path(home) / "bin" / "nvcc").is_file():
-            return str(Path(home) / "bin" / "nvcc")
-    return shutil.which("nvcc") or (
-        "/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").is_file() else None
-    )
+def _report():
+    """benchmarks/_report_cuda.py (compiles csrc/ops/*.cu with a content-keyed cache under build/)."""
+    module = sys.modules.get("_report_cuda")
+    if module is None:
+        spec = importlib.util.spec_from_file_location("_report_cuda", ROOT / "benchmarks" / "_report_cuda.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["_report_cuda"] = module  # dataclasses resolve annotations through sys.modules
+        spec.loader.exec_module(module)
+    if module.find_nvcc() is None:
+        pytest.skip("nvcc not found: the resource-usage checks compile the kernels")
+    return module
 
 
-def _resource_report(nvcc: str, source: Path) -> str:
-    cmd = [nvcc, "-std=c++17", "-O3", "--resource-usage", "-gencode=arch=compute_90a,code=sm_90a",
-           f"-I{ROOT / 'csrc' / 'include'}", "-c", str(source), "-o", os.devnull]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"nvcc failed on {source.name}:\n{result.stderr[-4000:]}"
-    return result.stdout + result.stderr
-
-
-def _demangle(names: list[str]) -> list[str]:
-    cxxfilt = shutil.which("c++filt")
-    if cxxfilt is None:
-        return names
-    out = subprocess.run([cxxfilt], input="\n".join(names), capture_output=True, text=True).stdout.split("\n")
-    return out[: len(names)]
-
-
-def test_kernels_do_not_spill():
-    nvcc = _nvcc()
-    if nvcc is None:
-        pytest.skip("nvcc not found: the resource-usage check compiles the kernels")
-    sources = sorted((ROOT / "csrc" / "ops").glob("*.cu"))
-    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool:
-        reports = list(pool.map(lambda s: _resource_report(nvcc, s), sources))
-    entries = []  # (mangled name, spill bytes)
-    for report in reports:
-        current = None
-        for line in report.splitlines():
-            found = re.search(r"Compiling entry function '(\S+)'", line)
-            if found:
-                current = found.group(1)
-            spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
-            if spill and current:
-                entries.append((current, max(int(spill.group(1)), int(spill.group(2)))))
-                current = None
-    names = _demangle([name for name, _ in entries])
-    kernels = {name: spill for name, (_, spill) in zip(names, entries, strict=True)}
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
+def test_kernels_do_not_spill(arch):
+    kernels = _report().kernel_table(arch, sass=False)
     for prefix in ("attn::row_lse_kernel", "attn::column_sum_kernel", "attn::single_query_kernel",
-                   "attn::flash_forward_kernel", "merge::merge_assign_kernel", "merge::merge_output_kernel",
-                   "topk_keep_order_kernel", "routed::routed_row_kernel"):
-        assert any(prefix in name for name in kernels), f"no {prefix} in the resource report"
+                   "attn::flash_forward_kernel", "attn::row_pass_mma_kernel", "attn::column_sum_mma_kernel",
+                   "merge::merge_assign_kernel", "merge::merge_output_kernel", "topk_keep_order_kernel",
+                   "routed::routed_row_kernel"):
+        assert any(prefix in name for name in kernels), f"no {prefix} in the {arch} resource report"
     spilling = {
-        name: spill
-        for name, spill in kernels.items()
-        if spill > next((b for p, b in SPILL_ALLOWED.items() if name.startswith(p)), 0)
+        name: facts["spill_bytes"]
+        for name, facts in kernels.items()
+        if facts["spill_bytes"] > next((b for p, b in SPILL_ALLOWED.items() if name.startswith(p)), 0)
     }
-    assert not spilling, f"kernels spill registers to local memory: {spilling}"
+    assert not spilling, f"kernels spill registers to local memory on {arch}: {spilling}"
+
+
+# The tensor-core kernels (attention_mma.cuh, lowrank_project.cuh), every 16-bit type and head tile.
+MMA_KERNELS = [f"vtprune::attn::{kernel}<{t}, {d}{extra}>" for t in ("__half", "__nv_bfloat16")
+               for kernel, ds, extra in (("row_pass_mma_kernel", (64, 128, 256), ", false"),
+                                         ("row_pass_mma_kernel", (64, 128), ", true"),
+                                         ("column_sum_mma_kernel", (64, 128, 256), ""))
+               for d in ds] + [f"vtprune::attn::lowrank_project_kernel<{t}>" for t in ("__half", "__nv_bfloat16")]
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
+def test_tensor_core_kernels_keep_mma_and_async_copies(arch):
+    """The 16-bit attention kernels and the lowrank projection must keep mma (HMMA) and cp.async (LDGSTS) in
+    their SASS: a rewrite that falls back to scalar products or synchronous loads fails here, long before a GPU
+    benchmark would show it."""
+    report = _report()
+    if report.find_cuobjdump() is None:
+        pytest.skip("cuobjdump not found (CUDA toolkit, or the copy bundled with Triton)")
+    kernels = report.kernel_table(arch)
+    for prefix in MMA_KERNELS:
+        name = next((n for n in kernels if prefix + "(" in n), None)
+        assert name is not None, f"{prefix} is not compiled for {arch}"
+        facts = kernels[name]
+        assert facts["tensor_cores"], f"{name}: no HMMA/HGMMA in its {arch} SASS"
+        assert facts["async_copies"], f"{name}: no LDGSTS (cp.async) in its {arch} SASS"
+        assert facts["spill_bytes"] == 0, f"{name} spills {facts['spill_bytes']} bytes on {arch}"
+    # The fp32 passes stay on the FMA units (bit-for-bit fp32 products): no tensor-core instruction.
+    fp32 = [n for n in kernels if "row_lse_kernel<float" in n]
+    assert fp32 and not any(kernels[n]["tensor_cores"] for n in fp32)

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "attention_passes.h"
+#include "vtprune/attention_mma.cuh"
 #include "vtprune/attention_scores.cuh"
 #include "vtprune/common.cuh"
 #include "vtprune/dispatch.cuh"
@@ -28,6 +29,28 @@ void launch_row_lse(const ScoreArgs& args, int dtype, cudaStream_t stream) {
     using T = decltype(tag);
     dispatch_head_dim(args.d, "attention_scores", "head dim d", [&](auto dim) {
       constexpr int kD = decltype(dim)::value;
+      if constexpr (sizeof(T) == 2) {
+        if (args.vec) {  // tensor-core path (attention_mma.cuh)
+          RowPassArgs r{};
+          r.q = args.q;
+          r.k = args.k;
+          r.qspans = args.qspans;
+          r.kpm = args.kpm;
+          r.lse = args.lse;
+          r.H = args.H;
+          r.Hkv = args.Hkv;
+          r.L = args.L;
+          r.d = args.d;
+          r.lse_stride = args.lse_stride;
+          r.lse_by_position = args.lse_by_position;
+          r.scale_log2 = args.scale_log2;
+          r.causal = args.causal;
+          constexpr int bytes = row_pass_smem_bytes<T, kD, false>();
+          set_smem(row_pass_mma_kernel<T, kD, false>, bytes, "attention_scores");
+          row_pass_mma_kernel<T, kD, false><<<grid, kThreads, bytes, stream>>>(r);
+          return;
+        }
+      }
       constexpr int bytes = scores_smem_bytes<T, kD>();
       set_smem(row_lse_kernel<T, kD>, bytes, "attention_scores");
       row_lse_kernel<T, kD><<<grid, kThreads, bytes, stream>>>(args);
@@ -51,6 +74,14 @@ void launch_column_sums(const ScoreArgs& args, int dtype, bool two_class, cudaSt
       using T = decltype(tag);
       dispatch_head_dim(args.d, "attention_scores", "head dim d", [&](auto dim) {
         constexpr int kD = decltype(dim)::value;
+        if constexpr (sizeof(T) == 2) {
+          if (args.vec) {  // tensor-core path (attention_mma.cuh)
+            constexpr int bytes = column_pass_smem_bytes<T, kD>();
+            set_smem(column_sum_mma_kernel<T, kD>, bytes, "attention_scores");
+            column_sum_mma_kernel<T, kD><<<grid, kThreads, bytes, stream>>>(args);
+            return;
+          }
+        }
         constexpr int bytes = scores_smem_bytes<T, kD>();
         set_smem(column_sum_kernel<T, kD, false>, bytes, "attention_scores");
         column_sum_kernel<T, kD, false><<<grid, kThreads, bytes, stream>>>(args);

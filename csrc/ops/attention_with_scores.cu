@@ -7,6 +7,7 @@
 #include <string>
 
 #include "attention_passes.h"
+#include "vtprune/attention_mma.cuh"
 #include "vtprune/attention_with_scores.cuh"
 #include "vtprune/common.cuh"
 #include "vtprune/dispatch.cuh"
@@ -64,6 +65,32 @@ void attention_with_scores(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v,
     using T = decltype(tag);
     dispatch_head_dim(tile_dim, op, "max(head dim, value dim)", [&](auto dim) {
       constexpr int kD = decltype(dim)::value;
+      if constexpr (sizeof(T) == 2 && kD <= 128) {
+        // Tensor-core forward (attention_mma.cuh); a 256-wide O would not fit the registers.
+        if (f.vec_qk && f.vec_v) {
+          RowPassArgs r{};
+          r.q = f.q;
+          r.k = f.k;
+          r.v = f.v;
+          r.qspans = nullptr;  // every row: the layer's output needs them all
+          r.kpm = f.kpm;
+          r.out = f.out;
+          r.lse = f.lse;
+          r.H = f.H;
+          r.Hkv = f.Hkv;
+          r.L = f.L;
+          r.d = f.d;
+          r.dv = f.dv;
+          r.lse_stride = f.L;
+          r.lse_by_position = true;
+          r.scale_log2 = f.scale_log2;
+          r.causal = f.causal;
+          constexpr int bytes = row_pass_smem_bytes<T, kD, true>();
+          set_smem(row_pass_mma_kernel<T, kD, true>, bytes, op);
+          row_pass_mma_kernel<T, kD, true><<<grid, kThreads, bytes, s>>>(r);
+          return;
+        }
+      }
       constexpr int bytes = flash_smem_bytes<T, kD>();
       set_smem(flash_forward_kernel<T, kD>, bytes, op);
       flash_forward_kernel<T, kD><<<grid, kThreads, bytes, s>>>(f);

@@ -1,5 +1,6 @@
-// Launcher of lowrank_scores (ALVTS selector, DESIGN 3.4). The glue computes the projections
-// a = h U, b = h V in fp32 (torch matmul; no cuBLAS dependency here); the score passes are those of
+// Launchers of lowrank_scores (ALVTS selector, DESIGN 3.4): the projections a = h U, b = h V
+// (lowrank_project.cuh, for 16-bit inputs; the glue uses an fp32 torch matmul otherwise), then the
+// score passes, those of
 // attention_scores with a single head, every row as a query, causal, and two row classes (visual,
 // text) whose column sums the finish multiplies: S = S_V2V * S_T2V, S_T2V = 1 without text.
 #include <cuda_runtime.h>
@@ -11,6 +12,7 @@
 #include "attention_passes.h"
 #include "vtprune/common.cuh"
 #include "vtprune/dispatch.cuh"
+#include "vtprune/lowrank_project.cuh"
 #include "vtprune/ops.h"
 
 namespace vtprune {
@@ -54,6 +56,50 @@ void lowrank_scores(std::uintptr_t a, std::uintptr_t b, std::uintptr_t visual_sp
   launch_row_lse(args, kFloat32, s);
   launch_column_sums(args, kFloat32, true, s);
   launch_finalize(args, reinterpret_cast<float*>(out), 1, s);
+}
+
+void lowrank_project(std::uintptr_t h, std::uintptr_t u, std::uintptr_t v, std::uintptr_t a,
+                     std::uintptr_t b, std::int64_t rows, std::int64_t dim, std::int64_t rank,
+                     int dtype, std::uintptr_t stream) {
+  using namespace attn;
+  const char* op = "lowrank_project";
+  VTPRUNE_CHECK(rows >= 0 && rows <= (std::int64_t{1} << 30),
+                std::string(op) + ": rows must be in [0, 2^30], got " + std::to_string(rows));
+  VTPRUNE_CHECK(
+      dim >= 8 && dim % 8 == 0 && dim <= (std::int64_t{1} << 20),
+      std::string(op) + ": dim must be a positive multiple of 8, got " + std::to_string(dim));
+  VTPRUNE_CHECK(
+      rank >= 8 && rank % 8 == 0 && rank <= 4096,
+      std::string(op) + ": rank must be a multiple of 8 in [8, 4096], got " + std::to_string(rank));
+  VTPRUNE_CHECK(
+      dtype == kFloat16 || dtype == kBFloat16,
+      std::string(op) + ": dtype must be 1 (fp16) or 2 (bf16), got " + std::to_string(dtype));
+  if (rows == 0) return;
+  VTPRUNE_CHECK(h != 0 && u != 0 && v != 0 && a != 0 && b != 0,
+                std::string(op) + ": a required pointer is null");
+  VTPRUNE_CHECK(h % 16 == 0 && u % 16 == 0 && v % 16 == 0,
+                std::string(op) + ": h, u and v must be 16-byte aligned");
+  ProjectArgs p{};
+  p.h = reinterpret_cast<const void*>(h);
+  p.u = reinterpret_cast<const void*>(u);
+  p.v = reinterpret_cast<const void*>(v);
+  p.a = reinterpret_cast<float*>(a);
+  p.b = reinterpret_cast<float*>(b);
+  p.M = static_cast<int>(rows);
+  p.D = static_cast<int>(dim);
+  p.R = static_cast<int>(rank);
+  const dim3 grid(static_cast<unsigned>((rows + kBM - 1) / kBM),
+                  static_cast<unsigned>((2 * rank + 63) / 64));
+  const auto s = reinterpret_cast<cudaStream_t>(stream);
+  dispatch_dtype(dtype, op, [&](auto tag) {
+    using T = decltype(tag);
+    if constexpr (sizeof(T) == 2) {
+      constexpr int bytes = project_smem_bytes<T>();
+      set_smem(lowrank_project_kernel<T>, bytes, op);
+      lowrank_project_kernel<T><<<grid, kThreads, bytes, s>>>(p);
+    }
+  });
+  VTPRUNE_CUDA_CHECK(cudaGetLastError());
 }
 
 }  // namespace vtprune

@@ -61,3 +61,23 @@ def test_public_op(cuda_lowrank):
     vs = torch.tensor([[10, 200], [0, 250]])
     got = vtprune.ops.lowrank_scores(h, u, v, visual_spans=vs, backend="cuda")
     assert rel_err(got, reference(h, u, v, visual_spans=vs)) <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("M, D, R", [(650, 4096, 256), (77, 200, 24), (1, 8, 8), (130, 136, 72)])
+def test_tensor_core_projection(cuda_lowrank, M, D, R, dtype):
+    """lowrank_project (16-bit products, fp32 sums) against fp32 matmuls of the same 16-bit values: only the
+    order of the fp32 sums differs. Ragged row / D / column tiles included."""
+    from vtprune._ext import load_extension
+    from vtprune.cuda.lowrank_scores import project
+
+    gen = torch.Generator().manual_seed(M + D + R)
+    h = torch.randn(1, M, D, generator=gen).to(dtype).cuda()
+    u = (torch.randn(D, R, generator=gen) * D**-0.5).to(dtype).cuda()
+    v = (torch.randn(D, R, generator=gen) * D**-0.5).to(dtype).cuda()
+    poison_cuda_cache()
+    a, b = project(load_extension(), h, u, v)
+    torch.cuda.synchronize()
+    assert a.dtype == b.dtype == torch.float32 and a.shape == b.shape == (1, M, R)
+    assert rel_err(a, h.float() @ u.float()) <= 1e-5
+    assert rel_err(b, h.float() @ v.float()) <= 1e-5

@@ -51,6 +51,12 @@ void lowrank_scores(std::uintptr_t a, std::uintptr_t b, std::uintptr_t visual_sp
                     std::uintptr_t key_padding_mask, std::uintptr_t lse, std::uintptr_t partial,
                     std::uintptr_t out, std::int64_t batch, std::int64_t length, std::int64_t rank,
                     std::int64_t max_visual, std::uintptr_t stream);
+// The projections of lowrank_scores on the tensor cores: a = h U, b = h V (float [M, R] each) from
+// 16-bit h [M, D], U, V [D, R] of one dtype (1 fp16, 2 bf16), all contiguous and 16-byte aligned,
+// D and R multiples of 8.
+void lowrank_project(std::uintptr_t h, std::uintptr_t u, std::uintptr_t v, std::uintptr_t a,
+                     std::uintptr_t b, std::int64_t rows, std::int64_t dim, std::int64_t rank,
+                     int dtype, std::uintptr_t stream);
 
 // Row kernels of routed_layer (DESIGN 3.5). x [B, L, D] with unit stride on D and batch / row
 // strides in elements (updated in place by routed_add_scatter); idx int64 [B, K]; weight [D];

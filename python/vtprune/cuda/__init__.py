@@ -44,3 +44,21 @@ def device_i64(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | N
     if t.device.type == "cpu":
         t = t.pin_memory()
     return t.to(device=device, non_blocking=True)
+
+
+def check_width(name: str, counts: torch.Tensor | None, given: int) -> None:
+    """An output width (``max_query``, ``max_key``, ``max_visual``) must cover every row's count, or the
+    kernels index past their buffers. ``counts`` is [B, 2] spans or [B] lengths; checked only when it is
+    on the CPU, so a device tensor costs no sync (the backend functions compute the width from it)."""
+    if counts is None or counts.device.type != "cpu" or counts.numel() == 0:
+        return
+    largest = int((counts[:, 1] if counts.dim() == 2 else counts).max())
+    if largest > given:
+        raise ValueError(f"{name} ({given}) is below the largest count ({largest})")
+
+
+def custom_op(stem: str):
+    """``torch.ops.vtprune.cuda_<stem>`` (registered by :mod:`vtprune.ops._library`)."""
+    import vtprune.ops._library  # noqa: F401  (registers the custom ops)
+
+    return getattr(torch.ops.vtprune, f"cuda_{stem}")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from vtprune._ext import load_extension
-from vtprune.cuda import current_stream, device_i64, dtype_code, pointer
+from vtprune.cuda import current_stream, custom_op, device_i64, dtype_code, pointer
+from vtprune.ops._library import call
 
 
 def merge_with_targets(x, metric, keep_idx, num_contextual, lengths=None):
@@ -33,6 +34,13 @@ def merge_with_targets(x, metric, keep_idx, num_contextual, lengths=None):
     return out, target_idx
 
 
-def contextual_merge(x, metric, keep_idx, num_contextual, *, lengths=None):
-    """Dominant tokens then contextual tokens; see ``vtprune.ops.contextual_merge``."""
+def contextual_merge_launch(x, metric, keep_idx, num_contextual, lengths):
+    """The merged tokens (the body of the custom op ``vtprune::cuda_contextual_merge``)."""
     return merge_with_targets(x, metric, keep_idx, num_contextual, lengths)[0]
+
+
+def contextual_merge(x, metric, keep_idx, num_contextual, *, lengths=None):
+    """Dominant tokens then contextual tokens; see ``vtprune.ops.contextual_merge``. Under torch.compile it
+    runs as the custom op ``torch.ops.vtprune.cuda_contextual_merge``."""
+    return call(custom_op("contextual_merge"), contextual_merge_launch, x, metric, keep_idx, int(num_contextual),
+                lengths)

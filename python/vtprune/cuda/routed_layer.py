@@ -6,10 +6,13 @@ The launchers of the three row kernels; the layer walk around them is shared wit
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from vtprune._ext import load_extension
-from vtprune.cuda import current_stream, device_i64, dtype_code, pointer
+from vtprune.cuda import current_stream, custom_op, device_i64, dtype_code, pointer
+from vtprune.ops._library import call
 from vtprune.ops._routed_fused import fused_routed_layer
 
 
@@ -60,14 +63,18 @@ def add_scatter(x, idx, mid, delta) -> None:
         )
 
 
-KERNELS = (gather_rmsnorm, gather_add_rmsnorm, add_scatter)
+def _kernels():
+    """The three row kernels, each through its custom op ``torch.ops.vtprune.cuda_routed_*`` while
+    torch.compile traces, else launched directly."""
+    return tuple(partial(call, custom_op(f"routed_{fn.__name__}"), fn)
+                 for fn in (gather_rmsnorm, gather_add_rmsnorm, add_scatter))
 
 
 def routed_layer(layer, hidden_states, routed_idx, *, position_embeddings, attention_mask=None,
                  past_key_values=None, cache_position=None, **layer_kwargs):
     """CUDA backend of :func:`vtprune.ops.routed_layer` (arguments checked there)."""
     idx = device_i64(routed_idx, hidden_states.device)  # [B, K]; a CPU index is copied without a sync
-    return fused_routed_layer(layer, hidden_states, idx, KERNELS, backend="cuda",
+    return fused_routed_layer(layer, hidden_states, idx, _kernels(), backend="cuda",
                               position_embeddings=position_embeddings, attention_mask=attention_mask,
                               past_key_values=past_key_values, cache_position=cache_position,
                               layer_kwargs=layer_kwargs)

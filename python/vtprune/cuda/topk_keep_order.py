@@ -5,15 +5,12 @@ from __future__ import annotations
 import torch
 
 from vtprune._ext import load_extension
-from vtprune.cuda import current_stream, pointer
+from vtprune.cuda import current_stream, custom_op, pointer
+from vtprune.ops._library import call
 
 
-def topk_keep_order(scores, k, *, lengths=None):
-    """Positions of the ``k`` highest scores per row, ascending; see ``vtprune.ops.topk_keep_order``.
-
-    ``scores`` [B, N] floating CUDA tensor, ``lengths`` None or int64 [B] (any device); checked by the
-    public op. Returns int64 [B, k] on ``scores.device``.
-    """
+def topk_keep_order_launch(scores, k, lengths):
+    """The kernel on checked arguments (the body of the custom op ``vtprune::cuda_topk_keep_order``)."""
     ext = load_extension()
     B, N = scores.shape
     device = scores.device
@@ -27,3 +24,12 @@ def topk_keep_order(scores, k, *, lengths=None):
     with torch.cuda.device(device):
         ext.topk_keep_order(pointer(scores32), pointer(lengths), pointer(out), B, N, k, current_stream(device))
     return out
+
+
+def topk_keep_order(scores, k, *, lengths=None):
+    """Positions of the ``k`` highest scores per row, ascending; see ``vtprune.ops.topk_keep_order``.
+
+    ``scores`` [B, N] floating CUDA tensor, ``lengths`` None or int64 [B] (any device); checked by the
+    public op. Returns int64 [B, k] on ``scores.device``.
+    """
+    return call(custom_op("topk_keep_order"), topk_keep_order_launch, scores, int(k), lengths)
