@@ -38,7 +38,6 @@ from benchmarks import _roofline as RL  # noqa: E402
 from benchmarks._triton_sm90 import capture_launches, compile_launch  # noqa: E402
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "kernel_report.json")
-BF16 = torch.bfloat16
 
 
 @dataclass(frozen=True)
@@ -93,7 +92,7 @@ def spans(span, B):
     return torch.tensor([list(span)] * B, dtype=torch.int64)
 
 
-def run_op(op: str, s: Shape, B: int):
+def run_op(op: str, s: Shape, B: int, dtype: torch.dtype = torch.bfloat16):
     """Run ``op``'s Triton launcher at shape ``s`` (launches recorded, not run); (launches, torch ops)."""
     from vtprune.triton_kernels import _routed_kernels as RK
     from vtprune.triton_kernels.attention_scores import attention_scores_launch
@@ -105,25 +104,25 @@ def run_op(op: str, s: Shape, B: int):
     scores = torch.rand(B, s.N)  # made outside the dispatch count: the op's input
     with capture_launches() as launches, TorchOps() as mode:
         if op in ("attention_scores", "attention_with_scores"):
-            q = e(B, s.H, s.L, s.d, dtype=BF16)
-            k = e(B, s.Hkv, s.L, s.d, dtype=BF16)
+            q = e(B, s.H, s.L, s.d, dtype=dtype)
+            k = e(B, s.Hkv, s.L, s.d, dtype=dtype)
             qs, ks = spans(s.qspan, B), spans(s.kspan, B)
             common = (qs, ks, s.causal, None, None, s.qspan[1], s.kspan[1])
             if op == "attention_scores":
                 attention_scores_launch(q, k, *common)
             else:
-                attention_with_scores_launch(q, k, e(B, s.Hkv, s.L, s.d, dtype=BF16), *common)
+                attention_with_scores_launch(q, k, e(B, s.Hkv, s.L, s.d, dtype=dtype), *common)
         elif op == "select_and_merge":
-            select_and_merge_launch(scores, e(B, s.N, s.D, dtype=BF16), e(B, s.N, s.dk, dtype=BF16),
+            select_and_merge_launch(scores, e(B, s.N, s.D, dtype=dtype), e(B, s.N, s.dk, dtype=dtype),
                                     s.keep, s.contextual, None)
         elif op == "lowrank_scores":
             L = s.kspan[0] + s.kspan[1] + 39
-            lowrank_scores_launch(e(B, L, s.hidden, dtype=BF16), e(s.hidden, s.rank, dtype=BF16),
-                                  e(s.hidden, s.rank, dtype=BF16), spans(s.kspan, B), None, s.kspan[1])
+            lowrank_scores_launch(e(B, L, s.hidden, dtype=dtype), e(s.hidden, s.rank, dtype=dtype),
+                                  e(s.hidden, s.rank, dtype=dtype), spans(s.kspan, B), None, s.kspan[1])
         elif op == "routed_layer_rows":
             K = s.kspan[0] + s.routed_keep + 39
             L = s.kspan[0] + s.kspan[1] + 39
-            x, w = e(B, L, s.hidden, dtype=BF16), e(s.hidden, dtype=BF16)
+            x, w = e(B, L, s.hidden, dtype=dtype), e(s.hidden, dtype=dtype)
             idx = torch.arange(K).expand(B, K).contiguous()
             a = RK.gather_rmsnorm(x, idx, w, 1e-6)
             RK.gather_add_rmsnorm(x, idx, a, w, 1e-6)
