@@ -101,3 +101,27 @@ def count_below(sorted_ptr, n, value, ITERS: tl.constexpr, SUBTRACT_INDEX: tl.co
         lo = tl.where(right, mid + 1, lo)
         hi = tl.where(active & ~right, mid, hi)
     return lo
+
+
+@triton.jit
+def combined_lse(m_ptr, l_ptr, row0, stride, i, i_ok, SPLIT: tl.constexpr):
+    """Base-2 log-sum-exp of rows ``i`` from ``SPLIT`` partial (max, sum) pairs at ``row0 + s * stride + i``.
+
+    The splits are combined in a fixed order (deterministic); +inf for a row whose splits saw no valid key,
+    so that ``exp2(s - lse)`` is 0 there.
+    """
+    mx = tl.full(i.shape, float("-inf"), tl.float32)
+    for s in tl.static_range(SPLIT):
+        mx = tl.maximum(mx, tl.load(m_ptr + row0 + s * stride + i, mask=i_ok, other=float("-inf")))
+    m_sub = tl.where(mx == float("-inf"), 0.0, mx)
+    total = tl.zeros(i.shape, tl.float32)
+    for s in tl.static_range(SPLIT):
+        ms = tl.load(m_ptr + row0 + s * stride + i, mask=i_ok, other=float("-inf"))
+        total += tl.load(l_ptr + row0 + s * stride + i, mask=i_ok, other=0.0) * tl.exp2(ms - m_sub)
+    return tl.where(total > 0, mx + tl.log2(tl.where(total > 0, total, 1.0)), float("inf"))
+
+
+def split_for(tiles: int, B: int, most: int = 8) -> int:
+    """Splits of a long loop so that ``tiles * B * split`` CTAs cover the 132 SMs of an H100 (at most
+    ``most``); a function of the shape only, so the reduction order, and the result, never vary between runs."""
+    return min(most, pow2(triton.cdiv(132, max(1, tiles * B))))

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from vtprune.reference._common import host_max
-from vtprune.triton_kernels._common import pow2, rows_dot_cols, to_device_i64, upcast_dot
+from vtprune.triton_kernels._common import combined_lse, pow2, rows_dot_cols, split_for, to_device_i64, upcast_dot
 
 LOG2E = 1.4426950408889634
 
@@ -78,16 +78,19 @@ def online_softmax_step(s, m, l):
 
 @triton.jit
 def _row_lse_kernel(
-    q_ptr, k_ptr, kpm_ptr, qspan_ptr, lse_ptr,
+    q_ptr, k_ptr, kpm_ptr, qspan_ptr, lse_ptr, l_ptr,
     sqb, sqh, sql, skb, skh, skl,
     L, D, HKV, R_STRIDE, qk_scale,
-    G: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+    G: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     SMALL_M: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    # grid: (packed-row tiles of the query span, B * Hkv)
+    # grid: (packed-row tiles of the query span, B * Hkv, SPLIT). With SPLIT > 1 (few rows and a long key
+    # range: CLIP's [CLS] row) split s takes key tiles s, s + SPLIT, ... and stores its running max and sum
+    # to lse/l [B * Hkv, SPLIT, R_STRIDE]; pass 2 combines them (combined_lse). SPLIT == 1 stores the LSE.
     m0 = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
     b, kvh = bh // HKV, bh % HKV
     qstart, qcount = tl.load(qspan_ptr + 2 * b), tl.load(qspan_ptr + 2 * b + 1)
     qcount = tl.minimum(qcount, R_STRIDE // G)  # never past the lse buffer, whatever max_query said
@@ -103,30 +106,36 @@ def _row_lse_kernel(
         hi = (last + 1) * (m0 < qcount * G).to(tl.int64)
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
-    for n0 in range(0, hi, BLOCK_N):
+    for n0 in range(split * BLOCK_N, hi, SPLIT * BLOCK_N):
         j = n0 + tl.arange(0, BLOCK_N)
         kok = key_ok(kpm_ptr, b, j, L, HAS_KPM)
         k = load_k_tile(k_ptr, b, kvh, j, j < L, skb, skh, skl, offs_d, D)  # [BLOCK_N, BLOCK_D]
         s = rows_dot_cols(q, k, SMALL_M, IEEE, UPCAST) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
         s = tl.where(allowed_mask(pos, row_ok, j, kok, CAUSAL), s, float("-inf"))
         m, l, _, _ = online_softmax_step(s, m, l)
-    # +inf for a row with no valid key: pass 2's exp2(s - lse) is then 0, the row contributes nothing
-    lse = tl.where(l > 0, m + tl.log2(tl.where(l > 0, l, 1.0)), float("inf"))
-    tl.store(lse_ptr + bh * R_STRIDE + r, lse, mask=row_ok)
+    if SPLIT == 1:
+        # +inf for a row with no valid key: pass 2's exp2(s - lse) is then 0, the row contributes nothing
+        lse = tl.where(l > 0, m + tl.log2(tl.where(l > 0, l, 1.0)), float("inf"))
+        tl.store(lse_ptr + bh * R_STRIDE + r, lse, mask=row_ok)
+    else:
+        out = (bh * SPLIT + split) * R_STRIDE + r
+        tl.store(lse_ptr + out, m, mask=row_ok)
+        tl.store(l_ptr + out, l, mask=row_ok)
 
 
 @triton.jit
 def column_scores_kernel(
-    q_ptr, k_ptr, kpm_ptr, qspan_ptr, kspan_ptr, lse_ptr, part_ptr,
+    q_ptr, k_ptr, kpm_ptr, qspan_ptr, kspan_ptr, lse_ptr, l_ptr, part_ptr,
     sqb, sqh, sql, skb, skh, skl,
     L, D, HKV, R_STRIDE, KM, qk_scale, inv_heads,
     G: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, LSE_ABSOLUTE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    LSE_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     SMALL_M: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Pass 2: partial column sums ``part[b, kv, n]`` of the KV group's heads, already divided by H |Qs|.
 
-    ``lse`` is packed like the query rows; ``LSE_ABSOLUTE`` means it covers every position (the flash forward
+    ``lse`` is packed like the query rows (with ``LSE_SPLIT > 1``: pass 1's partial max in ``lse`` and sums
+    in ``l``, combined on load); ``LSE_ABSOLUTE`` means it covers every position (the flash forward
     of attention_with_scores) rather than the query span only.
     """
     # grid: (key tiles of the key span, B * Hkv)
@@ -158,7 +167,10 @@ def column_scores_kernel(
         lse_row = r
         if LSE_ABSOLUTE:
             lse_row = pos * G + r % G
-        lse = tl.load(lse_ptr + bh * R_STRIDE + lse_row, mask=row_ok, other=float("inf"))
+        if LSE_SPLIT == 1:
+            lse = tl.load(lse_ptr + bh * R_STRIDE + lse_row, mask=row_ok, other=float("inf"))
+        else:
+            lse = combined_lse(lse_ptr, l_ptr, bh * LSE_SPLIT * R_STRIDE, R_STRIDE, lse_row, row_ok, LSE_SPLIT)
         s = rows_dot_cols(q, k, SMALL_M, IEEE, UPCAST) * qk_scale  # [BLOCK_M, BLOCK_N]
         p = tl.exp2(s - lse[:, None])
         acc += tl.sum(tl.where(allowed_mask(pos, row_ok, j, kok, CAUSAL), p, 0.0), axis=0)
@@ -211,8 +223,12 @@ def kpm_bytes(key_padding_mask: torch.Tensor | None) -> torch.Tensor | None:
     return None if key_padding_mask is None else key_padding_mask.contiguous().view(torch.uint8)
 
 
-def column_scores(q, k, kpm, qspans, kspans, lse, lse_absolute, max_query, max_key, qk_scale, causal):
-    """Launch pass 2 and reduce the KV heads' partials: float32 [B, max_key]."""
+def column_scores(q, k, kpm, qspans, kspans, lse, lse_absolute, max_query, max_key, qk_scale, causal,
+                  lsum=None):
+    """Launch pass 2 and reduce the KV heads' partials: float32 [B, max_key].
+
+    ``lsum`` given: ``lse`` and ``lsum`` are pass 1's split partials [B, Hkv, SPLIT, R] (max, sum).
+    """
     B, H, L, d = q.shape
     hkv = k.shape[1]
     G = H // hkv
@@ -220,10 +236,11 @@ def column_scores(q, k, kpm, qspans, kspans, lse, lse_absolute, max_query, max_k
     cfg = tile_config(G * max_query, d, q.dtype)
     grid = (triton.cdiv(max_key, cfg["BLOCK_N"]), B * hkv)
     column_scores_kernel[grid](
-        q, k, kpm, qspans, kspans, lse, part,
+        q, k, kpm, qspans, kspans, lse, lse if lsum is None else lsum, part,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         L, d, hkv, lse.shape[-1], max_key, qk_scale, 1.0 / H,
-        G=G, LSE_ABSOLUTE=lse_absolute, **kernel_flags(q, causal, kpm), **cfg,
+        G=G, LSE_ABSOLUTE=lse_absolute, LSE_SPLIT=1 if lsum is None else lse.shape[2],
+        **kernel_flags(q, causal, kpm), **cfg,
     )
     return part.sum(1) if hkv > 1 else part.view(B, max_key)
 
@@ -240,15 +257,19 @@ def attention_scores_launch(q, k, query_spans, key_spans, causal, key_padding_ma
     qk_scale = (q.shape[-1] ** -0.5 if scale is None else scale) * LOG2E
     check_max_counts(query_spans, key_spans, max_query, max_key)
     rows = G * max_query
-    lse = torch.empty(B, hkv, rows, dtype=torch.float32, device=q.device)  # [B, Hkv, G * Qmax] packed
     cfg = tile_config(rows, d, q.dtype)
-    _row_lse_kernel[(triton.cdiv(rows, cfg["BLOCK_M"]), B * hkv)](
-        q, k, kpm, qspans, lse,
+    row_tiles = triton.cdiv(rows, cfg["BLOCK_M"])
+    # few row tiles over a long key range (CLIP's [CLS] row: 16 CTAs x 19 key tiles): split the keys
+    split = split_for(row_tiles * hkv, B, 16) if triton.cdiv(L, cfg["BLOCK_N"]) >= 4 else 1
+    lse = torch.empty(B, hkv, split, rows, dtype=torch.float32, device=q.device)  # [B, Hkv, S, G * Qmax]
+    lsum = torch.empty_like(lse) if split > 1 else None
+    _row_lse_kernel[(row_tiles, B * hkv, split)](
+        q, k, kpm, qspans, lse, lse if lsum is None else lsum,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         L, d, hkv, rows, qk_scale,
-        G=G, **kernel_flags(q, causal, kpm), **cfg,
+        G=G, SPLIT=split, **kernel_flags(q, causal, kpm), **cfg,
     )
-    return column_scores(q, k, kpm, qspans, kspans, lse, False, max_query, max_key, qk_scale, causal)
+    return column_scores(q, k, kpm, qspans, kspans, lse, False, max_query, max_key, qk_scale, causal, lsum)
 
 
 def attention_scores(q, k, *, query_spans, key_spans, causal, key_padding_mask=None, scale=None):

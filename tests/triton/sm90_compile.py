@@ -1,88 +1,63 @@
-"""Compile the Triton kernels for a GPU target without a GPU and report each kernel's resources.
+"""Compile every Triton kernel for a GPU target without a GPU, as a launch would, and report its resources.
 
-Run as a script (``python tests/triton/sm90_compile.py [arch]``) in a process where TRITON_INTERPRET is unset:
-the kernels are compiled through Triton's NVIDIA backend and the ptxas bundled with the triton wheel, with the
-launch configurations the launchers use at the benchmark shapes, and ``cuobjdump`` reads back registers,
-stack (spills) and shared memory. Prints one JSON object per kernel on stdout. Lowering errors (a construct
-the GPU compiler rejects while the interpreter accepts it) and register spills show up here on any machine.
+Run as a script (``python tests/triton/sm90_compile.py [arch]``) in a process where TRITON_INTERPRET is unset.
+Each op's launcher runs on CPU tensors of the benchmark shapes while its launches are recorded, not run
+(``benchmarks/_triton_sm90.py``); every recorded launch is compiled through Triton's NVIDIA backend with the
+specialisation the JIT computes at launch (16-byte pointer alignment, integer divisibility, ints equal to 1
+as constants) and the ptxas bundled with the triton wheel. Prints one JSON object per distinct build on
+stdout: registers, spills (stack + local bytes), shared memory, tensor-core and async-copy instructions.
+Lowering errors (a construct the GPU compiler rejects while the interpreter accepts it) and register
+spills show up here on any machine.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
-import subprocess
 import sys
-import tempfile
+from dataclasses import replace
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     sys.exit("unset TRITON_INTERPRET: the kernels must be compiled, not interpreted")
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from vtprune.triton_kernels import attention_scores as A  # noqa: E402
-from vtprune.triton_kernels import attention_with_scores as W  # noqa: E402
-from vtprune.triton_kernels import contextual_merge as M  # noqa: E402
-from vtprune.triton_kernels import topk_keep_order as T  # noqa: E402
+import torch  # noqa: E402
+
+from benchmarks._triton_sm90 import compile_launch  # noqa: E402
+from benchmarks.kernel_report import SHAPES, ops_for, run_op  # noqa: E402
 
 TL = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-LAUNCH = ("num_warps", "num_stages")
 
 
-def compile_one(fn, arg_types: dict, constexprs: dict, arch: int) -> dict:
-    """Compile ``fn``; arguments not in ``constexprs`` take their type from ``arg_types`` (default i32)."""
-    names = [p.name for p in fn.params]
-    consts = {k: v for k, v in constexprs.items() if k not in LAUNCH}
-    signature = {n: "constexpr" if n in consts else arg_types.get(n, "i32") for n in names}
-    src = ASTSource(fn, signature, constexprs={(names.index(k),): v for k, v in consts.items()})
-    options = {k: constexprs[k] for k in LAUNCH if k in constexprs}
-    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
-        f.flush()
-        tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-        usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-    fields = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", usage))
-    return dict(kernel=fn.__name__, regs=int(fields["REG"]), stack=int(fields["STACK"]),
-                local=int(fields["LOCAL"]), dynamic_smem=kernel.metadata.shared,
-                config={k: v for k, v in constexprs.items()})
-
-
-def attention_jobs(dtype):
-    t = TL[dtype]
-    ptrs = dict(q_ptr=f"*{t}", k_ptr=f"*{t}", v_ptr=f"*{t}", out_ptr=f"*{t}", kpm_ptr="*u8", qspan_ptr="*i64",
-                kspan_ptr="*i64", lse_ptr="*fp32", part_ptr="*fp32", qk_scale="fp32", inv_heads="fp32")
-    flags = dict(CAUSAL=True, HAS_KPM=True, IEEE=dtype == torch.float32, UPCAST=False)
-    # (rows, d, G): LLaVA-1.5 span, Qwen2.5-VL GQA 28/4 (image span; last token), CLIP [CLS] row, d = 256
-    for rows, d, G in ((576, 128, 1), (7 * 3840, 128, 7), (7, 128, 7), (1, 64, 1), (576, 256, 1)):
-        cfg = dict(A.tile_config(rows, d, dtype), G=G, **flags)
-        yield A._row_lse_kernel, ptrs, cfg
-        yield A.column_scores_kernel, ptrs, dict(cfg, LSE_ABSOLUTE=False)
-    for L, d, G in ((650, 128, 1), (4096, 128, 7), (577, 64, 1), (300, 256, 1)):
-        yield W._attention_fwd_kernel, ptrs, dict(W.forward_config(G * L, d, d, dtype), G=G, **flags)
-
-
-def merge_jobs(dtype):
-    t = TL[dtype]
-    ptrs = dict(metric_ptr=f"*{t}", x_ptr=f"*{t}", out_ptr=f"*{t}", keep_ptr="*i64", lengths_ptr="*i64",
-                assign_ptr="*i32", target_ptr="*i64", order_ptr="*i64", offsets_ptr="*i64", eps="fp32")
-    for dk in (64, 128):
-        yield M._assign_kernel, ptrs, dict(M.assign_config(dk), HAS_LENGTHS=True, KEEP_ITERS=9)
-    yield M._pack_kernel, ptrs, dict(M.pack_config(4096), ROUND_BY_HAND=False)
-    for N in (576, 4096, 16384):
-        yield T._topk_kernel, dict(scores_ptr=f"*{t}", lengths_ptr="*i64", out_ptr="*i64"), \
-            dict(T.topk_config(N), HAS_LENGTHS=True)
+def jobs():
+    """(shape name, batch, dtype, op): bf16 (the GPU dtype) at every benchmark shape and batch 1 and 8;
+    fp16 and float32 at the LLaVA and CLIP shapes; head dim 256 (the largest the kernels take)."""
+    shapes = dict(SHAPES, llava_d256=replace(SHAPES["llava"], d=256, H=16, Hkv=16))
+    for name, s in shapes.items():
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            if dtype != torch.bfloat16 and name not in ("clip", "llava", "llava_d256"):
+                continue
+            for batch in (1, 8) if dtype == torch.bfloat16 and name in SHAPES else (1,):
+                for op in ops_for(s):
+                    yield name, s, batch, dtype, op
 
 
 def main() -> None:
     arch = int(sys.argv[1]) if len(sys.argv) > 1 else 90
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        for fn, types, cfg in (*attention_jobs(dtype), *merge_jobs(dtype)):
-            print(json.dumps(dict(compile_one(fn, types, cfg, arch), dtype=TL[dtype], arch=arch)), flush=True)
+    seen = set()
+    for name, s, batch, dtype, op in jobs():
+        launches, _ = run_op(op, s, batch, dtype)
+        for launch in launches:
+            b = compile_launch(launch, arch)
+            key = (b.kernel, json.dumps(b.constexprs, sort_keys=True, default=str), TL[dtype], b.num_warps)
+            if key in seen:
+                continue
+            seen.add(key)
+            print(json.dumps(dict(kernel=b.kernel, op=op, shape=name, batch=batch, dtype=TL[dtype], arch=arch,
+                                  regs=b.regs, spill_bytes=b.spill_bytes, smem_bytes=b.smem_bytes,
+                                  tensor_cores=b.tensor_cores, async_copies=b.async_copies,
+                                  num_warps=b.num_warps, config=b.constexprs), default=str), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,234 @@
+"""Analytic cost of each Triton kernel launch and a roofline time at H100 SXM peaks (all figures *predicted*).
+
+Per launch the model counts, from the recorded launch arguments (spans, sizes, tile constexprs), the work the
+kernel really does tile by tile (causal skipping and span bounds included): tensor-core FLOPs, CUDA-core FLOPs,
+exponentials, unique HBM bytes (re-reads are assumed to hit the 50 MB L2) and loop iterations per CTA. The
+predicted time is a fixed per-launch overhead plus the largest of:
+
+* tensor-core, CUDA-core, MUFU (exp2) and HBM time, each at its peak times the fraction of SMs the grid
+  occupies (a grid below 132 CTAs leaves SMs idle; HBM saturates from 66 busy SMs);
+* issue time: SASS instructions executed (loop body x iterations x warps, see ``_triton_sm90``) at 4 warp
+  instructions per clock per busy SM;
+* the critical path: the longest CTA's iterations, each at least its loop body's issue time for its warps,
+  plus one memory latency per iteration when the loop has no asynchronous copies (loads not pipelined).
+"""
+
+from __future__ import annotations
+
+import math
+
+SMS = 132
+CLOCK = 1.83e9  # Hz, H100 SXM sustained boost
+PEAK = dict(bf16=989e12, tf32=494e12, fp32=67e12)  # dense FLOP/s: tensor cores bf16/fp16, TF32; FP32 FMA
+EXP_RATE = SMS * 16 * CLOCK  # MUFU ex2 results per second (16 per clock per SM)
+HBM = 3.35e12  # bytes/s
+LAUNCH_US = 1.5  # launch, ramp-up and tail of one kernel on the GPU timeline
+MEM_LATENCY_US = 0.4  # one dependent DRAM/L2 round trip in a loop without async copies
+TORCH_OP_US = 3.0  # a small PyTorch kernel between the Triton launches (reduction, copy, arange)
+TORCH_SORT_US = 8.0  # torch.sort / searchsorted of a [B, N] row (several kernels)
+PEAKS_TEXT = (f"H100 SXM: {SMS} SMs at {CLOCK / 1e9:.2f} GHz, bf16 tensor {PEAK['bf16'] / 1e12:.0f} TFLOP/s, "
+              f"TF32 {PEAK['tf32'] / 1e12:.0f}, FP32 FMA {PEAK['fp32'] / 1e12:.0f}, exp2 {EXP_RATE / 1e12:.2f} T/s "
+              f"(16/clk/SM), HBM {HBM / 1e12:.2f} TB/s, {LAUNCH_US} us per launch, "
+              f"{MEM_LATENCY_US} us per unpipelined loop iteration, 4 warp-instructions/clk/SM")
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def ctas_per_sm(regs: int, smem: int, num_warps: int) -> int:
+    """Resident CTAs per SM on sm_90: registers (per-warp allocation in 256-register units), shared memory
+    (228 KiB, 1 KiB reserved per CTA), 64 warps and 32 CTAs."""
+    per_warp = cdiv(max(regs, 1) * 32, 256) * 256
+    by_regs = (65536 // per_warp) // num_warps
+    by_smem = (233472 // (smem + 1024)) if smem else 32
+    return max(0, min(by_regs, by_smem, 64 // num_warps, 32))
+
+
+def time_us(cost: dict, build, grid_ctas: int) -> dict:
+    """Predicted microseconds of one launch and the bound that sets it."""
+    busy = min(SMS, grid_ctas) / SMS
+    mem_busy = min(1.0, min(SMS, grid_ctas) / (SMS / 2))
+    w = build.num_warps
+    insts = cost["iters_total"] * build.loop_instructions * w + grid_ctas * w * build.sass_instructions
+    terms = {
+        "tensor": cost.get("flops_tc", 0) / (PEAK[cost.get("tc_kind", "bf16")] * busy),
+        "fp32": cost.get("flops_fp32", 0) / (PEAK["fp32"] * busy),
+        "exp": cost.get("exps", 0) / (EXP_RATE * busy),
+        "hbm": cost["bytes"] / (HBM * mem_busy),
+        "issue": insts / (4 * CLOCK * SMS * busy),
+        "chain": (cost["iters_max"] * (build.loop_instructions * max(1.0, w / 4) / CLOCK
+                                       + (0 if build.async_copies else MEM_LATENCY_US * 1e-6))
+                  + build.sass_instructions * max(1.0, w / 4) / CLOCK),
+    }
+    bound = max(terms, key=terms.get)
+    return dict(predicted_us=LAUNCH_US + terms[bound] * 1e6, bound=bound,
+                terms_us={k: round(v * 1e6, 2) for k, v in terms.items()})
+
+
+def _spans(t, b):
+    return int(t[b, 0]), int(t[b, 1])
+
+
+def _iters(per_cta: list[int]) -> dict:
+    return dict(iters_total=sum(per_cta), iters_max=max(per_cta, default=0))
+
+
+def attn_row_lse(a: dict, c: dict) -> dict:
+    q, qs = a["q_ptr"], a["qspan_ptr"]
+    B, G, BM, BN, BD = q.shape[0], c["G"], c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_D"]
+    hkv, L, es = a["HKV"], a["L"], q.element_size()
+    per = []
+    for b in range(B):
+        qstart, qcount = _spans(qs, b)
+        for m0 in range(0, G * qs[:, 1].max().item(), BM):
+            last = qstart + min(qcount - 1, (m0 + BM - 1) // G)
+            hi = (last + 1 if c["CAUSAL"] else L) if m0 < qcount * G else 0
+            per += [cdiv(hi, BN)] * hkv
+    n = sum(per)
+    dot = dict(flops_fp32=2 * n * BM * BN * BD) if c["SMALL_M"] else dict(flops_tc=2 * n * BM * BN * BD)
+    rows = int(qs[:, 1].sum()) * G * hkv
+    return dict(dot, exps=n * BM * BN, bytes=rows * a["D"] * es + B * hkv * L * a["D"] * es + rows * 4, **_iters(per))
+
+
+def attn_columns(a: dict, c: dict) -> dict:
+    q, qs, ks = a["q_ptr"], a["qspan_ptr"], a["kspan_ptr"]
+    B, G, BM, BN, BD = q.shape[0], c["G"], c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_D"]
+    hkv, es = a["HKV"], q.element_size()
+    per = []
+    for b in range(B):
+        qstart, qcount = _spans(qs, b)
+        kstart, kcount = _spans(ks, b)
+        for n0 in range(0, a["KM"], BN):
+            r_hi = qcount * G if n0 < kcount else 0
+            r_lo = max(kstart + n0 - qstart, 0) * G if c["CAUSAL"] else 0
+            per += [max(0, cdiv(r_hi - r_lo, BM))] * hkv
+    n = sum(per)
+    dot = dict(flops_fp32=2 * n * BM * BN * BD) if c["SMALL_M"] else dict(flops_tc=2 * n * BM * BN * BD)
+    rows, keys = int(qs[:, 1].sum()) * G * hkv, int(ks[:, 1].sum()) * hkv
+    return dict(dot, exps=n * BM * BN, bytes=(rows + keys) * a["D"] * es + rows * 4 + B * hkv * a["KM"] * 4,
+                **_iters(per))
+
+
+def attn_forward(a: dict, c: dict) -> dict:
+    q, k = a["q_ptr"], a["k_ptr"]
+    B, H, L, d = q.shape
+    BM, BN, BD, BDV = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_D"], c["BLOCK_DV"]
+    per = [cdiv(min(L, m0 + BM) if c["CAUSAL"] else L, BN) for m0 in range(0, L, BM)] * (B * H)
+    n = sum(per)
+    es = q.element_size()
+    key = "flops_fp32" if c["IEEE"] else "flops_tc"
+    return {key: 2 * n * BM * BN * (BD + BDV), "exps": n * BM * BN,
+            "bytes": 2 * B * H * L * d * es + 2 * k.numel() * es + B * H * L * 4, **_iters(per)}
+
+
+def topk(a: dict, c: dict) -> dict:
+    s = a["scores_ptr"]
+    B, N = s.shape
+    tiles = cdiv(N, c["BLOCK"])
+    per = [tiles * (1 if c["SINGLE"] else 5)] * B
+    return dict(bytes=s.numel() * s.element_size() + B * a["K"] * 8, **_iters(per))
+
+
+def assign(a: dict, c: dict) -> dict:
+    m = a["metric_ptr"]
+    B, N, DK = m.shape
+    C, BM, BC, BK = a["C"], c["BLOCK_M"], c["BLOCK_C"], c["BLOCK_K"]
+    per = [cdiv(C, BC) * cdiv(DK, BK)] * (cdiv(N, BM) * B)
+    return dict(flops_fp32=2 * sum(per) * BM * BC * BK, bytes=m.numel() * m.element_size() + B * N * 4, **_iters(per))
+
+
+def pack(a: dict, c: dict) -> dict:
+    x = a["x_ptr"]
+    B, N, D = x.shape
+    K, C = a["K"], a["C"]
+    members = max(0, N - K - C) / max(C, 1)
+    d_tiles = cdiv(D, c["BLOCK_D"])
+    per = ([1] * K + [cdiv(math.ceil(members), c["BLOCK_J"])] * C) * d_tiles * B
+    return dict(bytes=B * (N + K + C) * D * x.element_size(), **_iters(per))
+
+
+def project(a: dict, c: dict) -> dict:
+    h, w = a["h_ptr"], a["w_ptr"]
+    M, D, R = a["M"], a["D"], a["R"]
+    per = [cdiv(D, c["BLOCK_K"])] * (cdiv(M, c["BLOCK_M"]) * cdiv(R, c["BLOCK_R"]))
+    kind = "fp32" if c["IEEE"] else "bf16"
+    flops = {"flops_fp32" if kind == "fp32" else "flops_tc": 2 * M * D * R}
+    n_out = a["out_ptr"].numel() if "out_ptr" in a else M * R
+    return dict(flops, bytes=M * D * h.element_size() + w.numel() * w.element_size() * (2 if w.dim() == 3 else 1)
+                + n_out * a["out_ptr"].element_size(), **_iters(per))
+
+
+def _lowrank_dot(a, c, n_tiles, per):
+    R, BM, BN = a["R"], c["BLOCK_M"], c["BLOCK_N"]
+    tf = c.get("DOT") or ("ieee" if c["IEEE"] else "tf32x3")
+    flops = 2 * n_tiles * BM * BN * R
+    if tf == "ieee":
+        return dict(flops_fp32=flops)
+    if tf == "tf32x3":
+        return dict(flops_tc=3 * flops, tc_kind="tf32")
+    return dict(flops_tc=flops)
+
+
+def lowrank_lse(a: dict, c: dict) -> dict:
+    sp = a["span_ptr"]
+    B, L, R, BM, BN = sp.shape[0], a["L"], a["R"], c["BLOCK_M"], c["BLOCK_N"]
+    per = []
+    for b in range(B):
+        vstart = int(sp[b, 0])
+        per += [cdiv(min(m0 + BM, L), BN) * cdiv(R, c["BLOCK_R"]) if m0 + BM > vstart else 0
+                for m0 in range(0, L, BM)]
+    n = sum(per) // cdiv(R, c["BLOCK_R"])
+    es = a["a_ptr"].element_size()
+    return dict(_lowrank_dot(a, c, n, per), exps=n * BM * BN, bytes=2 * B * L * R * es + B * L * 4, **_iters(per))
+
+
+def lowrank_columns(a: dict, c: dict) -> dict:
+    sp = a["span_ptr"]
+    B, L, R, BM, BN, VM = sp.shape[0], a["L"], a["R"], c["BLOCK_M"], c["BLOCK_N"], a["VM"]
+    per = []
+    for b in range(B):
+        vstart, vcount = _spans(sp, b)
+        per += [cdiv(L - vstart - n0, BM) * cdiv(R, c["BLOCK_R"]) if n0 < vcount else 0 for n0 in range(0, VM, BN)]
+    n = sum(per) // cdiv(R, c["BLOCK_R"])
+    es = a["a_ptr"].element_size()
+    return dict(_lowrank_dot(a, c, n, per), exps=n * BM * BN, bytes=2 * B * L * R * es + B * L * 4 + B * VM * 4,
+                **_iters(per))
+
+
+def routed(reads_writes: int):
+    def cost(a: dict, c: dict) -> dict:
+        x = a["x_ptr"]
+        rows = a["idx_ptr"].numel()
+        return dict(bytes=reads_writes * rows * a["D"] * x.element_size(), iters_total=0, iters_max=0)
+    return cost
+
+
+MODELS = {
+    "attention_scores._row_lse_kernel": attn_row_lse,
+    "attention_scores.column_scores_kernel": attn_columns,
+    "attention_with_scores._attention_fwd_kernel": attn_forward,
+    "topk_keep_order._topk_kernel": topk,
+    "contextual_merge._assign_kernel": assign,
+    "contextual_merge._pack_kernel": pack,
+    "lowrank_scores._project_kernel": project,
+    "lowrank_scores._row_lse_kernel": lowrank_lse,
+    "lowrank_scores._visual_columns_kernel": lowrank_columns,
+    "_routed_kernels.gather_rmsnorm_kernel": routed(2),
+    "_routed_kernels.gather_add_rmsnorm_kernel": routed(4),
+    "_routed_kernels.add_scatter_kernel": routed(3),
+}
+
+
+def kernel_key(fn) -> str:
+    return f"{fn.__module__.rsplit('.', 1)[-1]}.{fn.__name__}"
+
+
+def launch_cost(launch, build) -> dict:
+    """Cost terms and predicted time of one recorded launch (see the module docstring)."""
+    args = dict(zip([p.name for p in launch.fn.params], launch.args))
+    args.update({k: v for k, v in launch.kwargs.items()})
+    cost = MODELS[kernel_key(launch.fn)](args, args)
+    out = dict(flops=cost.get("flops_tc", 0) + cost.get("flops_fp32", 0), bytes=cost["bytes"],
+               exps=cost.get("exps", 0), iters_max=cost["iters_max"])
+    return dict(out, **time_us(cost, build, launch.grid_ctas))
