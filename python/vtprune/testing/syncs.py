@@ -7,9 +7,9 @@ module finds the same class of events without a GPU, so CI can hold the host pat
 How it works
 ------------
 A *simulated device* stands in for the accelerator. Tensors on it are :class:`DeviceTensor` instances: their
-``device`` is torch's ``meta`` device type (any non-CPU device type makes code take its accelerator paths;
-``meta`` is the one every torch build can guard without a GPU) and their values live in an ordinary CPU
-tensor, so every computation runs for real and gives real results. Ordinary CPU tensors are *host*
+``device`` is torch's ``lazy`` device type (a non-CPU device type, so code takes its accelerator paths, that
+CPU-only torch builds can guard; ``meta`` would also work but code may treat meta tensors as value-less) and
+their values live in an ordinary CPU tensor, so every computation runs for real and gives real results. Ordinary CPU tensors are *host*
 tensors. While a :class:`SyncCounter` is active (a ``TorchDispatchMode``) every aten op is classified:
 
 * **Device results.** An op with a device tensor among its inputs, or a factory call with
@@ -65,7 +65,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten, tree_map
 
-DEVICE = torch.device("meta")  # the simulated accelerator's device (see the module docstring)
+DEVICE = torch.device("lazy")  # the simulated accelerator's device (see the module docstring)
 _CPU = torch.device("cpu")
 _HERE = os.path.abspath(__file__)
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
@@ -98,7 +98,7 @@ class Sync:
 
 
 class DeviceTensor(torch.Tensor):
-    """A tensor on the simulated device (``.device`` is ``meta``); its values are in the CPU tensor ``.data_``."""
+    """A tensor on the simulated device (``.device`` is ``lazy``); its values are in the CPU tensor ``.data_``."""
 
     data_: torch.Tensor
 
