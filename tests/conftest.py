@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="needs a CUDA device (none visible); runs where a GPU is, e.g. benchmarks/gpu_session.sh")
+    skip = pytest.mark.skip(reason="needs a CUDA device (none visible); benchmarks/gpu_session.sh runs these")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
