@@ -252,11 +252,14 @@ def launches(op: str, s: Shape, B: int) -> list[dict]:
                bytes=B * (s.H * qc * s.d * 2 + s.Hkv * kc * s.d * 2 + s.H * (qc + kc) * 4),
                exps=column_pairs(s, s.qspan, s.kspan, s.causal) * s.H * B)
     if op == "attention_scores":
-        if qc == 1:  # the [CLS] row: one fused block per (head, batch row)
-            single = dict(kernel=f"vtprune::attn::single_query_kernel<{_bf16(kd)}>", ctas=s.H * B, smem=0,
-                          flops=2 * 2 * s.d * s.L * s.H * B, bytes=B * s.Hkv * s.L * s.d * 2,
-                          exps=2 * s.L * s.H * B)
-            return [single, fin]
+        if qc == 1:  # the [CLS] row: a thread per key, then the heads' lse and the scores
+            logits = dict(kernel=f"vtprune::attn::single_query_logits_kernel<{_bf16(kd)}>",
+                          ctas=tiles(s.L) * s.H * B, smem=0, flops=2 * s.d * s.L * s.H * B,
+                          bytes=B * (s.Hkv * s.L * s.d * 2 + s.H * kc * 4), exps=s.L * s.H * B)
+            finish = dict(kernel="vtprune::attn::single_query_finish_kernel<256>",
+                          ctas=tiles(kc, FINALIZE_THREADS) * B, smem=s.H * 4, flops=0,
+                          bytes=B * (s.H * kc * 4 + kc * 4), exps=s.H * kc * B)
+            return [logits, finish]
         pairs = row_pairs(s, qs, qc, s.causal) * s.H * B
         row = dict(kernel=f"vtprune::attn::row_pass_mma_kernel<{_bf16(kd)}, false>", ctas=tiles(qc) * s.H * B,
                    smem=3 * tile_b + 2 * TILE, flops=2 * s.d * pairs,

@@ -15,15 +15,17 @@ PYBIND11_MODULE(_C, m) {
         py::call_guard<py::gil_scoped_release>(),
         "out[b] = positions of the k highest scores[b, :lengths[b]] in ascending order. scores "
         "[B, n] float32, lengths [B] int64 or 0, out [B, k] int64; all contiguous on one device.");
-  m.def("attention_scores", &vtprune::attention_scores, py::arg("q"), py::arg("k"),
-        py::arg("query_spans"), py::arg("key_spans"), py::arg("key_padding_mask"), py::arg("lse"),
-        py::arg("partial"), py::arg("out"), py::arg("batch"), py::arg("heads"), py::arg("kv_heads"),
-        py::arg("length"), py::arg("head_dim"), py::arg("max_queries"), py::arg("max_keys"),
-        py::arg("scale"), py::arg("causal"), py::arg("dtype"), py::arg("stream"),
-        py::call_guard<py::gil_scoped_release>(),
-        "out[b] = column attention scores of the key span (DESIGN 3.1). q [B, H, L, d], k [B, Hkv, "
-        "L, d]; workspaces lse float [B, H, max_queries], partial float [B, H, max_keys]; out "
-        "float [B, max_keys]; dtype 0 fp32, 1 fp16, 2 bf16.");
+  m.def(
+      "attention_scores", &vtprune::attention_scores, py::arg("q"), py::arg("k"),
+      py::arg("query_spans"), py::arg("key_spans"), py::arg("key_padding_mask"), py::arg("lse"),
+      py::arg("partial"), py::arg("out"), py::arg("batch"), py::arg("heads"), py::arg("kv_heads"),
+      py::arg("length"), py::arg("head_dim"), py::arg("max_queries"), py::arg("max_keys"),
+      py::arg("scale"), py::arg("causal"), py::arg("dtype"), py::arg("stream"),
+      py::call_guard<py::gil_scoped_release>(),
+      "out[b] = column attention scores of the key span (DESIGN 3.1). q [B, H, L, d], k [B, Hkv, "
+      "L, d]; workspaces lse float [B, H, max(max_queries, 2 ceil(L / 64))], partial float [B, H, "
+      "max_keys]; out "
+      "float [B, max_keys]; dtype 0 fp32, 1 fp16, 2 bf16.");
   m.def("attention_with_scores", &vtprune::attention_with_scores, py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("query_spans"), py::arg("key_spans"), py::arg("key_padding_mask"),
         py::arg("out"), py::arg("lse"), py::arg("partial"), py::arg("scores"), py::arg("batch"),

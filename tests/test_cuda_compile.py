@@ -95,7 +95,7 @@ def _report():
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
 def test_kernels_do_not_spill(arch):
     kernels = _report().kernel_table(arch, sass=False)
-    for prefix in ("attn::row_lse_kernel", "attn::column_sum_kernel", "attn::single_query_kernel",
+    for prefix in ("attn::row_lse_kernel", "attn::column_sum_kernel", "attn::single_query_logits_kernel",
                    "attn::flash_forward_kernel", "attn::row_pass_mma_kernel", "attn::column_sum_mma_kernel",
                    "merge::merge_assign_kernel", "merge::merge_output_kernel", "topk_keep_order_kernel",
                    "routed::routed_row_kernel"):

@@ -145,20 +145,28 @@ void attention_scores(std::uintptr_t q, std::uintptr_t k, std::uintptr_t query_s
   args.vec = (head_dim * elem) % 16 == 0 && q % 16 == 0 && k % 16 == 0;
   const auto s = reinterpret_cast<cudaStream_t>(stream);
 
-  if (max_queries == 1) {  // every row has one query (CLIP's [CLS]): fused single-row kernel
-    const dim3 grid(args.H, args.B);
+  VTPRUNE_CHECK(lse != 0, "attention_scores: lse workspace pointer is null");
+  if (max_queries == 1 && heads <= kSingleMaxHeads) {
+    // Every row has one query (CLIP's [CLS]): a thread per key, then one finishing kernel. The lse
+    // workspace holds each 64-key chunk's (max, sum) here: [B, H, 2 ceil(L / 64)].
+    args.lse_stride = 2 * single_query_chunks(args.L);
+    const dim3 grid(static_cast<unsigned>(single_query_chunks(args.L)), args.H, args.B);
     dispatch_dtype(dtype, "attention_scores", [&](auto tag) {
       using T = decltype(tag);
       dispatch_head_dim(args.d, "attention_scores", "head dim d", [&](auto dim) {
-        single_query_kernel<T, decltype(dim)::value><<<grid, kSingleThreads, 0, s>>>(args);
+        single_query_logits_kernel<T, decltype(dim)::value><<<grid, kSingleKeys, 0, s>>>(args);
       });
     });
     VTPRUNE_CUDA_CHECK(cudaGetLastError());
-  } else {
-    VTPRUNE_CHECK(lse != 0, "attention_scores: lse workspace pointer is null");
-    launch_row_lse(args, dtype, s);
-    launch_column_sums(args, dtype, false, s);
+    constexpr int kFinish = 256;
+    const dim3 finish_grid(tiles(args.Km, kFinish), args.B);
+    single_query_finish_kernel<kFinish>
+        <<<finish_grid, kFinish, args.H * sizeof(float), s>>>(args, reinterpret_cast<float*>(out));
+    VTPRUNE_CUDA_CHECK(cudaGetLastError());
+    return;
   }
+  launch_row_lse(args, dtype, s);
+  launch_column_sums(args, dtype, false, s);
   launch_finalize(args, reinterpret_cast<float*>(out), 0, s);
 }
 

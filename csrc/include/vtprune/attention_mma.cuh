@@ -112,6 +112,27 @@ __device__ __forceinline__ void cp_tile(T* smem, const T* __restrict__ base, int
   }
 }
 
+// acc[nt][*] += A (16 x 16, the warp's ldmatrix row address a_row) . B (16 x 64). B from shared
+// memory as 4 ldmatrix x4 loads of two 8-column slices each, `np_stride` elements apart: kTransB
+// false for B stored [n][k] (keys as rows), true for B stored [k][n] (ldmatrix.trans).
+template <typename T, bool kTransB>
+__device__ __forceinline__ void mma_16x64(float (&acc)[8][4], const T* a_row, const T* b_row,
+                                          int np_stride) {
+  unsigned a[4];
+  ldmatrix_x4(a, a_row);
+#pragma unroll
+  for (int np = 0; np < 4; ++np) {
+    unsigned b[4];
+    if constexpr (kTransB) {
+      ldmatrix_x4_trans(b, b_row + np * np_stride);
+    } else {
+      ldmatrix_x4(b, b_row + np * np_stride);
+    }
+    mma16816<T>(acc[2 * np], a, b[0], b[1]);
+    mma16816<T>(acc[2 * np + 1], a, b[2], b[3]);
+  }
+}
+
 // s[nt][*] = the warp's 16 rows of sA . (64 rows of sB)^T over the first `steps` 16-wide k slices.
 // sA points at the warp's first row; both tiles are [rows][tile_ld] 16-bit.
 template <typename T, int kD>
@@ -129,15 +150,7 @@ __device__ __forceinline__ void qk_warp(const T* sA, const T* sB, int steps, flo
 #pragma unroll
   for (int kk = 0; kk < kD / 16; ++kk) {
     if (kk >= steps) break;  // a head dim of 80 in a 128 tile runs 5 slices, not 8
-    unsigned a[4];
-    ldmatrix_x4(a, a_row + kk * 16);
-#pragma unroll
-    for (int np = 0; np < 4; ++np) {
-      unsigned b[4];
-      ldmatrix_x4(b, b_row + np * 16 * kLd + kk * 16);
-      mma16816<T>(s[2 * np], a, b[0], b[1]);
-      mma16816<T>(s[2 * np + 1], a, b[2], b[3]);
-    }
+    mma_16x64<T, false>(s, a_row + kk * 16, b_row + kk * 16, 16 * kLd);
   }
 }
 

@@ -8,8 +8,8 @@
 //                                query tiles -> per-head partials [B, H, Km]
 //   finish  finalize_kernel      sum over heads / (H |Qs|) -> [B, Km]; no atomics, so reruns are
 //                                bit-identical
-//   Qm == 1 single_query_kernel  CLIP's [CLS] row: one block per (b, h), a warp per key on the
-//                                CUDA cores (a 64-row MMA tile would be 63/64 padding)
+//   Qm == 1 single_query_*       CLIP's [CLS] row: a thread per key over (L / 64, H, B) blocks,
+//                                then the heads' lse and the scores in one finishing kernel
 //
 // The same passes serve lowrank_scores (a, b as a single head, all rows, two row classes) and the
 // score half of attention_with_scores (lse indexed by position, written by the flash kernel).
@@ -232,18 +232,25 @@ __global__ void __launch_bounds__(kThreads) column_sum_kernel(ScoreArgs args) {
   }
 }
 
-// Query count 1 in every batch row (CLIP's [CLS]): both passes in one block per (b, h). The query
-// lives in registers (lane l holds elements l + 32e); a warp computes one key's dot product.
-// Keys are read twice (online lse, then probabilities), both times from L2 at these sizes.
-constexpr int kSingleThreads = 256;
+// Query count 1 in every batch row (CLIP's [CLS], FastV's last token): two launches over all keys
+// in parallel instead of a 64-row MMA tile that would be 63/64 padding.
+//   single_query_logits_kernel  grid (L / 64, H, B), a thread per key: s2_j = q . k_j (log2 domain,
+//                               -inf where masked) kept for the key span in part[b, h, t], and the
+//                               chunk's (max, sum exp2) in ws[b, h, 2 c .. 2 c + 1]
+//   single_query_finish_kernel  grid (Km / 256, B): each head's lse from its chunks, then
+//                               score[t] = sum_h exp2(s2 - lse_h) / H
+constexpr int kSingleKeys = 64;  // keys (threads) per block of the logits kernel
+constexpr int kSingleMaxHeads = 4096;
+
+__host__ __device__ constexpr int single_query_chunks(int L) {
+  return (L + kSingleKeys - 1) / kSingleKeys;
+}
 
 template <typename T, int kD>
-__global__ void __launch_bounds__(kSingleThreads) single_query_kernel(ScoreArgs args) {
-  constexpr int kPerLane = kD / kWarpSize;
-  constexpr int kWarps = kSingleThreads / kWarpSize;
-  __shared__ float s_m[kWarps], s_l[kWarps];
-  const int b = blockIdx.y, h = blockIdx.x;
-  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+__global__ void __launch_bounds__(kSingleKeys) single_query_logits_kernel(ScoreArgs args) {
+  __shared__ float sq[kD];  // the query row times scale * log2(e)
+  __shared__ float s_red[kSingleKeys / kWarpSize];
+  const int b = blockIdx.z, h = blockIdx.y;
   const int L = args.L, d = args.d;
   int qstart, qcount, kstart, kcount;
   span_of(args.qspans, b, L, qstart, qcount);
@@ -253,53 +260,111 @@ __global__ void __launch_bounds__(kSingleThreads) single_query_kernel(ScoreArgs 
   const T* qrow = static_cast<const T*>(args.q) + (bh * L + i) * d;
   const T* kbh = static_cast<const T*>(args.k) +
                  (static_cast<int64_t>(b) * args.Hkv + h / (args.H / args.Hkv)) * L * d;
-  float qr[kPerLane];
-#pragma unroll
-  for (int e = 0; e < kPerLane; ++e) {
-    const int c = lane + kWarpSize * e;
-    qr[e] = c < d ? to_float(qrow[c]) * args.scale_log2 : 0.f;
-  }
-  auto dot2 = [&](int j) {  // s2_ij, identical in every lane
-    const T* krow = kbh + static_cast<int64_t>(j) * d;
-    float s = 0.f;
-#pragma unroll
-    for (int e = 0; e < kPerLane; ++e) {
-      const int c = lane + kWarpSize * e;
-      if (c < d) s = fmaf(qr[e], to_float(krow[c]), s);
-    }
-#pragma unroll
-    for (int off = kWarpSize / 2; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
-    return s;
-  };
-  float m = -INFINITY, l = 0.f;
-  const int key_end = args.causal ? i + 1 : L;
-  for (int j = warp; j < key_end; j += kWarps) {
-    if (!key_real(args.kpm, b, L, j)) continue;
-    const float s2 = dot2(j);
-    const float m_new = fmaxf(m, s2);
-    l = l * exp2f(m - m_new) + exp2f(s2 - m_new);
-    m = m_new;
-  }
-  if (lane == 0) {
-    s_m[warp] = m;
-    s_l[warp] = l;
+  for (int c = threadIdx.x; c < kD; c += kSingleKeys) {
+    sq[c] = c < d ? to_float(qrow[c]) * args.scale_log2 : 0.f;
   }
   __syncthreads();
-  float m_row = -INFINITY;
+  const int j = blockIdx.x * kSingleKeys + threadIdx.x;
+  const int key_end = args.causal ? i + 1 : L;
+  float s2 = -INFINITY;
+  if (j < key_end && key_real(args.kpm, b, L, j)) {
+    const T* krow = kbh + static_cast<int64_t>(j) * d;
+    float acc = 0.f;
+    if (args.vec) {
+      // 16-byte loads, 8 in flight per round; columns past d are never read (d % vec == 0).
+      constexpr int kVec = 16 / sizeof(T);
+      for (int c0 = 0; c0 < d; c0 += 8 * kVec) {
+        uint4 raw[8];
 #pragma unroll
-  for (int w = 0; w < kWarps; ++w) m_row = fmaxf(m_row, s_m[w]);
-  float l_row = 0.f;
-  if (m_row != -INFINITY) {
+        for (int u = 0; u < 8; ++u) {
+          const int c = c0 + u * kVec;
+          raw[u] = c < d ? *reinterpret_cast<const uint4*>(krow + c) : make_uint4(0u, 0u, 0u, 0u);
+        }
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) l_row += s_l[w] * exp2f(s_m[w] - m_row);
+        for (int u = 0; u < 8; ++u) {
+          const T* parts = reinterpret_cast<const T*>(&raw[u]);
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) {
+            const int c = c0 + u * kVec + e;
+            if (c < kD) acc = fmaf(sq[c], to_float(parts[e]), acc);  // sq is 0 past d
+          }
+        }
+      }
+    } else {
+      for (int c = 0; c < d; ++c) acc = fmaf(sq[c], to_float(krow[c]), acc);
+    }
+    s2 = acc;
   }
-  const float lse2 = l_row > 0.f ? m_row + log2f(l_row) : INFINITY;
-  for (int t = warp; t < kcount; t += kWarps) {
-    const int j = kstart + t;
-    float p = 0.f;
-    if ((!args.causal || j <= i) && key_real(args.kpm, b, L, j)) p = exp2f(dot2(j) - lse2);
-    if (lane == 0) args.part[bh * args.Km + t] = p;
+  const int t = j - kstart;
+  if (t >= 0 && t < kcount) args.part[bh * args.Km + t] = s2;
+  // The chunk's max, then its sum of exp2(s2 - max): warp shuffles, then the block's two warps.
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  float m = s2;
+#pragma unroll
+  for (int off = kWarpSize / 2; off > 0; off /= 2)
+    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+  if (lane == 0) s_red[warp] = m;
+  __syncthreads();
+  m = s_red[0];
+#pragma unroll
+  for (int w = 1; w < kSingleKeys / kWarpSize; ++w) m = fmaxf(m, s_red[w]);
+  __syncthreads();
+  float l = m == -INFINITY ? 0.f : exp2f(s2 - m);
+#pragma unroll
+  for (int off = kWarpSize / 2; off > 0; off /= 2) l += __shfl_xor_sync(0xffffffffu, l, off);
+  if (lane == 0) s_red[warp] = l;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < kSingleKeys / kWarpSize; ++w) sum += s_red[w];
+    args.lse[bh * args.lse_stride + 2 * blockIdx.x] = m;
+    args.lse[bh * args.lse_stride + 2 * blockIdx.x + 1] = sum;
   }
+}
+
+template <int kThreadsPerBlock>
+__global__ void __launch_bounds__(kThreadsPerBlock)
+    single_query_finish_kernel(ScoreArgs args, float* __restrict__ out) {
+  extern __shared__ float s_lse[];  // [H] lse2 of each head's row
+  const int b = blockIdx.y;
+  const int chunks = single_query_chunks(args.L);
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  constexpr int kWarps = kThreadsPerBlock / kWarpSize;
+  // A warp per head: combine the chunks' (max, sum) in a fixed order (lane-strided, then a fixed
+  // butterfly), so reruns are bit-identical.
+  for (int h = warp; h < args.H; h += kWarps) {
+    const float* ws = args.lse + (static_cast<int64_t>(b) * args.H + h) * args.lse_stride;
+    float m = -INFINITY;
+    for (int c = lane; c < chunks; c += kWarpSize) m = fmaxf(m, ws[2 * c]);
+#pragma unroll
+    for (int off = kWarpSize / 2; off > 0; off /= 2)
+      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+    float l = 0.f;
+    if (m != -INFINITY) {
+      for (int c = lane; c < chunks; c += kWarpSize) {
+        const float mc = ws[2 * c];
+        if (mc != -INFINITY) l += ws[2 * c + 1] * exp2f(mc - m);
+      }
+    }
+#pragma unroll
+    for (int off = kWarpSize / 2; off > 0; off /= 2) l += __shfl_xor_sync(0xffffffffu, l, off);
+    if (lane == 0) s_lse[h] = l > 0.f ? m + log2f(l) : INFINITY;
+  }
+  __syncthreads();
+  const int t = blockIdx.x * kThreadsPerBlock + threadIdx.x;
+  if (t >= args.Km) return;
+  int kstart, kcount;
+  span_of(args.kspans, b, args.L, kstart, kcount);
+  float score = 0.f;
+  if (t < kcount) {
+    for (int h = 0; h < args.H; ++h) {
+      // exp2(-inf - lse) = 0 for masked keys; exp2(x - inf) = 0 for a head without valid keys.
+      score += exp2f(args.part[(static_cast<int64_t>(b) * args.H + h) * args.Km + t] - s_lse[h]);
+    }
+    score /= static_cast<float>(args.H);  // one query per row: the mean over the span is the value
+  }
+  out[static_cast<int64_t>(b) * args.Km + t] = score;
 }
 
 // score[b, t] from the partials. Mode 0 (attention): sum_h part / (H * qcount). Mode 1 (lowrank,

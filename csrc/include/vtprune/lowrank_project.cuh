@@ -91,15 +91,7 @@ __global__ void __launch_bounds__(kThreads) lowrank_project_kernel(ProjectArgs p
     const T* w_row = sW + (it % kStages) * kTile + (lane % 16) * kLd + (lane / 16) * 8;
 #pragma unroll
     for (int kk = 0; kk < kProjK / 16; ++kk) {
-      unsigned af[4];
-      ldmatrix_x4(af, a_row + kk * 16);
-#pragma unroll
-      for (int np = 0; np < 4; ++np) {
-        unsigned wb[4];
-        ldmatrix_x4_trans(wb, w_row + kk * 16 * kLd + np * 16);
-        mma16816<T>(acc[2 * np], af, wb[0], wb[1]);
-        mma16816<T>(acc[2 * np + 1], af, wb[2], wb[3]);
-      }
+      mma_16x64<T, true>(acc, a_row + kk * 16, w_row + kk * 16 * kLd, 16);
     }
     __syncthreads();
   }

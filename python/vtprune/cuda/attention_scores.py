@@ -29,7 +29,8 @@ def attention_scores_launch(q, k, query_spans, key_spans, causal, key_padding_ma
     out = torch.empty(B, max_key, dtype=torch.float32, device=device)  # [B, Km]
     if B == 0:
         return out
-    lse = torch.empty(B, H, max_query, dtype=torch.float32, device=device)  # [B, H, Qm] pass-1 workspace
+    # Pass-1 workspace: each row's lse [B, H, Qm], or for one query a row (max, sum) per 64-key chunk.
+    lse = torch.empty(B, H, max(max_query, 2 * -(-L // 64)), dtype=torch.float32, device=device)
     partial = torch.empty(B, H, max_key, dtype=torch.float32, device=device)  # [B, H, Km] per-head sums
     with torch.cuda.device(device):
         ext.attention_scores(
