@@ -29,15 +29,18 @@ def positive_int(text: str) -> int:
     return value
 
 
+def _require(flag: str, path: str, checks) -> str:
+    """``path`` if every ``(predicate, problem)`` of ``checks`` holds, in order; else the first problem."""
+    for ok, problem in checks:
+        if not ok(path):
+            raise UsageError(f"{flag} {path!r}: {problem}")
+    return path
+
+
 def readable_file(flag: str, path: str) -> str:
     """``path`` if it is an existing, readable regular file."""
-    if not os.path.exists(path):
-        raise UsageError(f"{flag} {path!r}: no such file")
-    if not os.path.isfile(path):
-        raise UsageError(f"{flag} {path!r}: not a regular file")
-    if not os.access(path, os.R_OK):
-        raise UsageError(f"{flag} {path!r}: not readable (permission denied)")
-    return path
+    return _require(flag, path, [(os.path.exists, "no such file"), (os.path.isfile, "not a regular file"),
+                                 (lambda p: os.access(p, os.R_OK), "not readable (permission denied)")])
 
 
 def image_file(flag: str, path: str) -> str:
@@ -55,13 +58,11 @@ def image_file(flag: str, path: str) -> str:
 
 def model_dir(flag: str, path: str) -> str:
     """``path`` if it is a directory holding a Hugging Face ``config.json`` (a local checkpoint)."""
-    if not os.path.exists(path):
-        raise UsageError(f"{flag} {path!r}: no such directory (expected a local checkpoint directory)")
-    if not os.path.isdir(path):
-        raise UsageError(f"{flag} {path!r}: not a directory (expected a local checkpoint directory)")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise UsageError(f"{flag} {path!r}: no config.json in it (expected a save_pretrained checkpoint directory)")
-    return path
+    expected = "(expected a local checkpoint directory)"
+    return _require(flag, path, [
+        (os.path.exists, f"no such directory {expected}"), (os.path.isdir, f"not a directory {expected}"),
+        (lambda p: os.path.isfile(os.path.join(p, "config.json")),
+         "no config.json in it (expected a save_pretrained checkpoint directory)")])
 
 
 def writable_output(flag: str, path: str, *, extensions: tuple[str, ...] | None = None) -> str:
