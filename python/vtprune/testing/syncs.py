@@ -9,8 +9,9 @@ How it works
 A *simulated device* stands in for the accelerator. Tensors on it are :class:`DeviceTensor` instances: their
 ``device`` is torch's ``lazy`` device type (a non-CPU device type, so code takes its accelerator paths, that
 CPU-only torch builds can guard; ``meta`` would also work but code may treat meta tensors as value-less) and
-their values live in an ordinary CPU tensor, so every computation runs for real and gives real results. Ordinary CPU tensors are *host*
-tensors. While a :class:`SyncCounter` is active (a ``TorchDispatchMode``) every aten op is classified:
+their values live in an ordinary CPU tensor, so every computation runs for real and gives real results.
+Ordinary CPU tensors are *host* tensors. While a :class:`SyncCounter` is active (a ``TorchDispatchMode``)
+every aten op is classified:
 
 * **Device results.** An op with a device tensor among its inputs, or a factory call with
   ``device=<simulated device>`` (``torch.empty(..., device=x.device)``), returns device tensors.
