@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from vtprune.reference._common import host_max
-from vtprune.triton_kernels._common import pow2, rows_dot_cols, to_device_i64, upcast_dot
+from vtprune.triton_kernels._common import cdiv, pow2, rows_dot_cols, to_device_i64, upcast_dot
 from vtprune.triton_kernels._routed_ops import call
 
 LOG2E = 1.4426950408889634
@@ -219,7 +219,7 @@ def column_scores(q, k, kpm, qspans, kspans, lse, lse_absolute, max_query, max_k
     G = H // hkv
     part = torch.empty(B, hkv, max_key, dtype=torch.float32, device=q.device)  # [B, Hkv, K]
     cfg = tile_config(G * max_query, d, q.dtype)
-    grid = (triton.cdiv(max_key, cfg["BLOCK_N"]), B * hkv)
+    grid = (cdiv(max_key, cfg["BLOCK_N"]), B * hkv)
     column_scores_kernel[grid](
         q, k, kpm, qspans, kspans, lse, part,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -243,7 +243,7 @@ def attention_scores_launch(q, k, query_spans, key_spans, causal, key_padding_ma
     rows = G * max_query
     lse = torch.empty(B, hkv, rows, dtype=torch.float32, device=q.device)  # [B, Hkv, G * Qmax] packed
     cfg = tile_config(rows, d, q.dtype)
-    _row_lse_kernel[(triton.cdiv(rows, cfg["BLOCK_M"]), B * hkv)](
+    _row_lse_kernel[(cdiv(rows, cfg["BLOCK_M"]), B * hkv)](
         q, k, kpm, qspans, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         L, d, hkv, rows, qk_scale,

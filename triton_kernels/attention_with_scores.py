@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from vtprune.reference._common import host_max
-from vtprune.triton_kernels._common import mma, pow2, rows_dot_cols, to_device_i64, to_dtype
+from vtprune.triton_kernels._common import cdiv, mma, pow2, rows_dot_cols, to_device_i64, to_dtype
 from vtprune.triton_kernels._routed_ops import call
 from vtprune.triton_kernels.attention_scores import (
     LOG2E,
@@ -103,7 +103,7 @@ def attention_with_scores_launch(q, k, v, query_spans, key_spans, causal, key_pa
     out = torch.empty(B, H, L, dv, dtype=q.dtype, device=q.device)  # [B, H, L, dv]
     lse = torch.empty(B, hkv, G * L, dtype=torch.float32, device=q.device)  # [B, Hkv, L * G] packed
     cfg = forward_config(L, d, dv, q.dtype)
-    _attention_fwd_kernel[(triton.cdiv(L, cfg["BLOCK_M"]), B * H)](
+    _attention_fwd_kernel[(cdiv(L, cfg["BLOCK_M"]), B * H)](
         q, k, v, kpm, out, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from vtprune.reference._common import host_max
-from vtprune.triton_kernels._common import mma, pow2, to_device_i64, upcast_dot
+from vtprune.triton_kernels._common import cdiv, mma, pow2, to_device_i64, upcast_dot
 from vtprune.triton_kernels.attention_scores import LOG2E, key_ok, kpm_bytes, online_softmax_step
 
 
@@ -140,7 +140,7 @@ def _project(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     R = w.shape[1]
     out = torch.empty(B, L, R, dtype=torch.float32, device=h.device)
     block_r = min(64, pow2(R, 16))
-    grid = (triton.cdiv(B * L, 64), triton.cdiv(R, block_r))
+    grid = (cdiv(B * L, 64), cdiv(R, block_r))
     _project_kernel[grid](
         h, w, out, B * L, L, D, R, h.stride(0), h.stride(1), w.stride(0), w.stride(1),
         BLOCK_M=64, BLOCK_R=block_r, BLOCK_K=64, IEEE=h.dtype == torch.float32, UPCAST=upcast_dot(h.dtype),
@@ -170,8 +170,8 @@ def lowrank_scores_launch(h, u, v, visual_spans, key_padding_mask, max_visual: i
     cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_R=min(64, pow2(R, 16)), IEEE=h.dtype == torch.float32,
                HAS_KPM=kpm is not None, num_warps=4)
     qk_scale = R**-0.5 * LOG2E
-    _row_lse_kernel[(triton.cdiv(L, 64), B)](a, b, kpm, spans, lse, L, R, qk_scale, **cfg)
-    _visual_columns_kernel[(triton.cdiv(max_visual, 64), B)](
+    _row_lse_kernel[(cdiv(L, 64), B)](a, b, kpm, spans, lse, L, R, qk_scale, **cfg)
+    _visual_columns_kernel[(cdiv(max_visual, 64), B)](
         a, b, kpm, spans, ntxt, lse, out, L, R, max_visual, qk_scale, **cfg
     )
     return out

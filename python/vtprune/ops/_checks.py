@@ -16,6 +16,8 @@ import math
 
 import torch
 
+from vtprune.reference._common import remember_width
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -89,7 +91,9 @@ def spans(name: str, s, batch: int, length: int, device: torch.device) -> int:
         raise ValueError(f"{name}: every count must be positive, got counts {[c for _, c in rows]}")
     if any(st < 0 or st + c > length for st, c in rows):
         raise ValueError(f"{name}: every span (start, count) must lie inside [0, {length}), got {rows}")
-    return max(c for _, c in rows)
+    widest = max(c for _, c in rows)
+    remember_width(s, widest)  # the backends size their outputs from it without reading the spans again
+    return widest
 
 
 def lengths(name: str, t, batch: int, n: int, device: torch.device, minimum: int = 1) -> torch.Tensor | None:

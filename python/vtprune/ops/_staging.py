@@ -17,6 +17,8 @@ def to_device_i64(t: torch.Tensor | None, device: torch.device) -> torch.Tensor 
     """
     if t is None:
         return None
+    if t.dtype == torch.int64 and t.device == device and t.is_contiguous():
+        return t  # already in place (the common case for indices computed on the device)
     if t.device.type == "cpu" and device.type not in ("cpu", "meta"):
         staged = torch.empty(t.shape, dtype=torch.int64, pin_memory=True)
         staged.copy_(t)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from vtprune import _backend
@@ -17,10 +19,10 @@ def _check_index(routed_idx, B: int, L: int, device: torch.device) -> None:
                          f"got {tuple(routed_idx.shape)}")
     if routed_idx.device.type == "cpu":  # values are checked where that costs no device sync
         rows = routed_idx.tolist()
-        if any(i < 0 or i >= L for row in rows for i in row):
-            raise ValueError(f"routed_idx: every index must lie in [0, {L}), got {rows}")
-        if any(a >= b for row in rows for a, b in zip(row, row[1:])):
+        if any(any(map(operator.ge, row, row[1:])) for row in rows):
             raise ValueError(f"routed_idx must be strictly ascending per row, got {rows}")
+        if any(row[0] < 0 or row[-1] >= L for row in rows):  # ascending: the ends bound the row
+            raise ValueError(f"routed_idx: every index must lie in [0, {L}), got {rows}")
 
 
 def _check_position_embeddings(position_embeddings, B: int, L: int) -> None:
