@@ -37,6 +37,11 @@ every aten op is classified:
   uninitialised; for timing host overhead). Either way a launch itself is never a sync; ``launches`` counts
   them.
 
+Creating tensors on the simulated device (``torch.empty(..., device=x.device)``) needs an active counter:
+inside a :class:`SyncCounter` block, or anywhere inside an :func:`on_device` block. On a CPU-only machine
+``backend="auto"`` resolves to the reference backend for non-CUDA tensors; to count what a GPU run does, set
+``VTPRUNE_BACKEND=triton`` with ``TRITON_INTERPRET=1``.
+
 Each sync records the call site: the innermost stack frame outside torch and this module, plus the two frames
 above it, so a report points at the line to fix.
 
@@ -178,7 +183,11 @@ def to_host(obj):
 
 @contextlib.contextmanager
 def on_device(module: torch.nn.Module):
-    """Move a module's parameters and buffers to the simulated device in place; restored on exit."""
+    """Move a module's parameters and buffers to the simulated device in place; restored on exit.
+
+    Inside the block, code outside any :class:`SyncCounter` (``vtprune.apply``, set-up) can also create
+    tensors on the simulated device: an uncounted counter is active for the whole block.
+    """
     saved = []
     for m in module.modules():
         for name, p in list(m._parameters.items()):
@@ -190,7 +199,8 @@ def on_device(module: torch.nn.Module):
                 saved.append((m._buffers, name, b))
                 m._buffers[name] = DeviceTensor(b)
     try:
-        yield module
+        with SyncCounter():  # uncounted: only makes device factories work outside the caller's counters
+            yield module
     finally:
         for table, name, t in saved:
             table[name] = t
