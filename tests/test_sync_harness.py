@@ -104,3 +104,13 @@ def test_on_device_moves_a_module_and_restores_it():
     assert c.count == 0, c.report()
     torch.testing.assert_close(to_host(out), ref)
     assert m[0].weight is weight and not isinstance(m[1].running_mean, DeviceTensor)
+
+
+def test_device_factories_work_anywhere_inside_on_device():
+    """Set-up code outside a counter (e.g. vtprune.apply building factors) may create device tensors."""
+    m = torch.nn.Linear(4, 3)
+    with on_device(m):
+        w = torch.zeros(3, 4, device=m.weight.device) + m.weight  # no counter of the caller's is active
+        with SyncCounter() as c:
+            int(w.sum())
+    assert isinstance(w, DeviceTensor) and c.count == 1

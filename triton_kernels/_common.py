@@ -8,10 +8,17 @@ import torch
 import triton
 import triton.language as tl
 
+from vtprune.ops import _staging
+
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
 
 def interpreting() -> bool:
-    """Whether Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``).
+
+    Read once, at import: Triton decides it when the kernels are decorated, and launchers ask per call.
+    """
+    return _INTERPRETING
 
 
 if interpreting():
@@ -32,15 +39,20 @@ def upcast_dot(dtype: torch.dtype) -> bool:
 
 
 def pow2(n: int, lo: int = 1) -> int:
-    """Smallest power of two >= max(n, lo)."""
-    return max(lo, triton.next_power_of_2(max(1, n)))
+    """Smallest power of two >= max(n, lo). Plain Python: ``triton.next_power_of_2`` is a constexpr function
+    whose host call costs ~1-2 us, several times per launch."""
+    return max(lo, 1 << (max(1, n) - 1).bit_length())
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for grid sizes (plain Python, see :func:`pow2`)."""
+    return -(-a // b)
 
 
 def to_device_i64(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-    """int64 contiguous copy on ``device`` (spans and lengths may be passed on the CPU)."""
-    if t is None:
-        return None
-    return t.to(device=device, dtype=torch.int64).contiguous()
+    """int64 contiguous copy on ``device`` (spans and lengths may be passed on the CPU): staged through pinned
+    memory and queued without a sync (:func:`vtprune.ops._staging.to_device_i64`)."""
+    return _staging.to_device_i64(t, device)
 
 
 @triton.jit

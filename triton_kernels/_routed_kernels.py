@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vtprune.triton_kernels._common import interpreting
+from vtprune.triton_kernels._common import interpreting, pow2
 
 
 @triton.jit
@@ -104,7 +104,7 @@ def add_scatter_kernel(x_ptr, idx_ptr, mid_ptr, delta_ptr, K, L, D, sxb, sxl,
 
 
 def _launch_cfg(x: torch.Tensor) -> dict:
-    block = triton.next_power_of_2(x.shape[-1])
+    block = pow2(x.shape[-1])
     return dict(BLOCK_D=block, num_warps=max(1, min(16, block // 512)),
                 RNE=interpreting() and x.dtype == torch.bfloat16)
 

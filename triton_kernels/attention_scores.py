@@ -24,7 +24,16 @@ import triton
 import triton.language as tl
 
 from vtprune.reference._common import host_max
-from vtprune.triton_kernels._common import combined_lse, pow2, rows_dot_cols, split_for, to_device_i64, upcast_dot
+from vtprune.triton_kernels._common import (
+    cdiv,
+    combined_lse,
+    pow2,
+    rows_dot_cols,
+    split_for,
+    to_device_i64,
+    upcast_dot,
+)
+from vtprune.triton_kernels._routed_ops import call
 
 LOG2E = 1.4426950408889634
 
@@ -204,8 +213,8 @@ def check_head_dim(d: int) -> None:
 def check_max_counts(query_spans, key_spans, max_query, max_key) -> None:
     """The output widths must cover every span; checked when the spans are on the CPU (no device sync)."""
     for name, spans, given in (("max_query", query_spans, max_query), ("max_key", key_spans, max_key)):
-        if spans.device.type == "cpu" and int(spans[:, 1].max()) > given:
-            raise ValueError(f"{name} ({given}) is below the largest span count ({int(spans[:, 1].max())})")
+        if spans.device.type == "cpu" and host_max(spans) > given:
+            raise ValueError(f"{name} ({given}) is below the largest span count ({host_max(spans)})")
 
 
 def kernel_flags(q: torch.Tensor, causal: bool, key_padding_mask) -> dict:
@@ -234,7 +243,7 @@ def column_scores(q, k, kpm, qspans, kspans, lse, lse_absolute, max_query, max_k
     G = H // hkv
     part = torch.empty(B, hkv, max_key, dtype=torch.float32, device=q.device)  # [B, Hkv, K]
     cfg = tile_config(G * max_query, d, q.dtype)
-    grid = (triton.cdiv(max_key, cfg["BLOCK_N"]), B * hkv)
+    grid = (cdiv(max_key, cfg["BLOCK_N"]), B * hkv)
     column_scores_kernel[grid](
         q, k, kpm, qspans, kspans, lse, lse if lsum is None else lsum, part,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -258,9 +267,9 @@ def attention_scores_launch(q, k, query_spans, key_spans, causal, key_padding_ma
     check_max_counts(query_spans, key_spans, max_query, max_key)
     rows = G * max_query
     cfg = tile_config(rows, d, q.dtype)
-    row_tiles = triton.cdiv(rows, cfg["BLOCK_M"])
+    row_tiles = cdiv(rows, cfg["BLOCK_M"])
     # few row tiles over a long key range (CLIP's [CLS] row: 16 CTAs x 19 key tiles): split the keys
-    split = split_for(row_tiles * hkv, B, 16) if triton.cdiv(L, cfg["BLOCK_N"]) >= 4 else 1
+    split = split_for(row_tiles * hkv, B, 16) if cdiv(L, cfg["BLOCK_N"]) >= 4 else 1
     lse = torch.empty(B, hkv, split, rows, dtype=torch.float32, device=q.device)  # [B, Hkv, S, G * Qmax]
     lsum = torch.empty_like(lse) if split > 1 else None
     _row_lse_kernel[(row_tiles, B * hkv, split)](
@@ -275,14 +284,14 @@ def attention_scores_launch(q, k, query_spans, key_spans, causal, key_padding_ma
 def attention_scores(q, k, *, query_spans, key_spans, causal, key_padding_mask=None, scale=None):
     """Triton backend of :func:`vtprune.ops.attention_scores` (arguments checked there).
 
-    Runs through the custom op ``torch.ops.vtprune.attention_scores`` so that it traces under
-    ``torch.compile``; the largest span counts are read here, on the host, to size the output.
+    Under ``torch.compile`` it runs as the custom op ``torch.ops.vtprune.attention_scores``; in eager mode it
+    launches directly (one dispatch layer). The output width is the largest span count of CPU spans, read
+    on the host as Python ints, or ``L`` for spans on the device (no host read).
     """
     import vtprune.ops._library  # noqa: F401  (registers the custom ops)
 
-    return torch.ops.vtprune.attention_scores(
-        q, k, query_spans, key_spans, bool(causal), key_padding_mask,
-        None if scale is None else float(scale),
-        host_max(query_spans), host_max(key_spans),
-    )
+    L = q.shape[2]
+    return call(torch.ops.vtprune.attention_scores, attention_scores_launch,
+                q, k, query_spans, key_spans, bool(causal), key_padding_mask,
+                None if scale is None else float(scale), host_max(query_spans, L), host_max(key_spans, L))
 

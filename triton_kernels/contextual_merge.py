@@ -25,7 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from vtprune.triton_kernels._common import count_below, mma, pow2, to_device_i64, to_dtype, upcast_dot
+from vtprune.triton_kernels._common import cdiv, count_below, mma, pow2, to_device_i64, to_dtype, upcast_dot
+from vtprune.triton_kernels._routed_ops import call
 
 NORM_EPS = 1e-12  # F.normalize's default
 
@@ -157,7 +158,7 @@ def contextual_merge_launch(x, metric, keep_idx, num_contextual, lengths):
     if C > 0:
         assign = torch.empty(B, N, dtype=torch.int32, device=dev)  # [B, N] target slot, C = none
         cfg = assign_config(dk)
-        _assign_kernel[(triton.cdiv(N, cfg["BLOCK_M"]), B)](
+        _assign_kernel[(cdiv(N, cfg["BLOCK_M"]), B)](
             metric, keep, lengths, assign, target_idx,
             metric.stride(0), metric.stride(1), N, dk, k, C, NORM_EPS,
             HAS_LENGTHS=lengths is not None, KEEP_ITERS=max(1, k.bit_length()), **cfg,
@@ -167,7 +168,7 @@ def contextual_merge_launch(x, metric, keep_idx, num_contextual, lengths):
         offsets = torch.searchsorted(slots, bounds)  # [B, C + 1] each target's segment of `order`
     if k + C > 0 and B > 0:
         cfg = pack_config(D)
-        _pack_kernel[(k + C, triton.cdiv(D, cfg["BLOCK_D"]), B)](
+        _pack_kernel[(k + C, cdiv(D, cfg["BLOCK_D"]), B)](
             x, keep, target_idx, order, offsets, out,
             x.stride(0), x.stride(1), out.stride(0), out.stride(1), N, D, k, C,
             ROUND_BY_HAND=upcast_dot(x.dtype), **cfg,
@@ -175,11 +176,17 @@ def contextual_merge_launch(x, metric, keep_idx, num_contextual, lengths):
     return out, target_idx
 
 
+def _contextual_merge_tokens(x, metric, keep_idx, num_contextual, lengths):
+    return contextual_merge_launch(x, metric, keep_idx, num_contextual, lengths)[0]
+
+
 def contextual_merge(x, metric, keep_idx, num_contextual, *, lengths=None):
     """Triton backend of :func:`vtprune.ops.contextual_merge` (arguments checked there).
 
-    Runs through the custom op ``torch.ops.vtprune.contextual_merge`` (traceable by ``torch.compile``).
+    Under ``torch.compile`` it runs as the custom op ``torch.ops.vtprune.contextual_merge``; in eager mode it launches
+    directly (one dispatch layer).
     """
     import vtprune.ops._library  # noqa: F401  (registers the custom ops)
 
-    return torch.ops.vtprune.contextual_merge(x, metric, keep_idx, int(num_contextual), lengths)
+    return call(torch.ops.vtprune.contextual_merge, _contextual_merge_tokens, x, metric, keep_idx,
+                int(num_contextual), lengths)

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from vtprune.reference._common import host_max
-from vtprune.triton_kernels._common import combined_lse, mma, pow2, split_for, to_device_i64, upcast_dot
+from vtprune.triton_kernels._common import cdiv, combined_lse, mma, pow2, split_for, to_device_i64, upcast_dot
 from vtprune.triton_kernels.attention_scores import LOG2E, key_ok, kpm_bytes, online_softmax_step
 
 
@@ -185,7 +185,7 @@ def _project(h: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     R = u.shape[1]
     out = torch.empty(B, L, 2 * R, dtype=torch.float32, device=h.device)
     block_r = min(64, pow2(R, 16))
-    grid = (triton.cdiv(B * L, 64), 2 * triton.cdiv(R, block_r))
+    grid = (cdiv(B * L, 64), 2 * cdiv(R, block_r))
     _project_kernel[grid](
         h, u, v, out, B * L, L, D, R, h.stride(0), h.stride(1), u.stride(0), u.stride(1), v.stride(0), v.stride(1),
         BLOCK_M=64, BLOCK_R=block_r, BLOCK_K=64, IEEE=h.dtype == torch.float32, UPCAST=upcast_dot(h.dtype),
@@ -205,8 +205,8 @@ def lowrank_scores_launch(h, u, v, visual_spans, key_padding_mask, max_visual: i
     spans = to_device_i64(visual_spans, dev)
     kpm = kpm_bytes(key_padding_mask)
     block = 64
-    lse_split = split_for(triton.cdiv(L, block), B)
-    col_split = split_for(triton.cdiv(max_visual, block), B)
+    lse_split = split_for(cdiv(L, block), B)
+    col_split = split_for(cdiv(max_visual, block), B)
     m = torch.empty(B, lse_split, L, dtype=torch.float32, device=dev)  # partial max per split
     lsum = torch.empty(B, lse_split, L, dtype=torch.float32, device=dev)  # partial sum per split
     part = torch.empty(B, col_split, 2, max_visual, dtype=torch.float32, device=dev)
@@ -214,12 +214,12 @@ def lowrank_scores_launch(h, u, v, visual_spans, key_padding_mask, max_visual: i
     cfg = dict(BLOCK_M=block, BLOCK_N=block, BLOCK_R=min(32, pow2(R, 16)), IEEE=h.dtype == torch.float32,
                HAS_KPM=kpm is not None, num_warps=4)
     qk_scale = R**-0.5 * LOG2E
-    _row_lse_kernel[(triton.cdiv(L, block), lse_split, B)](ab, kpm, spans, m, lsum, L, R, qk_scale,
+    _row_lse_kernel[(cdiv(L, block), lse_split, B)](ab, kpm, spans, m, lsum, L, R, qk_scale,
                                                            SPLIT=lse_split, **cfg)
-    _visual_columns_kernel[(triton.cdiv(max_visual, block), col_split, B)](
+    _visual_columns_kernel[(cdiv(max_visual, block), col_split, B)](
         ab, kpm, spans, m, lsum, part, L, R, max_visual, qk_scale, SPLIT=col_split, LSE_SPLIT=lse_split, **cfg
     )
-    _finish_kernel[(triton.cdiv(max_visual, 256), B)](part, kpm, spans, out, L, max_visual, HAS_KPM=kpm is not None,
+    _finish_kernel[(cdiv(max_visual, 256), B)](part, kpm, spans, out, L, max_visual, HAS_KPM=kpm is not None,
                                                       SPLIT=col_split, BLOCK=256, BLOCK_L=1024, num_warps=4)
     return out
 
@@ -228,9 +228,9 @@ def lowrank_scores(h, u, v, *, visual_spans, key_padding_mask=None):
     """Triton backend of :func:`vtprune.ops.lowrank_scores` (arguments checked there).
 
     Under ``torch.compile`` it runs as the custom op ``torch.ops.vtprune.lowrank_scores``; in eager mode it
-    launches directly. The largest visual count is read on the host (the public checks read spans there).
+    launches directly. The output width: the largest visual count of CPU spans, ``L`` for spans on the device.
     """
     from vtprune.triton_kernels._routed_ops import call
 
     return call(torch.ops.vtprune.lowrank_scores, lowrank_scores_launch, h, u, v, visual_spans, key_padding_mask,
-                host_max(visual_spans))
+                host_max(visual_spans, h.shape[1]))

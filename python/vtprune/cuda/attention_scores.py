@@ -49,5 +49,6 @@ def attention_scores(q, k, *, query_spans, key_spans, causal, key_padding_mask=N
     ``torch.ops.vtprune.cuda_attention_scores``.
     """
     scale = None if scale is None else float(scale)
+    L = q.shape[2]
     return call(custom_op("attention_scores"), attention_scores_launch, q, k, query_spans, key_spans,
-                bool(causal), key_padding_mask, scale, host_max(query_spans), host_max(key_spans))
+                bool(causal), key_padding_mask, scale, host_max(query_spans, L), host_max(key_spans, L))

@@ -51,4 +51,5 @@ def attention_with_scores(q, k, v, *, query_spans, key_spans, causal, key_paddin
     """
     scale = None if scale is None else float(scale)
     return call(custom_op("attention_with_scores"), attention_with_scores_launch, q, k, v, query_spans,
-                key_spans, bool(causal), key_padding_mask, scale, host_max(query_spans), host_max(key_spans))
+                key_spans, bool(causal), key_padding_mask, scale, host_max(query_spans, q.shape[2]),
+                host_max(key_spans, q.shape[2]))

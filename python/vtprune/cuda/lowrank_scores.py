@@ -65,4 +65,4 @@ def lowrank_scores(h, u, v, *, visual_spans, key_padding_mask=None):
     """float32 [B, max visual count]; see ``vtprune.ops.lowrank_scores``. Under torch.compile it runs as the
     custom op ``torch.ops.vtprune.cuda_lowrank_scores``."""
     return call(custom_op("lowrank_scores"), lowrank_scores_launch, h, u, v, visual_spans, key_padding_mask,
-                host_max(visual_spans))
+                host_max(visual_spans, h.shape[1]))

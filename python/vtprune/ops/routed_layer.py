@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from vtprune import _backend
@@ -16,10 +18,11 @@ def _check_index(routed_idx, B: int, L: int, device: torch.device) -> None:
         raise ValueError(f"routed_idx must have shape [B, K] = [{B}, K] with 1 <= K <= L = {L}, "
                          f"got {tuple(routed_idx.shape)}")
     if routed_idx.device.type == "cpu":  # values are checked where that costs no device sync
-        if bool((routed_idx < 0).any()) or bool((routed_idx >= L).any()):
-            raise ValueError(f"routed_idx: every index must lie in [0, {L}), got {routed_idx.tolist()}")
-        if bool((routed_idx[:, 1:] <= routed_idx[:, :-1]).any()):
-            raise ValueError(f"routed_idx must be strictly ascending per row, got {routed_idx.tolist()}")
+        rows = routed_idx.tolist()
+        if any(any(map(operator.ge, row, row[1:])) for row in rows):
+            raise ValueError(f"routed_idx must be strictly ascending per row, got {rows}")
+        if any(row[0] < 0 or row[-1] >= L for row in rows):  # ascending: the ends bound the row
+            raise ValueError(f"routed_idx: every index must lie in [0, {L}), got {rows}")
 
 
 def _check_position_embeddings(position_embeddings, B: int, L: int) -> None:

@@ -29,7 +29,7 @@ def attention_scores(q, k, *, query_spans, key_spans, causal, key_padding_mask=N
     B, H, L, d = q.shape
     group = H // k.shape[1]
     scale = d**-0.5 if scale is None else scale
-    Qm, Km = host_max(query_spans), host_max(key_spans)
+    Qm, Km = host_max(query_spans, L), host_max(key_spans, L)
     qpos, qvalid = span_index(query_spans, Qm, L, q.device)  # [B, Q]
     kpos, kvalid = span_index(key_spans, Km, L, q.device)  # [B, K]
     out = torch.zeros(B, Km, dtype=torch.float32, device=q.device)

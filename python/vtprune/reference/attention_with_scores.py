@@ -16,7 +16,7 @@ def attention_with_scores(q, k, v, *, query_spans, key_spans, causal, key_paddin
     B, H, L, d = q.shape
     group = H // k.shape[1]
     scale = d**-0.5 if scale is None else scale
-    Km = host_max(key_spans)
+    Km = host_max(key_spans, L)
     kpos, kvalid = span_index(key_spans, Km, L, q.device)
     spans = query_spans.to(q.device)
     out = torch.empty(B, H, L, v.shape[-1], dtype=q.dtype, device=q.device)

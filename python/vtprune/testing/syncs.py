@@ -9,8 +9,9 @@ How it works
 A *simulated device* stands in for the accelerator. Tensors on it are :class:`DeviceTensor` instances: their
 ``device`` is torch's ``lazy`` device type (a non-CPU device type, so code takes its accelerator paths, that
 CPU-only torch builds can guard; ``meta`` would also work but code may treat meta tensors as value-less) and
-their values live in an ordinary CPU tensor, so every computation runs for real and gives real results. Ordinary CPU tensors are *host*
-tensors. While a :class:`SyncCounter` is active (a ``TorchDispatchMode``) every aten op is classified:
+their values live in an ordinary CPU tensor, so every computation runs for real and gives real results.
+Ordinary CPU tensors are *host* tensors. While a :class:`SyncCounter` is active (a ``TorchDispatchMode``)
+every aten op is classified:
 
 * **Device results.** An op with a device tensor among its inputs, or a factory call with
   ``device=<simulated device>`` (``torch.empty(..., device=x.device)``), returns device tensors.
@@ -35,6 +36,11 @@ tensors. While a :class:`SyncCounter` is active (a ``TorchDispatchMode``) every 
   "interpret"``, needs ``TRITON_INTERPRET=1``) or are skipped (``launches="skip"``: outputs stay
   uninitialised; for timing host overhead). Either way a launch itself is never a sync; ``launches`` counts
   them.
+
+Creating tensors on the simulated device (``torch.empty(..., device=x.device)``) needs an active counter:
+inside a :class:`SyncCounter` block, or anywhere inside an :func:`on_device` block. On a CPU-only machine
+``backend="auto"`` resolves to the reference backend for non-CUDA tensors; to count what a GPU run does, set
+``VTPRUNE_BACKEND=triton`` with ``TRITON_INTERPRET=1``.
 
 Each sync records the call site: the innermost stack frame outside torch and this module, plus the two frames
 above it, so a report points at the line to fix.
@@ -177,7 +183,11 @@ def to_host(obj):
 
 @contextlib.contextmanager
 def on_device(module: torch.nn.Module):
-    """Move a module's parameters and buffers to the simulated device in place; restored on exit."""
+    """Move a module's parameters and buffers to the simulated device in place; restored on exit.
+
+    Inside the block, code outside any :class:`SyncCounter` (``vtprune.apply``, set-up) can also create
+    tensors on the simulated device: an uncounted counter is active for the whole block.
+    """
     saved = []
     for m in module.modules():
         for name, p in list(m._parameters.items()):
@@ -189,7 +199,8 @@ def on_device(module: torch.nn.Module):
                 saved.append((m._buffers, name, b))
                 m._buffers[name] = DeviceTensor(b)
     try:
-        yield module
+        with SyncCounter():  # uncounted: only makes device factories work outside the caller's counters
+            yield module
     finally:
         for table, name, t in saved:
             table[name] = t
