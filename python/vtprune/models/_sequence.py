@@ -83,11 +83,19 @@ class Sequence:
             self.shift = self.shift.to(dev) + (~keep).sum(1)
         return out, new_slots
 
-    def set_spans_from_slots(self, slots: torch.Tensor) -> None:
-        """Spans from a slot mask that holds at most one contiguous image span per row."""
+    def set_spans_from_slots(self, slots: torch.Tensor, strict: bool = True) -> None:
+        """Spans from a slot mask. ``strict``: each row must hold at most one contiguous image span (a method
+        that reads spans would otherwise mis-read text between images as image); otherwise ``start`` is the first
+        image token and ``count`` the row's image tokens, for statistics only."""
         host = slots.detach().cpu()
         count = host.sum(1)
         start = torch.where(count > 0, host.long().argmax(1), torch.zeros_like(count))
+        if strict:
+            end = host.shape[1] - host.long().flip(1).argmax(1)  # one past the last image token
+            bad = ((end - start != count) & (count > 0)).nonzero().flatten().tolist()
+            if bad:
+                raise ValueError(f"vtprune: batch rows {bad} hold image tokens in more than one span; methods "
+                                 "that rank image tokens in the language model take one image per prompt")
         self.spans = torch.stack([start, count], 1).long()
 
 
