@@ -169,6 +169,7 @@ setup(
         "vtprune.alvts",
         "vtprune.methods",
         "vtprune.models",
+        "vtprune.testing",
         "vtprune.triton_kernels",
     ],
     ext_modules=[CMakeExtension("vtprune._C", _nvcc)] if _nvcc else [],

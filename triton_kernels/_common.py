@@ -8,6 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vtprune.ops import _staging
+
 
 def interpreting() -> bool:
     """Whether Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
@@ -37,10 +39,9 @@ def pow2(n: int, lo: int = 1) -> int:
 
 
 def to_device_i64(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-    """int64 contiguous copy on ``device`` (spans and lengths may be passed on the CPU)."""
-    if t is None:
-        return None
-    return t.to(device=device, dtype=torch.int64).contiguous()
+    """int64 contiguous copy on ``device`` (spans and lengths may be passed on the CPU): staged through pinned
+    memory and queued without a sync (:func:`vtprune.ops._staging.to_device_i64`)."""
+    return _staging.to_device_i64(t, device)
 
 
 @triton.jit

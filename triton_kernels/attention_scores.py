@@ -25,6 +25,7 @@ import triton.language as tl
 
 from vtprune.reference._common import host_max
 from vtprune.triton_kernels._common import pow2, rows_dot_cols, to_device_i64, upcast_dot
+from vtprune.triton_kernels._routed_ops import call
 
 LOG2E = 1.4426950408889634
 
@@ -192,8 +193,8 @@ def check_head_dim(d: int) -> None:
 def check_max_counts(query_spans, key_spans, max_query, max_key) -> None:
     """The output widths must cover every span; checked when the spans are on the CPU (no device sync)."""
     for name, spans, given in (("max_query", query_spans, max_query), ("max_key", key_spans, max_key)):
-        if spans.device.type == "cpu" and int(spans[:, 1].max()) > given:
-            raise ValueError(f"{name} ({given}) is below the largest span count ({int(spans[:, 1].max())})")
+        if spans.device.type == "cpu" and host_max(spans) > given:
+            raise ValueError(f"{name} ({given}) is below the largest span count ({host_max(spans)})")
 
 
 def kernel_flags(q: torch.Tensor, causal: bool, key_padding_mask) -> dict:
@@ -254,14 +255,14 @@ def attention_scores_launch(q, k, query_spans, key_spans, causal, key_padding_ma
 def attention_scores(q, k, *, query_spans, key_spans, causal, key_padding_mask=None, scale=None):
     """Triton backend of :func:`vtprune.ops.attention_scores` (arguments checked there).
 
-    Runs through the custom op ``torch.ops.vtprune.attention_scores`` so that it traces under
-    ``torch.compile``; the largest span counts are read here, on the host, to size the output.
+    Under ``torch.compile`` it runs as the custom op ``torch.ops.vtprune.attention_scores``; in eager mode it
+    launches directly (one dispatch layer). The output width is the largest span count of CPU spans, read
+    on the host as Python ints, or ``L`` for spans on the device (no host read).
     """
     import vtprune.ops._library  # noqa: F401  (registers the custom ops)
 
-    return torch.ops.vtprune.attention_scores(
-        q, k, query_spans, key_spans, bool(causal), key_padding_mask,
-        None if scale is None else float(scale),
-        host_max(query_spans), host_max(key_spans),
-    )
+    L = q.shape[2]
+    return call(torch.ops.vtprune.attention_scores, attention_scores_launch,
+                q, k, query_spans, key_spans, bool(causal), key_padding_mask,
+                None if scale is None else float(scale), host_max(query_spans, L), host_max(key_spans, L))
 

@@ -16,6 +16,7 @@ import triton.language as tl
 
 from vtprune.reference._common import host_max
 from vtprune.triton_kernels._common import mma, pow2, rows_dot_cols, to_device_i64, to_dtype
+from vtprune.triton_kernels._routed_ops import call
 from vtprune.triton_kernels.attention_scores import (
     LOG2E,
     allowed_mask,
@@ -116,12 +117,12 @@ def attention_with_scores_launch(q, k, v, query_spans, key_spans, causal, key_pa
 def attention_with_scores(q, k, v, *, query_spans, key_spans, causal, key_padding_mask=None, scale=None):
     """Triton backend of :func:`vtprune.ops.attention_with_scores` (arguments checked there).
 
-    Runs through the custom op ``torch.ops.vtprune.attention_with_scores`` (traceable by ``torch.compile``).
+    Under ``torch.compile`` it runs as the custom op ``torch.ops.vtprune.attention_with_scores``; in eager
+    mode it launches directly. Output width as in :func:`vtprune.triton_kernels.attention_scores.attention_scores`.
     """
     import vtprune.ops._library  # noqa: F401  (registers the custom ops)
 
-    return torch.ops.vtprune.attention_with_scores(
-        q, k, v, query_spans, key_spans, bool(causal), key_padding_mask,
-        None if scale is None else float(scale),
-        host_max(query_spans), host_max(key_spans),
-    )
+    L = q.shape[2]
+    return call(torch.ops.vtprune.attention_with_scores, attention_with_scores_launch,
+                q, k, v, query_spans, key_spans, bool(causal), key_padding_mask,
+                None if scale is None else float(scale), host_max(query_spans, L), host_max(key_spans, L))

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from vtprune.triton_kernels._common import count_below, mma, pow2, to_device_i64, to_dtype, upcast_dot
+from vtprune.triton_kernels._routed_ops import call
 
 NORM_EPS = 1e-12  # F.normalize's default
 
@@ -175,11 +176,17 @@ def contextual_merge_launch(x, metric, keep_idx, num_contextual, lengths):
     return out, target_idx
 
 
+def _contextual_merge_tokens(x, metric, keep_idx, num_contextual, lengths):
+    return contextual_merge_launch(x, metric, keep_idx, num_contextual, lengths)[0]
+
+
 def contextual_merge(x, metric, keep_idx, num_contextual, *, lengths=None):
     """Triton backend of :func:`vtprune.ops.contextual_merge` (arguments checked there).
 
-    Runs through the custom op ``torch.ops.vtprune.contextual_merge`` (traceable by ``torch.compile``).
+    Under ``torch.compile`` it runs as the custom op ``torch.ops.vtprune.contextual_merge``; in eager mode it launches
+    directly (one dispatch layer).
     """
     import vtprune.ops._library  # noqa: F401  (registers the custom ops)
 
-    return torch.ops.vtprune.contextual_merge(x, metric, keep_idx, int(num_contextual), lengths)
+    return call(torch.ops.vtprune.contextual_merge, _contextual_merge_tokens, x, metric, keep_idx,
+                int(num_contextual), lengths)

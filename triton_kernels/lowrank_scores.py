@@ -181,9 +181,9 @@ def lowrank_scores(h, u, v, *, visual_spans, key_padding_mask=None):
     """Triton backend of :func:`vtprune.ops.lowrank_scores` (arguments checked there).
 
     Under ``torch.compile`` it runs as the custom op ``torch.ops.vtprune.lowrank_scores``; in eager mode it
-    launches directly. The largest visual count is read on the host (the public checks read spans there).
+    launches directly. The output width: the largest visual count of CPU spans, ``L`` for spans on the device.
     """
     from vtprune.triton_kernels._routed_ops import call
 
     return call(torch.ops.vtprune.lowrank_scores, lowrank_scores_launch, h, u, v, visual_spans, key_padding_mask,
-                host_max(visual_spans))
+                host_max(visual_spans, h.shape[1]))

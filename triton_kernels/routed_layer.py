@@ -18,6 +18,7 @@ from functools import partial
 import torch
 
 from vtprune.ops._routed_fused import fused_routed_layer
+from vtprune.ops._staging import to_device_i64
 from vtprune.triton_kernels._routed_kernels import add_scatter, gather_add_rmsnorm, gather_rmsnorm
 from vtprune.triton_kernels._routed_ops import call
 
@@ -29,7 +30,7 @@ def routed_layer(layer, hidden_states, routed_idx, *, position_embeddings, atten
     kernels = (partial(call, ops.routed_gather_rmsnorm, gather_rmsnorm),
                partial(call, ops.routed_gather_add_rmsnorm, gather_add_rmsnorm),
                partial(call, ops.routed_add_scatter, add_scatter))
-    return fused_routed_layer(layer, hidden_states, routed_idx.to(hidden_states.device).contiguous(), kernels,
+    return fused_routed_layer(layer, hidden_states, to_device_i64(routed_idx, hidden_states.device), kernels,
                               backend="triton", position_embeddings=position_embeddings,
                               attention_mask=attention_mask, past_key_values=past_key_values,
                               cache_position=cache_position, layer_kwargs=layer_kwargs)

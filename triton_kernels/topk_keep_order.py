@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from vtprune.triton_kernels._common import pow2, to_device_i64
+from vtprune.triton_kernels._routed_ops import call
 
 SINGLE_TILE_MAX = 4096
 
@@ -126,8 +127,9 @@ def topk_keep_order_launch(scores: torch.Tensor, k: int, lengths: torch.Tensor |
 def topk_keep_order(scores, k, *, lengths=None):
     """Triton backend of :func:`vtprune.ops.topk_keep_order` (arguments checked there).
 
-    Runs through the custom op ``torch.ops.vtprune.topk_keep_order`` (traceable by ``torch.compile``).
+    Under ``torch.compile`` it runs as the custom op ``torch.ops.vtprune.topk_keep_order``; in eager mode it launches
+    directly (one dispatch layer).
     """
     import vtprune.ops._library  # noqa: F401  (registers the custom ops)
 
-    return torch.ops.vtprune.topk_keep_order(scores, int(k), lengths)
+    return call(torch.ops.vtprune.topk_keep_order, topk_keep_order_launch, scores, int(k), lengths)

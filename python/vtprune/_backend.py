@@ -15,6 +15,7 @@ chooses.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from collections.abc import Callable
@@ -110,7 +111,17 @@ def resolve(op: str, backend: str | None, device: torch.device) -> str:
 
 
 def implementation(op: str, backend: str | None, device: torch.device) -> Callable:
-    """The function implementing ``op`` on the resolved backend."""
-    name = resolve(op, backend, device)
+    """The function implementing ``op`` on the resolved backend.
+
+    Resolved once per (op, backend, device type, environment) and cached: the availability checks and imports
+    cost more than a kernel launch. Failures are not cached, so a later call raises again.
+    """
+    env = (os.environ.get("VTPRUNE_BACKEND"), os.environ.get("TRITON_INTERPRET"))
+    return _implementation(op, backend, device.type, env)
+
+
+@functools.cache
+def _implementation(op: str, backend: str | None, device_type: str, env) -> Callable:
+    name = resolve(op, backend, torch.device(device_type))
     module = importlib.import_module(f"{_PACKAGES[name]}.{op}")
     return getattr(module, op)

@@ -104,3 +104,66 @@ def test_backend_selection(monkeypatch):
         topk_keep_order(torch.randn(1, 3), 1, backend="triton")
     with pytest.raises(BackendUnavailableError):
         topk_keep_order(torch.randn(1, 3), 1, backend="cuda")
+
+
+# ---- issue #11 item 10: inputs that ran silently or failed with an internal error ------------------------------
+
+EMPTY_BATCH = [
+    ("attention_scores", lambda: attention_scores(torch.randn(0, 4, 8, 4), torch.randn(0, 2, 8, 4),
+                                                  query_spans=torch.zeros(0, 2, dtype=torch.int64),
+                                                  key_spans=torch.zeros(0, 2, dtype=torch.int64), causal=True), "q"),
+    ("attention_with_scores", lambda: attention_with_scores(
+        torch.randn(0, 4, 8, 4), torch.randn(0, 2, 8, 4), torch.randn(0, 2, 8, 4),
+        query_spans=torch.zeros(0, 2, dtype=torch.int64), key_spans=torch.zeros(0, 2, dtype=torch.int64),
+        causal=True), "q"),
+    ("topk_keep_order", lambda: topk_keep_order(torch.randn(0, 5), 2), "scores"),
+    ("contextual_merge", lambda: contextual_merge(torch.randn(0, 6, 4), torch.randn(0, 6, 4),
+                                                  torch.zeros(0, 2, dtype=torch.int64), 1), "x"),
+    ("select_and_merge", lambda: select_and_merge(torch.randn(0, 6), torch.randn(0, 6, 4), torch.randn(0, 6, 4),
+                                                  2, 1), "x"),
+    ("lowrank_scores", lambda: lowrank_scores(torch.randn(0, 6, 8), torch.randn(8, 2), torch.randn(8, 2),
+                                              visual_spans=torch.zeros(0, 2, dtype=torch.int64)), "h"),
+]
+
+
+@pytest.mark.parametrize("op, call, name", EMPTY_BATCH, ids=[c[0] for c in EMPTY_BATCH])
+def test_batch_zero_is_refused(op, call, name):
+    with pytest.raises(ValueError, match=rf"{name} must have batch size B >= 1, got shape \(0,"):
+        call()
+
+
+def test_attention_with_scores_v_none():
+    with pytest.raises(ValueError, match="v must be a Tensor .* got None"):
+        attention_with_scores(Q, K, None, query_spans=SP, key_spans=SP, causal=True)
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf"), 0.0, -0.5, True])
+@pytest.mark.parametrize("op", ["attention_scores", "attention_with_scores"])
+def test_scale_must_be_finite_and_positive(op, scale):
+    args = (Q, K) if op == "attention_scores" else (Q, K, K)
+    fn = attention_scores if op == "attention_scores" else attention_with_scores
+    with pytest.raises(ValueError, match="scale must be"):
+        fn(*args, query_spans=SP, key_spans=SP, causal=True, scale=scale)
+
+
+@pytest.mark.parametrize("causal", ["no", "False", 0, 1, None, torch.tensor(True)])
+@pytest.mark.parametrize("op", ["attention_scores", "attention_with_scores"])
+def test_causal_must_be_a_bool(op, causal):
+    """``causal="no"`` used to run as causal (a non-empty string is truthy)."""
+    args = (Q, K) if op == "attention_scores" else (Q, K, K)
+    fn = attention_scores if op == "attention_scores" else attention_with_scores
+    with pytest.raises(ValueError, match="causal must be a bool"):
+        fn(*args, query_spans=SP, key_spans=SP, causal=causal)
+
+
+def test_zero_width_tokens_and_metric_are_refused():
+    x = torch.randn(2, 6, 4)
+    keep = torch.tensor([[0, 1], [2, 3]])
+    with pytest.raises(ValueError, match="metric must have shape .* dk >= 1 channels, got \\(2, 6, 0\\)"):
+        contextual_merge(x, torch.randn(2, 6, 0), keep, 1)
+    with pytest.raises(ValueError, match="metric must have shape .* dk >= 1 channels"):
+        select_and_merge(torch.randn(2, 6), x, torch.randn(2, 6, 0), 2, 1)
+    with pytest.raises(ValueError, match="x must have N >= 1 tokens of D >= 1 channels"):
+        contextual_merge(torch.randn(2, 6, 0), x, keep, 1)
+    with pytest.raises(ValueError, match="rank R >= 1"):
+        lowrank_scores(torch.randn(1, 6, 8), torch.randn(8, 0), torch.randn(8, 0), visual_spans=torch.tensor([[0, 3]]))

@@ -20,7 +20,7 @@ def attention_with_scores(q, k, v, *, query_spans, key_spans, causal, key_paddin
     dv = v.shape[-1]
     device = q.device
     scale = d**-0.5 if scale is None else float(scale)
-    Km = host_max(key_spans)
+    Km = host_max(key_spans, L)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # [B, H, L, d], [B, Hkv, L, d], [B, Hkv, L, dv]
     qspans, kspans = device_i64(query_spans, device), device_i64(key_spans, device)  # [B, 2]
     kpm = None if key_padding_mask is None else key_padding_mask.contiguous()  # [B, L] bool

@@ -20,7 +20,7 @@ def lowrank_scores(h, u, v, *, visual_spans, key_padding_mask=None):
     B, L, _ = h.shape
     R = u.shape[1]
     device = h.device
-    Vm = host_max(visual_spans)
+    Vm = host_max(visual_spans, L)
     # fp32 like the reference: bf16-rounded projections would shift logits by ~|logit| * 2^-9.
     ab = h.float() @ torch.cat([u, v], dim=1).float()  # [B, L, 2R]
     a, b = ab[..., :R].contiguous(), ab[..., R:].contiguous()  # [B, L, R] each

@@ -1,11 +1,18 @@
 """Argument checks shared by the public ops.
 
 Every failure is a ``ValueError`` that names the argument, what was expected and what was given.
-Checks on tensor *values* (span bounds, counts) read a few integers back to the host: pass spans and lengths
-as CPU tensors to keep that off the device queue.
+
+Values are validated where they live, so no check ever waits for the device: index tensors on the CPU (spans,
+lengths: the README's recommendation) are read on the host as Python integers (one ``tolist`` instead of
+several tiny reductions); index tensors on the device are checked by a device-side assert
+(``torch._assert_async``), queued like a kernel. A failed device assert aborts the device's work with the
+message (CUDA reports it at the next synchronisation, as a device-side assert), so a bad value is never
+silently used.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -25,6 +32,14 @@ def tensor(name: str, t, *, ndim: int | None = None, dtypes=None, device: torch.
     return t
 
 
+def batched(name: str, t, *, ndim: int, dtypes=FLOAT_DTYPES) -> torch.Tensor:
+    """The leading data tensor of an op: ``ndim`` dimensions, a float dtype, batch size B >= 1."""
+    tensor(name, t, ndim=ndim, dtypes=dtypes)
+    if t.shape[0] < 1:
+        raise ValueError(f"{name} must have batch size B >= 1, got shape {tuple(t.shape)}")
+    return t
+
+
 def same_dtype(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
     if t.dtype != ref.dtype:
         raise ValueError(f"{name} must have the dtype of {ref_name} ({ref.dtype}), got {t.dtype}")
@@ -41,21 +56,40 @@ def host_device_ok(name: str, t: torch.Tensor, device: torch.device) -> None:
         raise ValueError(f"{name} must be on the CPU or on {device}, got {t.device}")
 
 
-def spans(name: str, s, batch: int, length: int, device: torch.device) -> torch.Tensor:
-    """Validate int64 ``[B, 2]`` (start, count) spans inside ``[0, length]`` with count >= 1."""
+def on_host(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu"
+
+
+def require(ok: torch.Tensor, message: str) -> None:
+    """``ValueError(message)`` unless the bool tensor ``ok`` is True; on the device an async device-side assert."""
+    if on_host(ok):
+        if not bool(ok):
+            raise ValueError(message)
+    else:
+        torch._assert_async(ok, message)
+
+
+def spans(name: str, s, batch: int, length: int, device: torch.device) -> int:
+    """Validate int64 ``[B, 2]`` (start, count) spans inside ``[0, length]`` with count >= 1.
+
+    Returns the width of a per-span output: the largest count for CPU spans; ``length`` (the largest a count
+    can be) for spans on the device, whose values the host does not read.
+    """
     tensor(name, s, ndim=2, dtypes=(torch.int64,))
     host_device_ok(name, s, device)
     if tuple(s.shape) != (batch, 2):
         raise ValueError(f"{name} must have shape [B, 2] = [{batch}, 2], got {tuple(s.shape)}")
-    host = s.detach().cpu()
-    start, count = host[:, 0], host[:, 1]
-    if bool((count < 1).any()):
-        raise ValueError(f"{name}: every count must be positive, got counts {count.tolist()}")
-    if bool((start < 0).any()) or bool((start + count > length).any()):
-        raise ValueError(
-            f"{name}: every span (start, count) must lie inside [0, {length}), got {host.tolist()}"
-        )
-    return s
+    if not on_host(s):
+        start, count = s[:, 0], s[:, 1]
+        require(((count >= 1) & (start >= 0) & (start + count <= length)).all(),
+                f"{name}: every span (start, count) must have count >= 1 and lie inside [0, {length})")
+        return length
+    rows = s.tolist()
+    if any(c < 1 for _, c in rows):
+        raise ValueError(f"{name}: every count must be positive, got counts {[c for _, c in rows]}")
+    if any(st < 0 or st + c > length for st, c in rows):
+        raise ValueError(f"{name}: every span (start, count) must lie inside [0, {length}), got {rows}")
+    return max(c for _, c in rows)
 
 
 def lengths(name: str, t, batch: int, n: int, device: torch.device, minimum: int = 1) -> torch.Tensor | None:
@@ -66,9 +100,12 @@ def lengths(name: str, t, batch: int, n: int, device: torch.device, minimum: int
     host_device_ok(name, t, device)
     if t.shape[0] != batch:
         raise ValueError(f"{name} must have shape [B] = [{batch}], got {tuple(t.shape)}")
-    host = t.detach().cpu()
-    if bool((host < minimum).any()) or bool((host > n).any()):
-        raise ValueError(f"{name}: every length must lie in [{minimum}, {n}], got {host.tolist()}")
+    if not on_host(t):
+        require(((t >= minimum) & (t <= n)).all(), f"{name}: every length must lie in [{minimum}, {n}]")
+        return t
+    values = t.tolist()
+    if any(v < minimum or v > n for v in values):
+        raise ValueError(f"{name}: every length must lie in [{minimum}, {n}], got {values}")
     return t
 
 
@@ -87,3 +124,21 @@ def positive_int(name: str, v, *, allow_zero: bool = False) -> int:
     if v < 0 or (v == 0 and not allow_zero):
         raise ValueError(f"{name} must be {'>= 0' if allow_zero else '>= 1'}, got {v}")
     return v
+
+
+def flag(name: str, v) -> bool:
+    """A Python bool (a string such as "no" would otherwise be truthy)."""
+    if not isinstance(v, bool):
+        raise ValueError(f"{name} must be a bool (True or False), got {type(v).__name__} {v!r}")
+    return v
+
+
+def scale(v) -> float | None:
+    """``None`` or a finite positive float."""
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"scale must be a float or None, got {type(v).__name__}")
+    if not math.isfinite(v) or v <= 0:
+        raise ValueError(f"scale must be a finite positive float (default d ** -0.5), got {v}")
+    return float(v)

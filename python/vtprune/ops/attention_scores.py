@@ -6,9 +6,12 @@ from vtprune import _backend
 from vtprune.ops import _checks
 
 
-def check_qk(q, k, v, query_spans, key_spans, key_padding_mask, scale):
-    """Validate the shared arguments of the attention-score ops; returns (B, H, L, d)."""
-    _checks.tensor("q", q, ndim=4, dtypes=_checks.FLOAT_DTYPES)
+def check_qk(q, k, v, query_spans, key_spans, key_padding_mask, causal, scale):
+    """Validate the shared arguments of the attention-score ops; returns (causal, scale) as bool and float/None.
+
+    Span values are read on the host only when the spans are CPU tensors (see :mod:`vtprune.ops._checks`).
+    """
+    _checks.batched("q", q, ndim=4)
     B, H, L, d = q.shape
     _checks.tensor("k", k, ndim=4, dtypes=_checks.FLOAT_DTYPES, device=q.device)
     _checks.same_dtype("k", k, "q", q)
@@ -26,9 +29,7 @@ def check_qk(q, k, v, query_spans, key_spans, key_padding_mask, scale):
     _checks.spans("query_spans", query_spans, B, L, q.device)
     _checks.spans("key_spans", key_spans, B, L, q.device)
     _checks.key_padding_mask(key_padding_mask, B, L, q.device)
-    if scale is not None and not isinstance(scale, (int, float)):
-        raise ValueError(f"scale must be a float or None, got {type(scale).__name__}")
-    return B, H, L, d
+    return _checks.flag("causal", causal), _checks.scale(scale)
 
 
 def attention_scores(q, k, *, query_spans, key_spans, causal, key_padding_mask=None, scale=None, backend="auto"):
@@ -44,16 +45,18 @@ def attention_scores(q, k, *, query_spans, key_spans, causal, key_padding_mask=N
     ----------
     q : Tensor [B, H, L, d]  post-RoPE queries (fp32, fp16 or bf16)
     k : Tensor [B, Hkv, L, d]  post-RoPE keys, same dtype; ``H % Hkv == 0``
-    query_spans, key_spans : int64 Tensor [B, 2]  ``(start, count)`` per batch row, ``count >= 1``; CPU or
-        the device of ``q`` (CPU avoids a device sync for the host-side bound checks)
-    causal : bool
+    query_spans, key_spans : int64 Tensor [B, 2]  ``(start, count)`` per batch row, ``count >= 1``; CPU (the
+        recommended form: checked on the host, staged to the device without a sync) or the device of ``q``
+        (checked by a device-side assert; the host never reads them)
+    causal : bool  (a Python bool)
     key_padding_mask : bool Tensor [B, L], optional  True for a real token
-    scale : float, optional  default ``d ** -0.5``
+    scale : float, optional  finite and positive; default ``d ** -0.5``
     backend : "auto" | "reference" | "triton" | "cuda"
 
     Returns
     -------
-    Tensor float32 [B, max key count]; entries past a row's own key count are zero.
+    Tensor float32 [B, W]: W = the largest key count when ``key_spans`` is a CPU tensor, ``L`` when it is on
+    the device (the host cannot see the counts without a sync); entries past a row's own key count are zero.
 
     Example
     -------
@@ -63,9 +66,9 @@ def attention_scores(q, k, *, query_spans, key_spans, causal, key_padding_mask=N
     >>> s.shape
     torch.Size([1, 5])
     """
-    check_qk(q, k, None, query_spans, key_spans, key_padding_mask, scale)
+    causal, scale = check_qk(q, k, None, query_spans, key_spans, key_padding_mask, causal, scale)
     impl = _backend.implementation("attention_scores", backend, q.device)
-    return impl(q, k, query_spans=query_spans, key_spans=key_spans, causal=bool(causal),
+    return impl(q, k, query_spans=query_spans, key_spans=key_spans, causal=causal,
                 key_padding_mask=key_padding_mask, scale=scale)
 
 
@@ -85,7 +88,7 @@ def attention_with_scores(
 
     Returns
     -------
-    (out, scores): out [B, H, L, dv] in q's dtype; scores float32 [B, max key count]
+    (out, scores): out [B, H, L, dv] in q's dtype; scores float32 [B, W] as in :func:`attention_scores`
 
     Example
     -------
@@ -93,7 +96,10 @@ def attention_with_scores(
     >>> out, s = attention_with_scores(q, k, v, query_spans=torch.tensor([[0, 1]] * 2),
     ...                                key_spans=torch.tensor([[1, 8]] * 2), causal=False)
     """
-    check_qk(q, k, v, query_spans, key_spans, key_padding_mask, scale)
+    if v is None:
+        raise ValueError("v must be a Tensor [B, Hkv, L, dv] (attention_with_scores returns the attention output; "
+                         "use attention_scores for the scores alone), got None")
+    causal, scale = check_qk(q, k, v, query_spans, key_spans, key_padding_mask, causal, scale)
     impl = _backend.implementation("attention_with_scores", backend, q.device)
-    return impl(q, k, v, query_spans=query_spans, key_spans=key_spans, causal=bool(causal),
+    return impl(q, k, v, query_spans=query_spans, key_spans=key_spans, causal=causal,
                 key_padding_mask=key_padding_mask, scale=scale)

@@ -6,27 +6,33 @@ import torch
 
 from vtprune import _backend
 from vtprune.ops import _checks
+from vtprune.ops._staging import to_device_i64
 from vtprune.ops.topk_keep_order import check_topk
 
 
 def check_tokens(x, metric, lengths):
-    _checks.tensor("x", x, ndim=3, dtypes=_checks.FLOAT_DTYPES)
-    B, N, _ = x.shape
+    _checks.batched("x", x, ndim=3)
+    B, N, D = x.shape
+    if N < 1 or D < 1:
+        raise ValueError(f"x must have N >= 1 tokens of D >= 1 channels, got shape {tuple(x.shape)}")
     _checks.tensor("metric", metric, ndim=3, dtypes=_checks.FLOAT_DTYPES, device=x.device)
-    if tuple(metric.shape[:2]) != (B, N):
-        raise ValueError(f"metric must have shape [B, N, dk] = [{B}, {N}, dk], got {tuple(metric.shape)}")
+    if tuple(metric.shape[:2]) != (B, N) or metric.shape[2] < 1:
+        raise ValueError(f"metric must have shape [B, N, dk] = [{B}, {N}, dk] with dk >= 1 channels, "
+                         f"got {tuple(metric.shape)}")
     _checks.lengths("lengths", lengths, B, N, x.device)
     return B, N
 
 
 def check_budget(num_dominant, num_contextual, lengths, n, name_k):
     _checks.positive_int("num_contextual", num_contextual, allow_zero=True)
-    available = n if lengths is None else int(lengths.detach().cpu().min())
-    if num_dominant + num_contextual > available:
-        raise ValueError(
-            f"{name_k} + num_contextual = {num_dominant} + {num_contextual} exceeds the tokens available "
-            f"({available}{' in the shortest row' if lengths is not None else ''})"
-        )
+    need = num_dominant + num_contextual
+    message = f"{name_k} + num_contextual = {num_dominant} + {num_contextual} exceeds the tokens available"
+    if need > n:
+        raise ValueError(f"{message} ({n})")
+    if lengths is not None and not _checks.on_host(lengths):
+        _checks.require((lengths >= need).all(), f"{message} in the shortest row (lengths)")
+    elif lengths is not None and min(lengths.tolist()) < need:
+        raise ValueError(f"{message} ({min(lengths.tolist())} in the shortest row)")
 
 
 def contextual_merge(x, metric, keep_idx, num_contextual, *, lengths=None, backend="auto"):
@@ -41,7 +47,8 @@ def contextual_merge(x, metric, keep_idx, num_contextual, *, lengths=None, backe
     ----------
     x : Tensor [B, N, D]  tokens (fp32/fp16/bf16)
     metric : Tensor [B, N, dk]  similarity metric (keys averaged over heads)
-    keep_idx : int64 Tensor [B, k]  kept ("dominant") positions, strictly ascending, < lengths[b]
+    keep_idx : int64 Tensor [B, k]  kept ("dominant") positions, strictly ascending, < lengths[b]; on x's
+        device (checked there by a device-side assert when x is not on the CPU)
     num_contextual : int  ``C >= 0``, at most ``lengths[b] - k``
     lengths : int64 Tensor [B], optional  valid prefix length per row
 
@@ -64,10 +71,12 @@ def contextual_merge(x, metric, keep_idx, num_contextual, *, lengths=None, backe
     check_budget(k, num_contextual, lengths, N, "keep_idx.shape[1]")
     if k + num_contextual < 1:
         raise ValueError("keep_idx.shape[1] + num_contextual must be >= 1 (nothing would be returned)")
-    host = keep_idx.detach().cpu()
-    limit = torch.full((B,), N) if lengths is None else lengths.detach().cpu()
-    if k and (bool((host < 0).any()) or bool((host >= limit[:, None]).any()) or bool((host.diff(dim=1) <= 0).any())):
-        raise ValueError("keep_idx must be strictly ascending per row and inside [0, lengths[b])")
+    if k:
+        # first >= 0, strictly ascending, last < lengths[b]: on the device an async assert, no host read
+        step = keep_idx.diff(dim=1, prepend=keep_idx.new_full((B, 1), -1))
+        limit = N if lengths is None else to_device_i64(lengths, keep_idx.device)
+        _checks.require((step > 0).all() & (keep_idx[:, -1] < limit).all(),
+                        "keep_idx must be strictly ascending per row and inside [0, lengths[b])")
     impl = _backend.implementation("contextual_merge", backend, x.device)
     return impl(x, metric, keep_idx, num_contextual, lengths=lengths)
 

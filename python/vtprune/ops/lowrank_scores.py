@@ -18,13 +18,15 @@ def lowrank_scores(h, u, v, *, visual_spans, key_padding_mask=None, backend="aut
     ----------
     h : Tensor [B, L, D]  normalised hidden states (the layer's input norm applied)
     u, v : Tensor [D, R]  low-rank query and key factors, h's dtype
-    visual_spans : int64 Tensor [B, 2]  ``(start, count)`` of the image tokens per row
+    visual_spans : int64 Tensor [B, 2]  ``(start, count)`` of the image tokens per row (CPU or h's device, as
+        the spans of :func:`vtprune.ops.attention_scores`)
     key_padding_mask : bool Tensor [B, L], optional  True for a real token
     backend : "auto" | "reference" | "triton" | "cuda"
 
     Returns
     -------
-    float32 Tensor [B, max visual count], zero past each row's count.
+    float32 Tensor [B, W], zero past each row's count: W = the largest visual count for CPU spans, ``L`` for
+    spans on the device.
 
     Example
     -------
@@ -32,7 +34,7 @@ def lowrank_scores(h, u, v, *, visual_spans, key_padding_mask=None, backend="aut
     >>> lowrank_scores(h, u, v, visual_spans=torch.tensor([[2, 6]])).shape
     torch.Size([1, 6])
     """
-    _checks.tensor("h", h, ndim=3, dtypes=_checks.FLOAT_DTYPES)
+    _checks.batched("h", h, ndim=3)
     B, L, D = h.shape
     for name, f in (("u", u), ("v", v)):
         _checks.tensor(name, f, ndim=2, dtypes=_checks.FLOAT_DTYPES, device=h.device)
@@ -40,6 +42,9 @@ def lowrank_scores(h, u, v, *, visual_spans, key_padding_mask=None, backend="aut
         _checks.dim_size(name, f, 0, D, "h's hidden size D")
     if u.shape != v.shape:
         raise ValueError(f"u and v must have the same shape [D, R], got {tuple(u.shape)} and {tuple(v.shape)}")
+    if L < 1 or D < 1 or u.shape[1] < 1:
+        raise ValueError(f"h must have L >= 1 and D >= 1 and the factors rank R >= 1, got h {tuple(h.shape)}, "
+                         f"u {tuple(u.shape)}")
     _checks.spans("visual_spans", visual_spans, B, L, h.device)
     _checks.key_padding_mask(key_padding_mask, B, L, h.device)
     impl = _backend.implementation("lowrank_scores", backend, h.device)

@@ -16,10 +16,11 @@ def _check_index(routed_idx, B: int, L: int, device: torch.device) -> None:
         raise ValueError(f"routed_idx must have shape [B, K] = [{B}, K] with 1 <= K <= L = {L}, "
                          f"got {tuple(routed_idx.shape)}")
     if routed_idx.device.type == "cpu":  # values are checked where that costs no device sync
-        if bool((routed_idx < 0).any()) or bool((routed_idx >= L).any()):
-            raise ValueError(f"routed_idx: every index must lie in [0, {L}), got {routed_idx.tolist()}")
-        if bool((routed_idx[:, 1:] <= routed_idx[:, :-1]).any()):
-            raise ValueError(f"routed_idx must be strictly ascending per row, got {routed_idx.tolist()}")
+        rows = routed_idx.tolist()
+        if any(i < 0 or i >= L for row in rows for i in row):
+            raise ValueError(f"routed_idx: every index must lie in [0, {L}), got {rows}")
+        if any(a >= b for row in rows for a, b in zip(row, row[1:])):
+            raise ValueError(f"routed_idx must be strictly ascending per row, got {rows}")
 
 
 def _check_position_embeddings(position_embeddings, B: int, L: int) -> None:

@@ -7,7 +7,7 @@ from vtprune.ops import _checks
 
 
 def check_topk(scores, k, lengths, name_k="k"):
-    _checks.tensor("scores", scores, ndim=2, dtypes=_checks.FLOAT_DTYPES)
+    _checks.batched("scores", scores, ndim=2)
     B, N = scores.shape
     _checks.positive_int(name_k, k)
     if k > N:
@@ -27,7 +27,8 @@ def topk_keep_order(scores, k, *, lengths=None, backend="auto"):
     ----------
     scores : Tensor [B, N]  float32 (fp16/bf16 are accepted and compared exactly in float32)
     k : int  ``1 <= k <= N`` and ``k <= lengths[b]`` for every row
-    lengths : int64 Tensor [B], optional  valid prefix length per row (CPU or the scores' device)
+    lengths : int64 Tensor [B], optional  valid prefix length per row: CPU (checked on the host) or the scores'
+        device (checked by a device-side assert)
     backend : "auto" | "reference" | "triton" | "cuda"
 
     Returns

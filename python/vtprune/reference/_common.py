@@ -21,10 +21,16 @@ def span_index(spans: torch.Tensor, width: int, length: int, device) -> tuple[to
     return pos, valid
 
 
-def host_max(spans_or_counts: torch.Tensor) -> int:
-    """Largest count, read on the host (spans are validated on the host already, so this is cheap)."""
+def host_max(spans_or_counts: torch.Tensor, length: int | None = None) -> int:
+    """Width of a per-span output: the largest count of CPU spans (read as Python ints); for spans on the
+    device ``length`` (the largest a count can be: no host read, so no sync), or, when ``length`` is None,
+    the largest count read back (a sync)."""
     if spans_or_counts.dim() == 2:
         spans_or_counts = spans_or_counts[:, 1]
+    if spans_or_counts.device.type == "cpu":
+        return max(spans_or_counts.tolist())
+    if length is not None:
+        return length
     return int(spans_or_counts.detach().cpu().max())
 
 

@@ -16,7 +16,7 @@ def attention_with_scores(q, k, v, *, query_spans, key_spans, causal, key_paddin
     B, H, L, d = q.shape
     group = H // k.shape[1]
     scale = d**-0.5 if scale is None else scale
-    Qm, Km = host_max(query_spans), host_max(key_spans)
+    Qm, Km = host_max(query_spans, L), host_max(key_spans, L)
     qpos, qvalid = span_index(query_spans, Qm, L, q.device)
     kpos, kvalid = span_index(key_spans, Km, L, q.device)
     rows = torch.arange(L, device=q.device).expand(B, L)
