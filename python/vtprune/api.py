@@ -95,6 +95,8 @@ class Handle:
 def _stats(cfg, call) -> Stats:
     import torch
 
+    from vtprune.models._decoder import resolve_selections
+
     if not call.visual_per_layer:
         visual = tokens = torch.zeros(0, len(call.original_visual), dtype=torch.int64)
     else:
@@ -109,7 +111,7 @@ def _stats(cfg, call) -> Stats:
         tokens_per_layer=tokens0,
         flops=prefill_flops(cfg, tokens0),
         flops_unpruned=prefill_flops(cfg, unpruned),
-        selections=list(call.selections),
+        selections=resolve_selections(call),
         visual_tokens_per_row=visual.T.tolist(),
         tokens_per_row=tokens.T.tolist(),
     )

@@ -139,6 +139,8 @@ class RoutedMethod(Method):
     def _new_columns_padded(key_padding_mask, q: int, scratch: dict) -> bool:
         """Whether the new tokens' columns hold padding: one host read per decoding call (the patch passes the
         same mask tensor to every layer of a call)."""
+        if scratch.get("new_columns_real"):  # the decoder patch already knows: no read
+            return False
         seen = scratch.get("alvts_new_cols")
         if seen is None or seen[0] is not key_padding_mask or seen[1] != q:
             seen = scratch["alvts_new_cols"] = (key_padding_mask, q, not bool(key_padding_mask[:, -q:].all()))

@@ -30,7 +30,7 @@ from vtprune import ops
 from vtprune._compat import cache_from, cache_kwargs
 from vtprune.methods.base import LayerCall, Method, Plan
 from vtprune.methods.schedule import Stage, resolve_count
-from vtprune.models._sequence import Sequence, gather_span
+from vtprune.models._sequence import Sequence, gather_span, staged_to
 
 
 @dataclass
@@ -197,7 +197,7 @@ class DecoderPatch:
             n, d, c = key
             spans = seq.spans[rows]
             qspans = spans if stage.query == "image" else torch.tensor([[L - 1, 1]] * len(rows))
-            dev_rows = rows.to(hidden.device)
+            dev_rows = staged_to(rows, hidden.device)
             scores = ops.attention_scores(q[dev_rows], k[dev_rows], query_spans=qspans, key_spans=spans,
                                           causal=True, key_padding_mask=kpm[dev_rows], scale=scale,
                                           backend=self.plan.backend)
@@ -224,8 +224,10 @@ class DecoderPatch:
         if not seq.recompact and order:  # kept tokens keep their positions, contextual ones their target's
             value_positions = torch.cat([seq.positions[..., b, kept_at[b].to(seq.positions.device)] for b in order],
                                         -1)
-        out, new_slots = seq.compact(hidden, keep, slots, values, value_positions)
-        seq.set_spans_from_slots(new_slots)
+        out, _ = seq.compact(hidden, keep, slots, values, value_positions)
+        # every token before a row's span is kept: the span moves by the row's new left padding (host values)
+        seq.spans = torch.tensor([[int(seq.spans[b, 0]) + int(seq.pad_host[b]), d + c] if n else [0, 0]
+                                  for b, (n, d, c) in enumerate(budgets)], dtype=torch.int64)
         self._next_group(call, g)
         return out
 
@@ -236,13 +238,11 @@ class DecoderPatch:
 
     @staticmethod
     def _record(call: Call, name: str, keep_idx, target_idx) -> None:
+        """Row 0's selection of a stage, kept on the device; :func:`resolve_selections` maps it to original patch
+        indices when the statistics are read."""
         if call.origin is None:
             return
-        keep_idx, target_idx = keep_idx.tolist(), target_idx.tolist()
-        kept = [call.origin[j] for j in keep_idx]
-        targets = [call.origin[j] for j in target_idx]
-        call.selections.append({"stage": name, "kept": kept, "contextual": targets})
-        call.origin = kept + targets
+        call.selections.append({"stage": name, "keep_idx": keep_idx, "target_idx": target_idx})
 
     # ------------------------------------------------------------------ calls
     def prefill_call(self, seq: Sequence, original_visual, origin) -> Call:
@@ -274,7 +274,7 @@ class DecoderPatch:
         # positions [B, q] or [3, B, q]: each group's shift [B] broadcasts over the trailing query dimension
         return Call(False, seq, masks, pos, list(record.shifts), torch.zeros(masks[0].shape[0], dtype=torch.int64),
                     unpadded=[new_real and not p for p in record.padded], padded=list(record.padded),
-                    state=record.state)
+                    state=record.state, scratch={"new_columns_real": new_real})
 
 
 def _layer_positions(positions):
@@ -296,3 +296,19 @@ def llama_qk(layer, hidden, position_embeddings):
     rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
     q, k = rope(q, k, cos, sin)
     return q, k, float(attn.scaling)
+
+
+def resolve_selections(call: Call) -> list:
+    """Row 0's stage selections as original patch indices ("kept", "contextual"): the host reads happen here, when
+    the statistics are read, not while the model runs."""
+    origin = call.origin
+    out = []
+    for sel in call.selections:
+        if "keep_idx" not in sel:
+            out.append(sel)
+            continue
+        kept = [origin[j] for j in sel["keep_idx"].tolist()]
+        targets = [origin[j] for j in sel["target_idx"].tolist()]
+        out.append({"stage": sel["stage"], "kept": kept, "contextual": targets})
+        origin = kept + targets
+    return out
