@@ -22,7 +22,8 @@ _ATTR = "_vtprune_handle"
 
 @dataclass
 class Stats:
-    """Of the last prefill (a forward with images). Counts are for batch row 0.
+    """Of the last prefill (a forward with images). The unsuffixed counts, FLOPs and selections are for batch row 0;
+    the ``_per_row`` lists hold every row's.
 
     visual_tokens_per_layer : list[int]  visual tokens each decoder layer ran on
     average_visual_tokens : float  their mean (the "average tokens" budget convention)
@@ -31,6 +32,7 @@ class Stats:
         and without pruning
     selections : list[dict]  per stage: original patch indices kept ("kept", -1 is [CLS]) and the contextual
         targets ("contextual"), for retention maps
+    visual_tokens_per_row, tokens_per_row : list[list[int]]  [B][layers], the two per-layer counts of every row
     """
 
     visual_tokens_per_layer: list
@@ -39,6 +41,8 @@ class Stats:
     flops: int
     flops_unpruned: int
     selections: list
+    visual_tokens_per_row: list
+    tokens_per_row: list
 
     @property
     def flops_ratio(self) -> float:
@@ -51,6 +55,8 @@ class Handle:
     def __init__(self, model, method, patch, restorer):
         self.model, self.method = model, method
         self._patch, self._restorer = patch, restorer
+        self._last_call = None  # the last prefill's call, kept after remove()
+        self._stats = (None, None)  # (call, its Stats): read from the device once
 
     @property
     def active(self) -> bool:
@@ -58,26 +64,19 @@ class Handle:
 
     @property
     def stats(self) -> Stats | None:
-        """Statistics of the last prefill, or None before the first one."""
-        if self._patch is None or self._patch.last_call is None:
+        """Statistics of the last prefill (also after :meth:`remove`), or None before the first one. The counts are
+        kept on the device while the model runs and read here, once per prefill."""
+        call = self._patch.last_call if self._patch is not None else self._last_call
+        if call is None:
             return None
-        call = self._patch.last_call
-        cfg = self.model.config
-        visual = list(call.visual_per_layer)
-        tokens = list(call.tokens_per_layer)
-        unpruned = tokens[0] + int(call.original_visual[0]) - visual[0] if tokens else 0
-        return Stats(
-            visual_tokens_per_layer=visual,
-            average_visual_tokens=sum(visual) / len(visual) if visual else 0.0,
-            tokens_per_layer=tokens,
-            flops=prefill_flops(cfg, tokens),
-            flops_unpruned=prefill_flops(cfg, unpruned),
-            selections=list(call.selections),
-        )
+        if self._stats[0] is not call:
+            self._stats = (call, _stats(self.model.config, call))
+        return self._stats[1]
 
     def remove(self) -> None:
         if self._patch is None:
             return
+        self._last_call = self._patch.last_call
         self._restorer.restore()
         self.model.__dict__.pop(_ATTR, None)
         self._patch = None
@@ -93,12 +92,45 @@ class Handle:
         return f"Handle({type(self.model).__name__}, {self.method!r}, active={self.active})"
 
 
+def _stats(cfg, call) -> Stats:
+    import torch
+
+    from vtprune.models._decoder import resolve_selections
+
+    if not call.visual_per_layer:
+        visual = tokens = torch.zeros(0, len(call.original_visual), dtype=torch.int64)
+    else:
+        visual = torch.stack([v.long() for v in call.visual_per_layer])  # [layers, B]
+        span = torch.stack([v.long() for v in call.span_per_layer])
+        tokens = torch.stack(call.real_per_layer).long().cpu() - span + visual  # the one host read
+    visual0, tokens0 = visual[:, 0].tolist(), tokens[:, 0].tolist()
+    unpruned = tokens0[0] + int(call.original_visual[0]) - visual0[0] if tokens0 else 0
+    return Stats(
+        visual_tokens_per_layer=visual0,
+        average_visual_tokens=sum(visual0) / len(visual0) if visual0 else 0.0,
+        tokens_per_layer=tokens0,
+        flops=prefill_flops(cfg, tokens0),
+        flops_unpruned=prefill_flops(cfg, unpruned),
+        selections=resolve_selections(call),
+        visual_tokens_per_row=visual.T.tolist(),
+        tokens_per_row=tokens.T.tolist(),
+    )
+
+
 def _family(model):
     import importlib
+
+    import transformers
 
     name = type(model).__name__
     if name not in SUPPORTED:
         raise TypeError(f"vtprune.apply: unsupported model class {name}; supported: {', '.join(SUPPORTED)}")
+    # a subclass or a class of the same name from elsewhere may change forward, layers or caches: the patches
+    # mirror transformers' own classes only
+    expected = getattr(transformers, name, None)
+    if type(model) is not expected:
+        raise TypeError(f"vtprune.apply: model is a {type(model).__module__}.{name}, not transformers' {name} "
+                        f"(subclasses and look-alike classes are not supported; the patch mirrors that class)")
     module, cls = SUPPORTED[name].split(":")
     return getattr(importlib.import_module(module), cls)
 
@@ -134,6 +166,7 @@ def apply(model, method) -> Handle:
     if getattr(model, _ATTR, None) is not None:
         raise RuntimeError(f"vtprune.apply: this {type(model).__name__} is already patched "
                            f"({model.__dict__[_ATTR].method!r}); call handle.remove() first")
+    given = method
     method = _as_method(method)
     text_config = model.config.get_text_config()
     plan = method.plan(text_config.num_hidden_layers)
@@ -141,9 +174,39 @@ def apply(model, method) -> Handle:
     try:
         method.prepare(model.model.language_model, vlm=model)
         patch = family(model, plan, restorer)
+        restorer.set_attr(model, "__deepcopy__", lambda memo: _deepcopy(model, memo))
+        restorer.set_attr(model, "__reduce_ex__", _refuse_pickle)
     except BaseException:
         restorer.restore()
         raise
     handle = Handle(model, method, patch, restorer)
+    handle._given = given
     model.__dict__[_ATTR] = handle
     return handle
+
+
+def _deepcopy(model, memo):
+    """``copy.deepcopy`` of a patched model: a copy of the unpatched model, patched with the same method (its own
+    patch, running its own weights). The original keeps its patch, caches and statistics untouched."""
+    import copy
+
+    handle = model.__dict__[_ATTR]
+    lifted = handle._restorer.lift()
+    del model.__dict__[_ATTR]
+    try:
+        clone = copy.deepcopy(model, memo)
+    finally:
+        model.__dict__[_ATTR] = handle
+        handle._restorer.put_back(lifted)
+    share = getattr(handle.method, "prepare_copy", None)
+    if share is not None:  # e.g. ALVTS: the copy uses the same (possibly calibrated) selector factors
+        share(model.model.language_model, clone.model.language_model)
+    apply(clone, handle._given)
+    return clone
+
+
+def _refuse_pickle(protocol):
+    raise TypeError("vtprune: a patched model cannot be pickled (torch.save(model), pickle.dumps): the patch is "
+                    "bound to this instance. Save the unpatched model instead: model.save_pretrained(...) or "
+                    "torch.save(model.state_dict()) (the weights are unchanged by the patch), or handle.remove() "
+                    "first")

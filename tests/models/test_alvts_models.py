@@ -62,8 +62,8 @@ class Recording(ALVTS):
         super().__init__(**kwargs)
         self.routes, self.fills, self.inputs = {}, {}, set()
 
-    def route(self, layer_idx, normed_hidden, visual_spans, key_padding_mask, *, layer=None):
-        r = super().route(layer_idx, normed_hidden, visual_spans, key_padding_mask, layer=layer)
+    def route(self, layer_idx, normed_hidden, visual_spans, key_padding_mask, *, layer=None, **kw):
+        r = super().route(layer_idx, normed_hidden, visual_spans, key_padding_mask, layer=layer, **kw)
         self.routes[layer_idx] = r.idx.clone()
         self.fills[layer_idx] = None if r.fill is None else r.fill.clone()
         self.inputs.add((id(visual_spans), id(key_padding_mask)))
@@ -81,7 +81,7 @@ class Replay(ALVTS):
         super().__init__(**kwargs)
         self.recording, self.prompt_len = recording, prompt_len
 
-    def route(self, layer_idx, normed_hidden, visual_spans, key_padding_mask, *, layer=None):
+    def route(self, layer_idx, normed_hidden, visual_spans, key_padding_mask, *, layer=None, **kw):
         B, L, _ = normed_hidden.shape
         generated = torch.arange(self.prompt_len, L).expand(B, -1)
         idx = torch.cat([self.recording.routes[layer_idx], generated], 1)

@@ -22,11 +22,13 @@ def test_not_a_method(llava):
 
 
 def test_budget_larger_than_visual_tokens(llava, inputs):
-    with vtprune.apply(llava, vtprune.VisionDrop(encoder=(60, 10), stages={})):
-        with pytest.raises(ValueError, match="64 patches"):
-            llava(**inputs)
-    with vtprune.apply(llava, vtprune.VisionDrop(encoder=(12, 2), stages={1: (20, 2)})):
-        with pytest.raises(ValueError, match="after layer 1 keeps 20 dominant.*only 14 visual tokens"):
+    with pytest.raises(ValueError, match="keeps 70 tokens per image.*64 patches"):  # known at apply()
+        vtprune.apply(llava, vtprune.VisionDrop(encoder=(60, 10), stages={}))
+    with pytest.raises(ValueError, match="after layer 1 keeps 22 visual tokens.*14 tokens after the encoder"):
+        vtprune.apply(llava, vtprune.VisionDrop(encoder=(12, 2), stages={1: (20, 2)}))
+    # fractions of the image are resolved per image: still checked at the first forward
+    with vtprune.apply(llava, vtprune.VisionDrop(encoder=(12, 2), stages={1: (0.5, 0)})):
+        with pytest.raises(ValueError, match="after layer 1 keeps 32 dominant.*only 14 visual tokens"):
             llava(**inputs)
 
 

@@ -10,9 +10,9 @@ from vtprune.__main__ import demo
     (["--method", "visionzip", "--tokens", "1"], r"^--method visionzip --tokens 1: encoder dominant must be >= 1"),
     (["--method", "visiondrop", "--tokens", "0"], r"^--method visiondrop --tokens 0: VisionDrop tokens must be"),
     (["--method", "pool", "--tokens", "10"], r"^--method pool --tokens 10: UniformPool tokens must be a square"),
-    # refused on the first forward: more tokens than the image has
-    (["--method", "visiondrop", "--tokens", "1000"], r"^--method visiondrop --tokens 1000 on --family llava: "
-                                                     r"VisionDrop: the encoder stage keeps 1312 dominant"),
+    # refused by apply(): more tokens than the model's images have
+    (["--method", "visiondrop", "--tokens", "1000"], r"^--method visiondrop on --family llava: "
+                                                     r"VisionDrop\(tokens=1000\): its encoder stage keeps 1500 tokens"),
 ])
 def test_bad_budget_is_a_one_line_error(argv, match):
     with pytest.raises(SystemExit, match=match) as e:

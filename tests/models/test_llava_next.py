@@ -134,9 +134,8 @@ def test_remove_restores_bit_for_bit(next_model, next_batch):
 
 
 def test_bad_input(next_model, next_batch):
-    with vtprune.apply(next_model, vtprune.VisionDrop(encoder=(60, 10), stages={})):
-        with pytest.raises(ValueError, match="64 patches"):
-            next_model(**next_batch)
+    with pytest.raises(ValueError, match="64 patches"):  # per tile: known at apply()
+        vtprune.apply(next_model, vtprune.VisionDrop(encoder=(60, 10), stages={}))
     with vtprune.apply(next_model, vtprune.VisionDrop(encoder=(12, 2), stages={1: (13, 2)})):
         with pytest.raises(ValueError, match="after layer 1 keeps 39 dominant.*only 42 visual tokens"):
             next_model(**row(next_batch, 0))

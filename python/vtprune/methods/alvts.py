@@ -85,8 +85,10 @@ class ALVTS:
       :mod:`vtprune.alvts.factors`: the key bias cancels in the softmax, the query bias's per-key prior cannot
       be expressed by the selector); calibration fits against the biased, RoPE'd attention.
 
-    One ``ALVTS`` object may serve several models at once: :meth:`prepare` builds (or calibrates) the factors of
-    each language model separately, and every call finds the factors of the model its decoder layer belongs to.
+    One ``ALVTS`` object may serve several models at once, also from several threads: :meth:`prepare` builds (or
+    calibrates) the factors of each language model separately, every call finds the factors of the model its
+    decoder layer belongs to, and nothing of a call is kept on the object (the per-forward routing plan lives in
+    the ``scratch`` dict the caller passes).
 
     Integration API: :meth:`prepare` once per model, :meth:`layers_routed`, then per routed layer either
     :meth:`route` + :func:`vtprune.ops.routed_layer` (masking the fill tokens and restoring their rows, as
@@ -131,8 +133,6 @@ class ALVTS:
         self.skipped_as_keys = False
         # language model -> its factors (one entry per prepared model; dropped with the model)
         self._prepared: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self._plan_key: tuple | None = None
-        self._plan: _BatchPlan | None = None
 
     @property
     def keep_all(self) -> bool:
@@ -185,19 +185,45 @@ class ALVTS:
         for i, layer in enumerate(layers):
             w = layer.self_attn.q_proj.weight
             u, v = factors[i]
-            uv.append((u.to(w.device, w.dtype), v.to(w.device, w.dtype)))
-        self._prepared[language_model] = _Prepared(factors, uv, [layer.self_attn for layer in layers])
+            if w.device.type != "meta":  # offloaded weights (accelerate): resolved at call time instead
+                u, v = u.to(w.device, w.dtype), v.to(w.device, w.dtype)
+            uv.append((u, v))
+        self._prepared[language_model] = _Prepared(factors, uv, [layer.self_attn for layer in layers], {})
         return factors
 
-    def selector_factors(self, layer_idx: int, layer=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(U, V)`` of decoder layer ``layer_idx`` as :meth:`route` uses them (the layer's device and dtype).
+    def prepare_copy(self, source, copy) -> None:
+        """Register ``copy`` (a deep copy of the prepared language model ``source``) with ``source``'s factors, so a
+        copied model routes as the original without building or calibrating them again."""
+        state = self._prepared.get(source)
+        if state is None or copy in self._prepared:
+            return
+        layers = decoder_layers(copy)
+        self._prepared[copy] = _Prepared(state.factors, list(state.uv), [layer.self_attn for layer in layers], {})
 
-        ``layer`` (the decoder layer itself) picks the model when this object was prepared for several.
+    def selector_factors(self, layer_idx: int, layer=None, *, like: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(U, V)`` of decoder layer ``layer_idx`` as :meth:`route` uses them.
+
+        ``layer`` (the decoder layer itself) picks the model when this object was prepared for several. ``like``:
+        a tensor whose device and dtype the factors must have (the layer's input at call time, so the factors
+        follow ``model.to(dtype)`` and offloading); one converted copy is cached per (device, dtype). Without it,
+        the layer's device and dtype at :meth:`prepare`.
         """
-        uv = self._state(layer_idx, layer).uv
+        state = self._state(layer_idx, layer)
+        uv = state.uv
         if not 0 <= layer_idx < len(uv):
             raise ValueError(f"layer_idx must be in [0, {len(uv)}), got {layer_idx}")
-        return uv[layer_idx]
+        u, v = uv[layer_idx]
+        if like is None or (u.device == like.device and u.dtype == like.dtype):
+            return u, v
+        if u.device.type == "meta":
+            raise ValueError(f"ALVTS: the selector factors of layer {layer_idx} are on the meta device (the model "
+                             "was offloaded when they were built); pass factors= (a SelectorFactors or a file)")
+        key = (layer_idx, like.device, like.dtype)
+        moved = state.moved.get(key)
+        if moved is None:  # a dict write is atomic: two threads at worst both convert
+            moved = state.moved[key] = (u.to(like.device, like.dtype), v.to(like.device, like.dtype))
+        return moved
 
     def _state(self, layer_idx: int, layer) -> _Prepared:
         """The prepared model whose decoder layer ``layer_idx`` is ``layer`` (matched by its attention module,
@@ -230,17 +256,18 @@ class ALVTS:
             return torch.tensor([math.floor(self.ratio * int(n) + 1e-9) for n in counts], dtype=torch.int64)
         return counts.clamp(max=self.keep)
 
-    def _batch_plan(self, visual_spans, key_padding_mask, L: int, device) -> _BatchPlan:
+    def _batch_plan(self, visual_spans, key_padding_mask, L: int, device, scratch: dict | None) -> _BatchPlan:
         """The routing plan of this batch (see :class:`_BatchPlan`): one host read (the rows' real-token counts)
         per forward pass, none per layer.
 
-        Cached on the identity of the span and mask tensors, which the model patch passes unchanged to every
+        Cached in ``scratch`` (the caller's per-forward dict; never on this object, which may serve several models
+        and threads) on the identity of the span and mask tensors, which the model patch passes unchanged to every
         layer of a forward pass.
         """
-        key = (visual_spans, key_padding_mask, L, device)
-        pk = self._plan_key
-        if pk is not None and pk[0] is visual_spans and pk[1] is key_padding_mask and pk[2:] == key[2:]:
-            return self._plan
+        if scratch is not None:
+            pk = scratch.get("alvts_plan")
+            if pk is not None and pk[0] is visual_spans and pk[1] is key_padding_mask and pk[2:4] == (L, device):
+                return pk[4]
         spans = visual_spans.detach().cpu()
         counts = spans[:, 1]
         k = self.visual_budget(counts)
@@ -252,13 +279,13 @@ class ALVTS:
         fill = int((slack - pad_fill).max())
         # lowrank_scores needs a non-empty span: rows without an image score a 1-token dummy, ignored below
         score_spans = torch.stack([spans[:, 0].clamp(max=L - 1), counts.clamp(min=1)], 1)
-        self._plan_key = key
-        self._plan = _BatchPlan(k.to(device), spans.to(device), K, score_spans, fill,
-                                bool((pad_fill > 0).any()) or fill > 0)
-        return self._plan
+        plan = _BatchPlan(k.to(device), spans.to(device), K, score_spans, fill, bool((pad_fill > 0).any()) or fill > 0)
+        if scratch is not None:
+            scratch["alvts_plan"] = (visual_spans, key_padding_mask, L, device, plan)
+        return plan
 
     def route(self, layer_idx: int, normed_hidden: torch.Tensor, visual_spans: torch.Tensor,
-              key_padding_mask: torch.Tensor | None, *, layer=None) -> Route:
+              key_padding_mask: torch.Tensor | None, *, layer=None, scratch: dict | None = None) -> Route:
         """Which positions run through decoder layer ``layer_idx``: a :class:`Route` (``idx [B, K]`` ascending,
         the ``fill`` marks and the host flag ``masked``).
 
@@ -274,15 +301,17 @@ class ALVTS:
         key_padding_mask : bool Tensor [B, L] or None  True for a real token
         layer : the decoder layer, optional; needed when this object was prepared for several models (it picks
             the model's factors)
+        scratch : dict, optional  the caller's per-forward-pass dict: the batch plan is computed once per pass and
+            kept there (without it, once per call)
 
         Returns
         -------
         :class:`Route`, tensors on normed_hidden's device.
         """
-        u, v = self.selector_factors(layer_idx, layer)
+        u, v = self.selector_factors(layer_idx, layer, like=normed_hidden)
         B, L, _ = normed_hidden.shape
         dev = normed_hidden.device
-        plan = self._batch_plan(visual_spans, key_padding_mask, L, dev)
+        plan = self._batch_plan(visual_spans, key_padding_mask, L, dev, scratch)
         k, spans = plan.k, plan.spans
         scores = lowrank_scores(normed_hidden, u, v, visual_spans=plan.score_spans, key_padding_mask=key_padding_mask,
                                 backend=self.backend)  # [B, V] float32
@@ -306,6 +335,7 @@ class ALVTS:
 
     def forward_layer(self, layer_idx: int, layer, hidden_states: torch.Tensor, *, visual_spans, key_padding_mask,
                       position_embeddings, config, past_key_values=None, past_key_padding_mask=None,
+                      scratch: dict | None = None,
                       **layer_kwargs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Norm, route, mask and :func:`vtprune.ops.routed_layer` for one routed layer call (in place).
 
@@ -322,6 +352,7 @@ class ALVTS:
         past_key_values : Cache, optional; the layer caches only its routed tokens
         past_key_padding_mask : bool [B, P], optional  key padding of the P tokens this layer has cached (the
             third value this method returned for them); None: all of them are keys
+        scratch : dict, optional  per-forward-pass dict (see :meth:`route`)
         **layer_kwargs : passed to the layer (``use_cache``, ...)
 
         Returns
@@ -330,8 +361,13 @@ class ALVTS:
         routed padding and fill tokens, or None when every routed token is a key (known on the host, no device
         read). Keep it to decode against this layer's cache later (``past_key_padding_mask``).
         """
+        if torch.is_grad_enabled() and (hidden_states.requires_grad or layer.self_attn.q_proj.weight.requires_grad):
+            # the routed layer writes its output into hidden_states in place, which autograd cannot differentiate
+            raise RuntimeError("ALVTS is inference only: run the model under torch.no_grad() or "
+                               "torch.inference_mode() (gradients are enabled and the layer's inputs or weights "
+                               "require grad)")
         normed = layer.input_layernorm(hidden_states)
-        r = self.route(layer_idx, normed, visual_spans, key_padding_mask, layer=layer)
+        r = self.route(layer_idx, normed, visual_spans, key_padding_mask, layer=layer, scratch=scratch)
         del normed
         B, L, D = hidden_states.shape
         dev = hidden_states.device
@@ -398,12 +434,14 @@ class _BatchPlan(NamedTuple):
 
 
 class _Prepared(NamedTuple):
-    """One prepared language model: its factors, per layer ``(U, V)`` on the layer's device and dtype, and its
-    layers' attention modules (to recognise the model from a layer)."""
+    """One prepared language model: its factors, per layer ``(U, V)`` on the layer's device and dtype at
+    :meth:`ALVTS.prepare` (where they stay when the layer was offloaded), its layers' attention modules (to recognise
+    the model from a layer), and copies converted at call time, per ``(layer, device, dtype)``."""
 
     factors: SelectorFactors
     uv: list
     attn: list
+    moved: dict
 
 
 def _compact_index(B: int, K: int, device) -> torch.Tensor:

@@ -34,6 +34,10 @@ class LayerCall:
     attention mask, position embeddings and cache for this layer's group. ``visual_spans`` is int64 [B, 2]
     ``(start, count)`` of the image tokens (count 0 for a row without an image); ``key_padding_mask`` is
     bool [B, L], True for a real token.
+
+    A method object may serve several models and threads at once, so a hook keeps nothing on ``self`` between
+    calls: what it caches for the rest of a forward call goes in ``scratch``, what decoding needs from the prefill
+    in ``state`` (both belong to this model's call).
     """
 
     layer_idx: int
@@ -44,7 +48,10 @@ class LayerCall:
     visual_spans: torch.Tensor
     key_padding_mask: torch.Tensor
     prefill: bool
-    visual_tokens: int | None = None  # set by a hook that processes fewer visual tokens (row 0), for stats
+    visual_tokens: torch.Tensor | None = None  # set by a hook that processes fewer visual tokens: [B], for stats
+    num_layers: int = 0  # decoder layers of the model
+    scratch: dict = field(default_factory=dict)  # per forward call, shared by its layers (one model, one call)
+    state: dict = field(default_factory=dict)  # per prefill, kept with its KV cache for the decode calls after it
 
 
 class Method:

@@ -21,14 +21,17 @@ before ``first_layer`` run unchanged on the full cache.
 Routing layer 0 with a KV cache is refused: ``transformers`` (``generate``, the mask builders) and the decoder
 patch read the sequence length from layer 0's cache, which must therefore hold every token.
 
-Statistics: per layer, batch row 0's image tokens routed through the layer: its ``k`` (fill tokens, which
-leave the layer unchanged, do not count; see :class:`vtprune.methods.alvts.ALVTS`), computed on the host.
+Statistics: per layer and batch row, the image tokens routed through the layer: the row's ``k`` (fill tokens,
+which leave the layer unchanged, do not count; see :class:`vtprune.methods.alvts.ALVTS`), computed on the host.
+
+Nothing of a call is kept on this object or the router (which may serve several models and threads): the
+prefill's per-layer cache records go in the call's ``state`` (kept with its KV cache by the decoder patch), what
+one forward computes once for all its layers in the call's ``scratch``.
 """
 
 from __future__ import annotations
 
 import copy
-import weakref
 
 import torch
 
@@ -50,28 +53,36 @@ class RoutedMethod(Method):
                             f"{type(router).__name__} lacks them")
         super().__init__(getattr(router, "backend", "auto"))
         self.router = router
-        self.routed: frozenset = frozenset()
-        # KV cache -> {layer index: (P, key padding mask [B, P] of the tokens that layer cached, or None: all keys)}
-        self.cached: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self._new_cols = None  # (key_padding_mask, q, whether its last q columns hold padding): once per call
-        self._k0 = None  # (spans, row 0's k): once per forward
+        self._routed: dict = {}  # decoder depth -> frozenset of routed layer indices (immutable values)
+
+    def _routed_layers(self, num_layers: int) -> frozenset:
+        routed = self._routed.get(num_layers)
+        if routed is None:
+            routed = self._routed[num_layers] = frozenset(
+                i for i, r in enumerate(self.router.layers_routed(num_layers)) if r)
+        return routed
 
     def plan(self, num_layers: int) -> Plan:
-        self.routed = frozenset(i for i, r in enumerate(self.router.layers_routed(num_layers)) if r)
+        self._routed_layers(num_layers)
         return self._plan(None, (), num_layers)
 
     def prepare(self, language_model, vlm=None) -> None:
         self.router.prepare(language_model, vlm)
 
+    def prepare_copy(self, source, copy) -> None:
+        """Let the deep copy ``copy`` of the prepared language model ``source`` use the same selector factors."""
+        share = getattr(self.router, "prepare_copy", None)
+        if share is not None:
+            share(source, copy)
+
     def run_layer(self, call: LayerCall):
-        if call.layer_idx not in self.routed:
+        if call.layer_idx not in self._routed_layers(call.num_layers):
             return None
         cache = cache_from(call.kwargs)
         if not call.prefill:
             return self._decode(call, cache)
-        records = self.cached.get(cache) if cache is not None else None
-        if records is not None:
-            records.pop(call.layer_idx, None)  # a new prefill on this cache object
+        # {layer index: (P, key padding mask [B, P] of the tokens that layer cached, or None: all keys)}
+        records = call.state.setdefault("alvts_cached", {})
         if not bool((call.visual_spans[:, 1] > 0).any()):
             return None  # no image in the batch: nothing to route, the layer runs (and caches) in full
         if cache is not None and call.layer_idx == 0:
@@ -84,16 +95,16 @@ class RoutedMethod(Method):
         hidden, idx, routed_kpm = self.router.forward_layer(
             call.layer_idx, _unhooked(call.layer, call.call), call.hidden_states, visual_spans=call.visual_spans,
             key_padding_mask=call.key_padding_mask, position_embeddings=call.kwargs["position_embeddings"],
-            config=call.layer.self_attn.config, past_key_values=cache, **kw)
+            config=call.layer.self_attn.config, past_key_values=cache, scratch=call.scratch, **kw)
         if cache is not None:
-            self.cached.setdefault(cache, {})[call.layer_idx] = (idx.shape[1], routed_kpm)
-        call.visual_tokens = self._row0_k(call.visual_spans)
+            records[call.layer_idx] = (idx.shape[1], routed_kpm)
+        call.visual_tokens = self._visual_k(call.visual_spans, call.scratch)
         return hidden
 
     def _decode(self, call: LayerCall, cache):
         """One decoding call at a routed layer: every new token runs, against this layer's own cache."""
-        records = self.cached.get(cache) if cache is not None else None
-        record = None if records is None else records.get(call.layer_idx)
+        records = call.state.get("alvts_cached")
+        record = None if records is None or cache is None else records.get(call.layer_idx)
         if record is None:  # the prefill did not route (no image): the layer cached everything
             return None
         i = call.layer_idx
@@ -106,7 +117,7 @@ class RoutedMethod(Method):
                                "reused?)")
         kpm = None  # [B, cached + q], None: every key is real (the plain causal mask, no device read)
         new_cols = call.key_padding_mask[:, -q:]
-        if past is not None or self._new_columns_padded(call.key_padding_mask, q):
+        if past is not None or self._new_columns_padded(call.key_padding_mask, q, call.scratch):
             past = torch.ones(B, cached, dtype=torch.bool, device=new_cols.device) if past is None else past
             kpm = torch.cat([past, new_cols.to(past.device)], 1)
         new = torch.arange(q, device=call.hidden_states.device).expand(B, q)
@@ -116,18 +127,23 @@ class RoutedMethod(Method):
         records[i] = (cached + q, kpm)
         return out
 
-    def _row0_k(self, spans) -> int:
-        """Image tokens batch row 0 routes through a routed layer: its ``k`` (fill tokens do not count)."""
-        if self._k0 is None or self._k0[0] is not spans:
-            self._k0 = (spans, int(self.router.visual_budget(spans[:1, 1].cpu())[0]))
-        return self._k0[1]
+    def _visual_k(self, spans, scratch: dict) -> torch.Tensor:
+        """Image tokens each row routes through a routed layer: its ``k`` [B] on the CPU (fill tokens do not
+        count); once per forward."""
+        seen = scratch.get("alvts_k")
+        if seen is None or seen[0] is not spans:
+            seen = scratch["alvts_k"] = (spans, self.router.visual_budget(spans[:, 1].cpu()))
+        return seen[1]
 
-    def _new_columns_padded(self, key_padding_mask, q: int) -> bool:
+    @staticmethod
+    def _new_columns_padded(key_padding_mask, q: int, scratch: dict) -> bool:
         """Whether the new tokens' columns hold padding: one host read per decoding call (the patch passes the
         same mask tensor to every layer of a call)."""
-        seen = self._new_cols
+        if scratch.get("new_columns_real"):  # the decoder patch already knows: no read
+            return False
+        seen = scratch.get("alvts_new_cols")
         if seen is None or seen[0] is not key_padding_mask or seen[1] != q:
-            seen = self._new_cols = (key_padding_mask, q, not bool(key_padding_mask[:, -q:].all()))
+            seen = scratch["alvts_new_cols"] = (key_padding_mask, q, not bool(key_padding_mask[:, -q:].all()))
         return seen[2]
 
     def _describe(self):

@@ -30,7 +30,7 @@ from vtprune import ops
 from vtprune._compat import cache_from, cache_kwargs
 from vtprune.methods.base import LayerCall, Method, Plan
 from vtprune.methods.schedule import Stage, resolve_count
-from vtprune.models._sequence import Sequence, gather_span
+from vtprune.models._sequence import Sequence, gather_span, staged_to
 
 
 @dataclass
@@ -44,6 +44,7 @@ class CacheRecord:
     masks: list
     shifts: list
     padded: list
+    state: dict = field(default_factory=dict)  # the method's per-prefill state (LayerCall.state)
 
 
 @dataclass
@@ -58,13 +59,18 @@ class Call:
     original_visual: torch.Tensor  # [B] visual tokens per row before any pruning
     count_per: list | None = None  # [B] multiplier of int counts (LLaVA-NeXT: crops of the row's image)
     built: dict = field(default_factory=dict)  # group -> (causal mask, position embeddings)
-    visual_per_layer: list = field(default_factory=list)  # row 0
-    tokens_per_layer: list = field(default_factory=list)  # row 0 real tokens
+    # statistics per layer, read only when the user asks (Handle.stats): visual tokens [B] (CPU), image span [B]
+    # (CPU), real tokens [B] (on the device: no host read while the model runs)
+    visual_per_layer: list = field(default_factory=list)
+    span_per_layer: list = field(default_factory=list)
+    real_per_layer: list = field(default_factory=list)
     selections: list = field(default_factory=list)  # retention-map records, row 0
     origin: list | None = None  # row 0: original patch index of each current visual token
     orig_len: int = 0  # unpruned length of the prefill sequence
     copy_hidden: bool = False  # hidden states are recorded: a run_layer hook must not overwrite its input
-    key_padding: dict = field(default_factory=dict)  # group -> (bool key padding mask [B, Lg], row 0 real tokens)
+    key_padding: dict = field(default_factory=dict)  # group -> (bool key padding mask [B, Lg], real tokens [B])
+    scratch: dict = field(default_factory=dict)  # a method hook's per-call cache (LayerCall.scratch)
+    state: dict = field(default_factory=dict)  # a method hook's per-prefill state, kept with the cache
     unpadded: list | None = None  # decode: per group, True when its mask is known on the host to hold no padding
     padded: list | None = None  # decode: per group, True when its mask is known on the host to hold padding
 
@@ -108,12 +114,13 @@ class DecoderPatch:
                               position_ids=_layer_positions(call.group_positions[g]))
             if g not in call.key_padding:  # once per group and call: same tensor for every layer, one host read
                 kpm = call.group_masks[g].bool()
-                call.key_padding[g] = (kpm, int(kpm[0].sum()) if call.prefill else None)  # row 0 count: stats
-            kpm, real0 = call.key_padding[g]
+                call.key_padding[g] = (kpm, kpm.sum(1) if call.prefill else None)  # real tokens per row: stats
+            kpm, real = call.key_padding[g]
             out = lc = None
             if self.hooked:
                 lc = LayerCall(i, layer, original, hidden_states.clone() if call.copy_hidden else hidden_states,
-                               kwargs, call.seq.spans, kpm, call.prefill)
+                               kwargs, call.seq.spans, kpm, call.prefill, num_layers=len(self.layers),
+                               scratch=call.scratch, state=call.state)
                 self._in_hook = True
                 try:
                     out = self.plan.method.run_layer(lc)
@@ -122,10 +129,10 @@ class DecoderPatch:
             if out is None:
                 out = original(hidden_states, *args, **kwargs)
             if call.prefill:
-                span0 = int(call.seq.spans[0, 1])
-                visual = span0 if lc is None or lc.visual_tokens is None else lc.visual_tokens
-                call.visual_per_layer.append(visual)
-                call.tokens_per_layer.append(real0 - (span0 - visual))  # a hook's skipped image tokens do not run
+                span = call.seq.spans[:, 1]
+                call.span_per_layer.append(span)  # a hook's skipped image tokens (span - visual) do not run
+                call.visual_per_layer.append(span if lc is None or lc.visual_tokens is None else lc.visual_tokens)
+                call.real_per_layer.append(real)
                 stage = self.stage_after.get(i)
                 if stage is not None:
                     hidden = out[0] if isinstance(out, tuple) else out
@@ -190,7 +197,7 @@ class DecoderPatch:
             n, d, c = key
             spans = seq.spans[rows]
             qspans = spans if stage.query == "image" else torch.tensor([[L - 1, 1]] * len(rows))
-            dev_rows = rows.to(hidden.device)
+            dev_rows = staged_to(rows, hidden.device)
             scores = ops.attention_scores(q[dev_rows], k[dev_rows], query_spans=qspans, key_spans=spans,
                                           causal=True, key_padding_mask=kpm[dev_rows], scale=scale,
                                           backend=self.plan.backend)
@@ -217,8 +224,10 @@ class DecoderPatch:
         if not seq.recompact and order:  # kept tokens keep their positions, contextual ones their target's
             value_positions = torch.cat([seq.positions[..., b, kept_at[b].to(seq.positions.device)] for b in order],
                                         -1)
-        out, new_slots = seq.compact(hidden, keep, slots, values, value_positions)
-        seq.set_spans_from_slots(new_slots)
+        out, _ = seq.compact(hidden, keep, slots, values, value_positions)
+        # every token before a row's span is kept: the span moves by the row's new left padding (host values)
+        seq.spans = torch.tensor([[int(seq.spans[b, 0]) + int(seq.pad_host[b]), d + c] if n else [0, 0]
+                                  for b, (n, d, c) in enumerate(budgets)], dtype=torch.int64)
         self._next_group(call, g)
         return out
 
@@ -229,13 +238,11 @@ class DecoderPatch:
 
     @staticmethod
     def _record(call: Call, name: str, keep_idx, target_idx) -> None:
+        """Row 0's selection of a stage, kept on the device; :func:`resolve_selections` maps it to original patch
+        indices when the statistics are read."""
         if call.origin is None:
             return
-        keep_idx, target_idx = keep_idx.tolist(), target_idx.tolist()
-        kept = [call.origin[j] for j in keep_idx]
-        targets = [call.origin[j] for j in target_idx]
-        call.selections.append({"stage": name, "kept": kept, "contextual": targets})
-        call.origin = kept + targets
+        call.selections.append({"stage": name, "keep_idx": keep_idx, "target_idx": target_idx})
 
     # ------------------------------------------------------------------ calls
     def prefill_call(self, seq: Sequence, original_visual, origin) -> Call:
@@ -248,7 +255,8 @@ class DecoderPatch:
         if cache is not None:
             dev = call.group_masks[0].device
             padded = torch.stack([(m == 0).any().to(dev) for m in call.group_masks]).tolist()  # one host read
-            self.records[cache] = CacheRecord(call.orig_len, list(call.group_masks), list(call.group_shifts), padded)
+            self.records[cache] = CacheRecord(call.orig_len, list(call.group_masks), list(call.group_shifts), padded,
+                                              call.state)
 
     def decode_call(self, record: CacheRecord, attention_mask, positions, new_real: bool | None = None) -> Call:
         """Group masks and positions for a call that continues a pruned prefill (no new image).
@@ -265,7 +273,8 @@ class DecoderPatch:
         seq = Sequence(masks[0], pos[0], torch.zeros(masks[0].shape[0], 2, dtype=torch.int64), record.shifts[0])
         # positions [B, q] or [3, B, q]: each group's shift [B] broadcasts over the trailing query dimension
         return Call(False, seq, masks, pos, list(record.shifts), torch.zeros(masks[0].shape[0], dtype=torch.int64),
-                    unpadded=[new_real and not p for p in record.padded], padded=list(record.padded))
+                    unpadded=[new_real and not p for p in record.padded], padded=list(record.padded),
+                    state=record.state, scratch={"new_columns_real": new_real})
 
 
 def _layer_positions(positions):
@@ -287,3 +296,19 @@ def llama_qk(layer, hidden, position_embeddings):
     rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
     q, k = rope(q, k, cos, sin)
     return q, k, float(attn.scaling)
+
+
+def resolve_selections(call: Call) -> list:
+    """Row 0's stage selections as original patch indices ("kept", "contextual"): the host reads happen here, when
+    the statistics are read, not while the model runs."""
+    origin = call.origin
+    out = []
+    for sel in call.selections:
+        if "keep_idx" not in sel:
+            out.append(sel)
+            continue
+        kept = [origin[j] for j in sel["keep_idx"].tolist()]
+        targets = [origin[j] for j in sel["target_idx"].tolist()]
+        out.append({"stage": sel["stage"], "kept": kept, "contextual": targets})
+        origin = kept + targets
+    return out

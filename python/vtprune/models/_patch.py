@@ -122,6 +122,20 @@ class ModelPatch:
     def _prefill(self, original, a):
         raise NotImplementedError
 
+    @property
+    def _reads_spans(self) -> bool:
+        """Whether the method reads each row's image span in the language model (LLM stages rank it, a layer
+        hook such as ALVTS routes it): one contiguous span per row is then required."""
+        return bool(self.plan.stages) or self.decoder.hooked
+
+    def _check_images_per_row(self, per_row: list) -> None:
+        # One visual span per row: LLM stages and ALVTS rank the image tokens of a row as one span, and a second
+        # image would put the text between the images inside it. Encoder-only methods prune each image alone.
+        if self._reads_spans and any(n > 1 for n in per_row):
+            raise ValueError(f"{type(self.plan.method).__name__} ranks one image per prompt in the language model; "
+                             f"batch rows hold {per_row} images (use one image per prompt, or an encoder-only "
+                             "method such as VisionZip)")
+
     @staticmethod
     def _check_prefill(a):
         """Arguments every image prefill needs; returns (input_ids, cache, 2-D attention mask or None)."""
@@ -135,8 +149,9 @@ class ModelPatch:
         cache = cache_from(a)
         check_cache(cache, prefill=True)
         mask = a.get("attention_mask")
-        if mask is not None and mask.dim() != 2:
-            raise ValueError(f"vtprune needs a 2-D attention_mask, got shape {tuple(mask.shape)}")
+        if mask is not None and (mask.dim() != 2 or mask.shape != input_ids.shape):
+            raise ValueError(f"vtprune needs a 2-D attention_mask of input_ids' shape {tuple(input_ids.shape)}, got "
+                             f"shape {tuple(mask.shape)}")
         return input_ids, cache, mask
 
     def _run_prefill(self, original, a, call: Call, embeds, cache):
@@ -178,11 +193,21 @@ class ModelPatch:
         ids = a.get("input_ids") if a.get("input_ids") is not None else a.get("inputs_embeds")
         B, q = ids.shape[:2]
         grown = cache.get_seq_length(0) - record.masks[0].shape[1]  # tokens decoded since the prefill
+        if q > 1:
+            # generate() over a cache slices the new prompt by the cache's length, which is the pruned length: the
+            # tokens fed would not be the new ones (and an all-ones mask, dropped by generate, cannot tell)
+            raise ValueError(f"vtprune: {q} tokens fed at once onto a pruned KV cache; continuing a pruned cache "
+                             "with a new prompt (multi-turn generate(past_key_values=...), assisted decoding) is not "
+                             "supported: run each turn's whole conversation, with its images, from an empty cache")
         mask = a.get("attention_mask")
         built = mask is None  # generate() drops an all-ones mask: every new token is then known to be real
         if built:
             mask = torch.ones(B, record.orig_len + grown + q, dtype=torch.long, device=ids.device)
         if mask.dim() != 2 or mask.shape[1] != record.orig_len + grown + q:
+            if mask.dim() == 2 and mask.shape[1] > record.orig_len + grown + q:
+                raise ValueError("vtprune: the attention_mask is longer than the pruned prefill and the tokens decoded "
+                                 "since; continuing a pruned cache with a new prompt (multi-turn "
+                                 "generate(past_key_values=...)) is not supported")
             raise ValueError(f"vtprune: a 2-D attention_mask over the unpruned sequence is expected while decoding "
                              f"(length {record.orig_len + grown + q}), got shape {tuple(mask.shape)}")
         call = self.decoder.decode_call(record, mask, self._decode_positions(a, record, mask, q),

@@ -51,9 +51,15 @@ class Sequence:
         """
         B, L = keep.shape
         dev = hidden.device
-        keep = keep.to(dev)
+        if keep.device.type == "cpu":  # planned on the host: the new length needs no device read
+            kept_host = keep.sum(1)
+            new_len = int(kept_host.max())
+            self.pad_host = new_len - kept_host
+        else:
+            new_len = int(keep.sum(1).max())
+            self.pad_host = None
+        keep = staged_to(keep, dev)
         kept = keep.sum(1)  # [B]
-        new_len = int(kept.max())
         pad = new_len - kept  # extra left padding per row
         # kept positions first, in ascending order (stable sort of the "dropped" flag)
         order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices  # [B, L]
@@ -64,7 +70,7 @@ class Sequence:
         dropped_before = torch.cumsum((~keep).long(), 1) - (~keep).long()  # exclusive prefix count
 
         out = hidden.gather(1, src[:, :, None].expand(-1, -1, hidden.shape[-1]))
-        new_slots = slots.to(dev).gather(1, src) & real_slot
+        new_slots = staged_to(slots, dev).gather(1, src) & real_slot
         if values is not None:
             out = out.masked_scatter(new_slots[:, :, None], values.to(out.dtype))
         mask = self.mask.to(dev).gather(1, src) * real_slot
@@ -80,26 +86,45 @@ class Sequence:
         self.mask = mask.to(self.mask.dtype)
         self.positions = torch.where(real_slot, positions, torch.zeros((), dtype=positions.dtype, device=dev))
         if self.recompact:
-            self.shift = self.shift.to(dev) + (~keep).sum(1)
+            self.shift = staged_to(self.shift, dev) + (~keep).sum(1)
         return out, new_slots
 
-    def set_spans_from_slots(self, slots: torch.Tensor) -> None:
-        """Spans from a slot mask that holds at most one contiguous image span per row."""
+    def set_spans_from_slots(self, slots: torch.Tensor, strict: bool = True) -> None:
+        """Spans from a slot mask. ``strict``: each row must hold at most one contiguous image span (a method
+        that reads spans would otherwise mis-read text between images as image); otherwise ``start`` is the first
+        image token and ``count`` the row's image tokens, for statistics only."""
         host = slots.detach().cpu()
         count = host.sum(1)
         start = torch.where(count > 0, host.long().argmax(1), torch.zeros_like(count))
+        if strict:
+            end = host.shape[1] - host.long().flip(1).argmax(1)  # one past the last image token
+            bad = ((end - start != count) & (count > 0)).nonzero().flatten().tolist()
+            if bad:
+                raise ValueError(f"vtprune: batch rows {bad} hold image tokens in more than one span; methods "
+                                 "that rank image tokens in the language model take one image per prompt")
         self.spans = torch.stack([start, count], 1).long()
+
+
+def staged_to(t: torch.Tensor, device) -> torch.Tensor:
+    """``t`` on ``device``; a host tensor bound for an accelerator goes through pinned memory and a non-blocking
+    copy (a pageable copy would wait for the device queue to drain)."""
+    device = torch.device(device)
+    if t.device == device or t.device.type != "cpu" or device.type in ("cpu", "meta"):
+        return t.to(device)
+    staged = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    staged.copy_(t)
+    return staged.to(device, non_blocking=True)
 
 
 def span_mask(spans: torch.Tensor, length: int, device) -> torch.Tensor:
     """bool [B, L]: True inside each row's span."""
-    spans = spans.to(device)
+    spans = staged_to(spans, device)
     j = torch.arange(length, device=device)
     return (j >= spans[:, :1]) & (j < spans[:, :1] + spans[:, 1:])
 
 
 def gather_span(x: torch.Tensor, spans: torch.Tensor, width: int) -> torch.Tensor:
     """x [B, L, D] -> [B, width, D], the first ``width`` tokens of each row's span (clamped inside)."""
-    spans = spans.to(x.device)
+    spans = staged_to(spans, x.device)
     idx = (spans[:, :1] + torch.arange(width, device=x.device)).clamp(max=x.shape[1] - 1)
     return x.gather(1, idx[:, :, None].expand(-1, -1, x.shape[-1]))

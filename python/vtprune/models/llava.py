@@ -95,6 +95,8 @@ class ClipScores:
 
 
 class LlavaPatch(ModelPatch):
+    _extra_per_image = 0  # image tokens beyond the tiles' (LLaVA-NeXT: a single-tile image's newline)
+
     def __init__(self, model, plan, restore):
         super().__init__(model, plan, restore)
         vcfg = self.config.vision_config
@@ -110,8 +112,36 @@ class LlavaPatch(ModelPatch):
                 raise ValueError(f"{type(plan.method).__name__}'s encoder stage needs a single int "
                                  f"vision_feature_layer != 0, got {f!r}")
             self.clip = ClipScores(layers[f if f < 0 else f - 1].self_attn, plan.backend, restore)
+        self._check_budget(plan)
         self.decoder = DecoderPatch(self.lm, plan, llama_qk, restore)
         self.install(restore)
+
+    def _check_budget(self, plan) -> None:
+        """Refuse, at ``apply()``, a schedule whose int counts exceed what an image of this model holds (per
+        336 px tile for LLaVA-NeXT): every image would fail at its first forward otherwise."""
+        P = self.num_patches
+        side = self.grid
+        avail, what = P + 1, f"{P} patches ({side}x{side}) + [CLS]"
+        enc = plan.encoder
+        if enc is not None and enc.dominant is not None:
+            if enc.kind == "pool":
+                total = enc.dominant
+                limit = P
+            else:
+                total = resolve_count(enc.dominant, P, P) + resolve_count(enc.contextual, P, P)
+                limit = P + 1
+            if total > limit:
+                raise ValueError(f"{plan.method!r}: its encoder stage keeps {total} tokens per image but a "
+                                 f"{type(self.model).__name__} image has {what}; lower the budget")
+            avail, what = total, f"{total} tokens after the encoder stage"
+        for st in plan.stages:
+            if not isinstance(st.dominant, int):
+                continue
+            total = st.dominant + resolve_count(st.contextual, P, avail)
+            if total > avail + self._extra_per_image:
+                raise ValueError(f"{plan.method!r}: the stage after layer {st.layer} keeps {total} visual tokens per "
+                                 f"image but a {type(self.model).__name__} image has {what}; lower the budget")
+            avail, what = total, f"{total} tokens after layer {st.layer}"
 
     def _tower(self, pixel_values):
         """The vision tower's outputs (all hidden states), with the feature layer's scores recorded."""
@@ -206,10 +236,7 @@ class LlavaPatch(ModelPatch):
         placeholders = input_ids == cfg.image_token_id  # [B, L]
         slots, images_of_row = image_slots(placeholders, enc.counts_in, enc.counts_out)
         per_row = [len(i) for i in images_of_row]
-        if self.plan.stages and any(n > 1 for n in per_row):
-            raise ValueError(f"{type(self.plan.method).__name__}'s LLM stages rank one image per prompt; batch "
-                             f"rows hold {per_row} images (use one image per prompt, or an encoder-only "
-                             "method such as VisionZip)")
+        self._check_images_per_row(per_row)
         keep = ~placeholders | slots
         B, L = input_ids.shape
         embeds = self.mm.get_input_embeddings()(input_ids)
@@ -222,7 +249,7 @@ class LlavaPatch(ModelPatch):
         seq = Sequence(mask, positions, torch.zeros(B, 2, dtype=torch.int64), torch.zeros(B, dtype=torch.int64))
         original_visual = placeholders.sum(1).cpu()
         embeds, new_slots = seq.compact(embeds, keep, slots, enc.features)
-        seq.set_spans_from_slots(new_slots)
+        seq.set_spans_from_slots(new_slots, strict=self._reads_spans)
         row0_single = per_row[0] == 1 and images_of_row[0] == [0]
         call = self.decoder.prefill_call(seq, original_visual, enc.origin if row0_single else None)
         call.orig_len = L

@@ -61,6 +61,8 @@ def image_tokens(model, image_size) -> int:
 
 
 class LlavaNextPatch(LlavaPatch):
+    _extra_per_image = 1
+
     def __init__(self, model, plan, restore):
         super().__init__(model, plan, restore)
         self.hf = _hf(model)
@@ -72,6 +74,9 @@ class LlavaNextPatch(LlavaPatch):
         cfg = self.config
         v = cfg.vision_config
         sizes = [tuple(int(x) for x in s) for s in (sizes.tolist() if torch.is_tensor(sizes) else sizes)]
+        bad = [s for s in sizes if len(s) != 2 or min(s) < 1]
+        if bad:
+            raise ValueError(f"vtprune: image_sizes must hold a positive (height, width) per image, got {sizes}")
         tiles = [self.hf.image_size_to_num_patches(list(s), cfg.image_grid_pinpoints, v.image_size) for s in sizes]
         pv = a["pixel_values"]
         if pv.dim() == 5:  # [I, max tiles, 3, H, W], padded

@@ -156,9 +156,7 @@ class Qwen2_5_VLPatch(ModelPatch):
         counts_out = [x.shape[0] for x in images]
         slots, images_of_row = image_slots(placeholders, counts_in, counts_out)
         per_row = [len(i) for i in images_of_row]
-        if self.plan.stages and any(n > 1 for n in per_row):
-            raise ValueError(f"{type(self.plan.method).__name__}'s LLM stages rank one image per prompt; batch "
-                             f"rows hold {per_row} images (use one image per prompt, or an encoder-only method)")
+        self._check_images_per_row(per_row)
         # each new token's original 3-D position: kept tokens their own, contextual tokens their target's
         image_pos = torch.split(positions.permute(1, 2, 0)[placeholders].T, counts_in, dim=1)  # [3, n_i] each
         value_pos = torch.cat([p if k is None else p[:, k.to(p.device)]
@@ -168,7 +166,7 @@ class Qwen2_5_VLPatch(ModelPatch):
         embeds = self.mm.get_input_embeddings()(input_ids)
         features = torch.cat(images).to(embeds.dtype)
         embeds, new_slots = seq.compact(embeds, ~placeholders | slots, slots, features, value_pos)
-        seq.set_spans_from_slots(new_slots)
+        seq.set_spans_from_slots(new_slots, strict=self._reads_spans)
         call = self.decoder.prefill_call(seq, placeholders.sum(1).cpu(), None)
         call.orig_len = L
         a.pop("image_grid_thw", None)

@@ -1,0 +1,115 @@
+"""Issue 11 (model path): inputs and uses that once ran silently wrong or failed with an unclear error."""
+
+import pytest
+import torch
+from models_common import SCHEDULE
+
+import vtprune
+from vtprune.methods.alvts import ALVTS
+from vtprune.models._tiny import (
+    IMAGE_TOKEN,
+    tiny_inputs,
+    tiny_llava,
+    tiny_llava_next,
+    tiny_next_inputs,
+    tiny_qwen2_5_vl,
+    tiny_qwen_inputs,
+)
+
+METHODS = {
+    "alvts": lambda: ALVTS(keep=8, backend="reference"),
+    "visiondrop": lambda: vtprune.VisionDrop(**SCHEDULE, backend="reference"),
+    "fastv": lambda: vtprune.FastV(layer=1, tokens=8, backend="reference"),
+    "pyramiddrop": lambda: vtprune.PyramidDrop(backend="reference"),
+}
+
+
+def _two_images_llava(llava):
+    one = tiny_inputs(llava, (3,), (4,), seed=3)
+    ids = one["input_ids"][0]
+    return {"input_ids": torch.cat([ids[:3 + 64], ids])[None],  # [text, image, text, image, text]
+            "pixel_values": torch.cat([one["pixel_values"], one["pixel_values"].flip(-1)])}
+
+
+def _two_images_qwen(qwen):
+    one = tiny_qwen_inputs(qwen, (3,), (4,), ((8, 8),), seed=3)
+    ids = one["input_ids"][0]
+    n = int((ids == IMAGE_TOKEN).sum())
+    two_ids = torch.cat([ids[:3 + n + 2], ids])[None]  # start token, image, end token, then the prompt again
+    return {"input_ids": two_ids, "pixel_values": torch.cat([one["pixel_values"], one["pixel_values"].flip(0)]),
+            "image_grid_thw": one["image_grid_thw"].repeat(2, 1), "mm_token_type_ids": (two_ids == IMAGE_TOKEN).int()}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_several_images_per_prompt_refused_by_span_readers(family, method):
+    """Methods that rank a row's image tokens as one span refuse two images in a prompt (ALVTS once routed the text
+    between them as image tokens); encoder-only methods still run."""
+    model = tiny_llava() if family == "llava" else tiny_qwen2_5_vl()
+    two = _two_images_llava(model) if family == "llava" else _two_images_qwen(model)
+    with vtprune.apply(model, METHODS[method]()):
+        with pytest.raises(ValueError, match="one image per prompt"):
+            model(**two)
+    enc_only = vtprune.VisionZip(10, 2) if family == "llava" else vtprune.VisionZip(0.5, 0.125)
+    with vtprune.apply(model, enc_only) as h:
+        model(**two)
+        assert h.stats is not None
+
+
+def test_spans_of_two_images_are_never_read_as_one():
+    """The span bookkeeping itself refuses a row whose image tokens are not contiguous when spans are read."""
+    from vtprune.models._sequence import Sequence
+
+    seq = Sequence(torch.ones(1, 6, dtype=torch.long), torch.arange(6)[None], torch.zeros(1, 2, dtype=torch.int64),
+                   torch.zeros(1, dtype=torch.int64))
+    slots = torch.tensor([[False, True, True, False, True, False]])
+    with pytest.raises(ValueError, match="more than one span"):
+        seq.set_spans_from_slots(slots)
+    seq.set_spans_from_slots(slots, strict=False)
+    assert seq.spans.tolist() == [[1, 3]]
+
+
+def test_attention_mask_shorter_than_input_ids(llava, inputs):
+    short = dict(inputs, attention_mask=inputs["attention_mask"][:, 2:])
+    with vtprune.apply(llava, vtprune.VisionDrop(**SCHEDULE)):
+        with pytest.raises(ValueError, match="attention_mask"):
+            llava(**short)
+
+
+def test_multi_turn_generate_on_a_pruned_cache_is_refused_clearly(llava):
+    first = tiny_inputs(llava, (3,), (5,), seed=4)
+    with vtprune.apply(llava, vtprune.VisionDrop(**SCHEDULE)):
+        out = llava.generate(**first, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+        cache = out.past_key_values
+        follow = torch.cat([out.sequences, torch.tensor([[5, 6, 7]])], 1)
+        with pytest.raises(ValueError, match="multi-turn"):
+            llava.generate(input_ids=follow, attention_mask=torch.ones_like(follow), past_key_values=cache,
+                           max_new_tokens=2, do_sample=False)
+
+
+def test_llava_next_image_sizes_must_be_positive():
+    model = tiny_llava_next()
+    batch = tiny_next_inputs(model, (3,), (4,), ((50, 100),), seed=1)
+    for bad in ([[0, 100]], [[50, -3]]):
+        with vtprune.apply(model, vtprune.VisionDrop(**SCHEDULE)):
+            with pytest.raises(ValueError, match="image_sizes"):
+                model(**dict(batch, image_sizes=torch.tensor(bad)))
+
+
+def test_look_alike_classes_are_refused(llava):
+    sub = type("LlavaForConditionalGeneration", (type(llava),), {})
+    other = type("LlavaForConditionalGeneration", (torch.nn.Module,), {})
+    for cls in (sub, other):
+        fake = object.__new__(cls)
+        with pytest.raises(TypeError, match="look-alike"):
+            vtprune.apply(fake, vtprune.VisionDrop())
+
+
+@pytest.mark.parametrize("method", [lambda: vtprune.VisionDrop(tokens=1000), lambda: vtprune.FastV(tokens=100),
+                                    lambda: vtprune.VisionZip(60, 10), lambda: vtprune.UniformPool(81)])
+def test_budget_larger_than_the_image_is_refused_at_apply(llava, method):
+    m = method()
+    with pytest.raises(ValueError, match=r"64 patches \(8x8\)") as err:
+        vtprune.apply(llava, m)
+    assert repr(m) in str(err.value)
+    assert "forward" not in llava.model.__dict__  # nothing left behind
