@@ -1,4 +1,4 @@
-"""Row kernels of the routed decoder layer (DESIGN §3.5): gather/scatter fused into the norms and residuals.
+"""Row kernels of the routed decoder layer (docs/ops.md#routed_layer): gather/scatter fused into the norms and residuals.
 
 The layer ``y = x; y[I] = Layer(x[I])`` is split as::
 

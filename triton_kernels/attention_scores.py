@@ -1,4 +1,4 @@
-"""Triton attention column scores (DESIGN §3.1) in two passes, never materialising ``L x L``.
+"""Triton attention column scores (docs/ops.md#attention_scores) in two passes, never materialising ``L x L``.
 
 ``score[b, j] = 1/(H |Qs|) * sum_h sum_{i in Qs} exp(s_hij - lse_hi)`` with ``s = q . k * scale``:
 

@@ -1,4 +1,4 @@
-"""Triton attention output plus column scores (DESIGN §3.1, second form).
+"""Triton attention output plus column scores (docs/ops.md#attention_scores, second form).
 
 A flash-attention forward (online softmax, never ``L x L``) writes the layer's output for every row and the
 base-2 log-sum-exp of every row; the column scores then reuse that LSE in the second pass of

@@ -1,4 +1,4 @@
-"""Triton contextual merge (DESIGN §3.3): assignment kernel, a [B, N] integer sort, one packing kernel.
+"""Triton contextual merge (docs/ops.md#contextual_merge): assignment kernel, a [B, N] integer sort, one packing kernel.
 
 Per row, with ``R`` the non-kept valid positions, ``n = |R| = length - k`` and ``step = max(1, n // C)``:
 

@@ -1,4 +1,4 @@
-"""Triton routed decoder layer (DESIGN §3.5): ``x[I] = Layer(x[I])`` with gather and scatter fused.
+"""Triton routed decoder layer (docs/ops.md#routed_layer): ``x[I] = Layer(x[I])`` with gather and scatter fused.
 
 The decoder layer is re-run as its documented pre-norm structure (LLaMA / Mistral / Qwen2 / Qwen2.5-VL)::
 

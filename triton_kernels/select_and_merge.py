@@ -1,4 +1,4 @@
-"""Triton fused path of the methods (DESIGN §3.3): scores -> top-k in order -> contextual merge.
+"""Triton fused path of the methods (docs/ops.md#contextual_merge): scores -> top-k in order -> contextual merge.
 
 The top-k kernel's output feeds the merge kernels directly on the device (no host sync in between); the
 merge never materialises ``[N, C]`` and writes the packed tokens once (see :mod:`contextual_merge`).

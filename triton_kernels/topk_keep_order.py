@@ -1,4 +1,4 @@
-"""Triton top-k in original order (DESIGN §3.2): one program per row, no host sync, no sort.
+"""Triton top-k in original order (docs/ops.md#topk_keep_order): one program per row, no host sync, no sort.
 
 1. Scores become order-preserving int32 keys: the float bits, with negative floats' magnitude bits flipped so
    signed integer order is float order; -0.0 is first folded into +0.0 and NaN becomes INT32_MIN, below

@@ -1,4 +1,4 @@
-// Launchers of lowrank_scores (ALVTS selector, DESIGN 3.4): the projections a = h U, b = h V
+// Launchers of lowrank_scores (ALVTS selector, docs/ops.md#lowrank_scores): the projections a = h U, b = h V
 // (lowrank_project.cuh, for 16-bit inputs; the glue uses an fp32 torch matmul otherwise), then the
 // score passes, those of
 // attention_scores with a single head, every row as a query, causal, and two row classes (visual,

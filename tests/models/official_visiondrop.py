@@ -1,5 +1,5 @@
 """A plain, step-by-step re-statement of the official VisionDrop algorithm (github Ruixxxx/VisionDrop,
-DESIGN §4.1) for batch size 1, written with torch ops only (no vtprune code), to check the patched model.
+docs/methods.md#visiondrop) for batch size 1, written with torch ops only (no vtprune code), to check the patched model.
 
 Encoder: CLIP layer -2's [CLS] attention row summed over heads -> top (dominant-1) patches, [CLS] kept ->
 merge the rest (uniform-stride targets, argmax cosine of the head-averaged keys, target + mean of members).

@@ -8,7 +8,7 @@ from vtprune.methods.visiondrop import ratio_totals
 
 
 def test_official_default_schedule():
-    # DESIGN §4.1 / official scripts: --dominant 42 --contextual 6 --layer_list [8,16,24]
+    # docs/methods.md#visiondrop / official scripts: --dominant 42 --contextual 6 --layer_list [8,16,24]
     # --image_token_list [[30,5],[22,4],[16,3]] is "average 32"
     plan = vtprune.VisionDrop(tokens=32).plan(32)
     assert (plan.encoder.dominant, plan.encoder.contextual) == (42, 6)

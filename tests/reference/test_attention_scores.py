@@ -8,7 +8,7 @@ from vtprune.ops import attention_scores, attention_with_scores
 
 
 def truth(q, k, v, qspans, kspans, causal, kpm, scale):
-    """Float64 ground truth: full L x L softmax per head, then the span means of DESIGN §3.1."""
+    """Float64 ground truth: full L x L softmax per head, then the span means of docs/ops.md#attention_scores."""
     B, H, L, d = q.shape
     g = H // k.shape[1]
     scale = d**-0.5 if scale is None else scale

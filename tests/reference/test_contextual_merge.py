@@ -1,4 +1,4 @@
-"""Reference contextual merge vs a plain per-row transcription of DESIGN §3.3."""
+"""Reference contextual merge vs a plain per-row transcription of docs/ops.md#contextual_merge."""
 
 import pytest
 import torch
@@ -9,7 +9,7 @@ from vtprune.ops import contextual_merge, select_and_merge, topk_keep_order
 
 
 def plain_merge(x, m, keep, C, length):
-    """DESIGN §3.3 for one row, in Python: returns (tokens [k+C, D] float64, targets list)."""
+    """docs/ops.md#contextual_merge for one row, in Python: returns (tokens [k+C, D] float64, targets list)."""
     x, m = x.double(), m.double()
     keep = keep.tolist()
     R = [p for p in range(length) if p not in keep]

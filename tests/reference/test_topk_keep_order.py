@@ -1,4 +1,4 @@
-"""Reference top-k in order vs a plain transcription of DESIGN §3.2, plus property tests."""
+"""Reference top-k in order vs a plain transcription of docs/ops.md#topk_keep_order, plus property tests."""
 
 import math
 

@@ -51,7 +51,7 @@ def test_matches_reference(B, N, D, dk, k, C, lengths, dtype, device, poison):
 
 
 def rule_targets(n_valid: int, keep: list[int], C: int) -> tuple[list[int], list[int]]:
-    """(targets, members) of one row by DESIGN §3.3, in plain Python."""
+    """(targets, members) of one row by docs/ops.md#contextual_merge, in plain Python."""
     rest = [p for p in range(n_valid) if p not in keep]
     step = max(1, len(rest) // C)
     targets = rest[0::step][:C]

@@ -1,4 +1,4 @@
-// The projections of lowrank_scores (DESIGN 3.4): a = h U, b = h V for 16-bit h, U, V, on the
+// The projections of lowrank_scores (docs/ops.md#lowrank_scores): a = h U, b = h V for 16-bit h, U, V, on the
 // tensor cores with fp32 accumulation and fp32 outputs. Products of two 16-bit values are exact in
 // fp32, so this matches the reference's `h.float() @ U.float()` up to the order of the fp32 sums.
 //

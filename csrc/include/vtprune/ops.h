@@ -58,7 +58,7 @@ void lowrank_project(std::uintptr_t h, std::uintptr_t u, std::uintptr_t v, std::
                      std::uintptr_t b, std::int64_t rows, std::int64_t dim, std::int64_t rank,
                      int dtype, std::uintptr_t stream);
 
-// Row kernels of routed_layer (DESIGN 3.5). x [B, L, D] with unit stride on D and batch / row
+// Row kernels of routed_layer (docs/ops.md#routed_layer). x [B, L, D] with unit stride on D and batch / row
 // strides in elements (updated in place by routed_add_scatter); idx int64 [B, K]; weight [D];
 // delta, mid and out [B, K, D] contiguous; all in one dtype. Indices outside [0, L) read zeros and
 // write nothing.

@@ -1,4 +1,4 @@
-// routed_layer (DESIGN 3.5, ALVTS skip-and-reintegrate): the row kernels around the decoder layer's
+// routed_layer (docs/ops.md#routed_layer, ALVTS skip-and-reintegrate): the row kernels around the decoder layer's
 // own attention and MLP, with the gather fused into the first read and the scatter into the last
 // write. For routed positions I [B, K] of x [B, L, D]:
 //

@@ -1,4 +1,4 @@
-"""ALVTS selector factors: SVD initialisation, calibration, save/load (DESIGN §3.4, §4.2).
+"""ALVTS selector factors: SVD initialisation, calibration, save/load (docs/ops.md#lowrank_scores, §4.2).
 
 The method object lives in :mod:`vtprune.methods.alvts`; the ops in :mod:`vtprune.ops`.
 """

@@ -137,7 +137,7 @@ def _allowed(L: int, key_padding_mask, device) -> torch.Tensor:
 
 
 def _score_from_probs(probs: torch.Tensor, visual_spans, key_padding_mask) -> torch.Tensor:
-    """``S = S_V2V * S_T2V`` (DESIGN §3.4) from a row-stochastic ``probs [B, L, L]``: float32 [B, V]."""
+    """``S = S_V2V * S_T2V`` (docs/ops.md#lowrank_scores) from a row-stochastic ``probs [B, L, L]``: float32 [B, V]."""
     B, L, _ = probs.shape
     dev = probs.device
     vpos, vvalid = span_index(visual_spans, host_max(visual_spans), L, dev)  # [B, V]

@@ -1,4 +1,4 @@
-"""ALVTS (Chen et al., CVPR 2026, arXiv 2606.14277), DESIGN §4.2: adaptive layer-wise visual token selection.
+"""ALVTS (Chen et al., CVPR 2026, arXiv 2606.14277), docs/methods.md#alvts: adaptive layer-wise visual token selection.
 
 Before every routed decoder layer a low-rank selector (:func:`vtprune.ops.lowrank_scores`) scores the image
 tokens; all text tokens plus the top ``k`` image tokens run through the layer (:func:`vtprune.ops.routed_layer`)

@@ -1,4 +1,4 @@
-"""Baselines on the same kernels (DESIGN §4.3): FastV, VisionZip, PyramidDrop and uniform pooling.
+"""Baselines on the same kernels (docs/methods.md (baselines)): FastV, VisionZip, PyramidDrop and uniform pooling.
 
 They share VisionDrop's stage machinery so that benchmarks compare methods, not implementations.
 """

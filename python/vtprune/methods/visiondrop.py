@@ -1,4 +1,4 @@
-"""VisionDrop (Xu et al., AAAI 2026; official code github.com/Ruixxxx/VisionDrop), DESIGN §4.1.
+"""VisionDrop (Xu et al., AAAI 2026; official code github.com/Ruixxxx/VisionDrop), docs/methods.md#visiondrop.
 
 Stage 1 in the vision encoder ([CLS] attention at the feature layer, keep [CLS] + ``dominant - 1`` patches,
 merge the rest into ``contextual`` tokens); LLM stages after 1/4, 2/4 and 3/4 of the depth (layers 8/16/24 of

@@ -21,7 +21,7 @@ What the patch does (the CLIP, projector and decoder machinery is LLaVA-1.5's, :
   (they sit inside the image span) and LLM stages may drop or merge them.
 * **Budgets are per tile.** An int count means "per 336 px tile": the encoder stage applies it to each tile,
   LLM stages multiply it by the tiles of the row's image. One schedule therefore gives LLaVA-1.5's budget per
-  tile: ``VisionDrop(tokens=64)`` averages 64 x 5 = 320 tokens on a 5-tile image (DESIGN §4.1's "320 of
+  tile: ``VisionDrop(tokens=64)`` averages 64 x 5 = 320 tokens on a 5-tile image (docs/methods.md#visiondrop's "320 of
   2880"), fewer on smaller images. Fractions (``ratio=``) are of each tile's patches (encoder) and of the
   row's unpatched image tokens (LLM stages, newlines included).
 * ``UniformPool`` pools every tile to the same square grid (base tile, then the crops' pooled grids in raster

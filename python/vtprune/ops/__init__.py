@@ -1,6 +1,6 @@
 """Public ops: argument checks, then dispatch to the reference, Triton or CUDA backend.
 
-See DESIGN §3 for the semantics and :mod:`vtprune._backend` for how a backend is chosen.
+See docs/ops.md for the semantics and :mod:`vtprune._backend` for how a backend is chosen.
 """
 
 from vtprune.ops.attention_scores import attention_scores, attention_with_scores

@@ -1,4 +1,4 @@
-"""The fused routed-layer walk shared by the Triton and CUDA backends of ``routed_layer`` (DESIGN §3.5).
+"""The fused routed-layer walk shared by the Triton and CUDA backends of ``routed_layer`` (docs/ops.md#routed_layer).
 
 The decoder layer is re-run as its pre-norm structure, with the layer's own attention and MLP modules on the
 compact ``[B, K, D]`` batch and three row kernels around them::

@@ -1,4 +1,4 @@
-"""Public ops ``attention_scores`` and ``attention_with_scores`` (DESIGN §3.1)."""
+"""Public ops ``attention_scores`` and ``attention_with_scores`` (docs/ops.md#attention_scores)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Public ops ``contextual_merge`` and ``select_and_merge`` (DESIGN §3.3)."""
+"""Public ops ``contextual_merge`` and ``select_and_merge`` (docs/ops.md#contextual_merge)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Public op ``lowrank_scores`` (DESIGN §3.4, ALVTS selector)."""
+"""Public op ``lowrank_scores`` (docs/ops.md#lowrank_scores, ALVTS selector)."""
 
 from __future__ import annotations
 

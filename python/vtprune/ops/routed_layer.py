@@ -1,4 +1,4 @@
-"""Public op ``routed_layer`` (DESIGN §3.5, ALVTS skip-and-reintegrate) and its attention-mask helper."""
+"""Public op ``routed_layer`` (docs/ops.md#routed_layer, ALVTS skip-and-reintegrate) and its attention-mask helper."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Public op ``topk_keep_order`` (DESIGN §3.2)."""
+"""Public op ``topk_keep_order`` (docs/ops.md#topk_keep_order)."""
 
 from __future__ import annotations
 

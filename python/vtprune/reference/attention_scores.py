@@ -1,4 +1,4 @@
-"""Reference attention column scores (DESIGN §3.1): the executable spec and the CPU path.
+"""Reference attention column scores (docs/ops.md#attention_scores): the executable spec and the CPU path.
 
 score[b, j] = mean over query heads h, mean over i in the query span of softmax_j'(q_h,i . k_h,j' * scale)[j]
 for j in the key span. The softmax runs over every valid key (causal: j' <= i; padding excluded); only the

@@ -1,4 +1,4 @@
-"""Reference attention output plus column scores in one call (DESIGN §3.1, second form).
+"""Reference attention output plus column scores in one call (docs/ops.md#attention_scores, second form).
 
 The output is ordinary scaled-dot-product attention with the same mask as the scores (causal by index, key
 padding excluded); a query row with no valid key outputs zeros instead of NaN.

@@ -1,4 +1,4 @@
-"""Reference contextual merge (DESIGN §3.3, the official VisionDrop / VisionZip rule), batched.
+"""Reference contextual merge (docs/ops.md#contextual_merge, the official VisionDrop / VisionZip rule), batched.
 
 Per row: R = non-kept valid positions ascending, n = |R|, step = max(1, n // C), targets T = R[0::step][:C].
 Every other token of R joins the target whose key metric has the largest cosine similarity (ties: lower

@@ -1,4 +1,4 @@
-"""Reference ALVTS low-rank selector scores (DESIGN §3.4).
+"""Reference ALVTS low-rank selector scores (docs/ops.md#lowrank_scores).
 
 a = h U, b = h V, A = softmax(a b^T / sqrt(R)) with the causal mask (and key padding). For visual j:
 S_V2V[j] = mean over visual query rows of A[i, j]; S_T2V[j] = mean over text query rows (valid, non-visual)

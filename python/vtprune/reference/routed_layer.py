@@ -1,4 +1,4 @@
-"""Reference routed decoder layer (DESIGN §3.5): gather, the layer's own forward, scatter back.
+"""Reference routed decoder layer (docs/ops.md#routed_layer): gather, the layer's own forward, scatter back.
 
 ``y = x; y[I] = Layer(x[I])`` where the layer runs on the compact routed sequence ``x[I]`` with the routed
 tokens' original RoPE positions (the full sequence's ``(cos, sin)`` gathered at ``I``) and the caller's mask

@@ -1,4 +1,4 @@
-"""Reference top-k in original order (DESIGN §3.2).
+"""Reference top-k in original order (docs/ops.md#topk_keep_order).
 
 Ranking, per row: valid positions (j < lengths[b]) first; then score descending; NaN ranks below every
 number, -inf included; -0.0 equals +0.0; equal scores go to the lower position. The first k of that ranking
