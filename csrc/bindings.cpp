@@ -22,7 +22,8 @@ PYBIND11_MODULE(_C, m) {
       py::arg("length"), py::arg("head_dim"), py::arg("max_queries"), py::arg("max_keys"),
       py::arg("scale"), py::arg("causal"), py::arg("dtype"), py::arg("stream"),
       py::call_guard<py::gil_scoped_release>(),
-      "out[b] = column attention scores of the key span (docs/ops.md#attention_scores). q [B, H, L, d], k [B, Hkv, "
+      "out[b] = column attention scores of the key span (docs/ops.md#attention_scores). q [B, H, "
+      "L, d], k [B, Hkv, "
       "L, d]; workspaces lse float [B, H, max(max_queries, 2 ceil(L / 64))], partial float [B, H, "
       "max_keys]; out "
       "float [B, max_keys]; dtype 0 fp32, 1 fp16, 2 bf16.");
@@ -39,28 +40,29 @@ PYBIND11_MODULE(_C, m) {
         py::arg("choice"), py::arg("out"), py::arg("batch"), py::arg("n"), py::arg("dim"),
         py::arg("metric_dim"), py::arg("k"), py::arg("num_contextual"), py::arg("x_dtype"),
         py::arg("metric_dtype"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
-        "out [B, k + C, D] = dominant rows then contextual tokens (docs/ops.md#contextual_merge); target_idx int64 "
+        "out [B, k + C, D] = dominant rows then contextual tokens (docs/ops.md#contextual_merge); "
+        "target_idx int64 "
         "[B, C]; workspaces target_inv_norm float [B, C], choice int32 [B, N].");
-  m.def(
-      "lowrank_scores", &vtprune::lowrank_scores, py::arg("a"), py::arg("b"),
-      py::arg("visual_spans"), py::arg("key_padding_mask"), py::arg("lse"), py::arg("partial"),
-      py::arg("out"), py::arg("batch"), py::arg("length"), py::arg("rank"), py::arg("max_visual"),
-      py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
-      "ALVTS selector scores out float [B, max_visual] (docs/ops.md#lowrank_scores) from fp32 projections a = h U, "
-      "b = h V [B, L, R]; workspaces lse float [B, L], partial float [2, B, max_visual].");
+  m.def("lowrank_scores", &vtprune::lowrank_scores, py::arg("a"), py::arg("b"),
+        py::arg("visual_spans"), py::arg("key_padding_mask"), py::arg("lse"), py::arg("partial"),
+        py::arg("out"), py::arg("batch"), py::arg("length"), py::arg("rank"), py::arg("max_visual"),
+        py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+        "ALVTS selector scores out float [B, max_visual] (docs/ops.md#lowrank_scores) from fp32 "
+        "projections a = h U, "
+        "b = h V [B, L, R]; workspaces lse float [B, L], partial float [2, B, max_visual].");
   m.def(
       "lowrank_project", &vtprune::lowrank_project, py::arg("h"), py::arg("u"), py::arg("v"),
       py::arg("a"), py::arg("b"), py::arg("rows"), py::arg("dim"), py::arg("rank"),
       py::arg("dtype"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
       "lowrank_scores' projections on the tensor cores: a = h U, b = h V float [M, R] from 16-bit "
       "h [M, D], U, V [D, R] (one dtype, contiguous, 16-byte aligned, D and R multiples of 8).");
-  m.def(
-      "routed_gather_rmsnorm", &vtprune::routed_gather_rmsnorm, py::arg("x"), py::arg("idx"),
-      py::arg("weight"), py::arg("out"), py::arg("batch"), py::arg("length"), py::arg("routed"),
-      py::arg("dim"), py::arg("batch_stride"), py::arg("row_stride"), py::arg("eps"),
-      py::arg("dtype"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
-      "routed_layer's first read (docs/ops.md#routed_layer): out [B, K, D] = RMSNorm(x[b, idx[b]]); x [B, L, D] "
-      "with the given batch / row strides, idx int64 [B, K], weight [D].");
+  m.def("routed_gather_rmsnorm", &vtprune::routed_gather_rmsnorm, py::arg("x"), py::arg("idx"),
+        py::arg("weight"), py::arg("out"), py::arg("batch"), py::arg("length"), py::arg("routed"),
+        py::arg("dim"), py::arg("batch_stride"), py::arg("row_stride"), py::arg("eps"),
+        py::arg("dtype"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+        "routed_layer's first read (docs/ops.md#routed_layer): out [B, K, D] = RMSNorm(x[b, "
+        "idx[b]]); x [B, L, D] "
+        "with the given batch / row strides, idx int64 [B, K], weight [D].");
   m.def("routed_gather_add_rmsnorm", &vtprune::routed_gather_add_rmsnorm, py::arg("x"),
         py::arg("idx"), py::arg("delta"), py::arg("weight"), py::arg("out"), py::arg("batch"),
         py::arg("length"), py::arg("routed"), py::arg("dim"), py::arg("batch_stride"),

@@ -1,4 +1,5 @@
-"""Row kernels of the routed decoder layer (docs/ops.md#routed_layer): gather/scatter fused into the norms and residuals.
+"""Row kernels of the routed decoder layer (docs/ops.md#routed_layer): gather/scatter fused into the norms and
+residuals.
 
 The layer ``y = x; y[I] = Layer(x[I])`` is split as::
 

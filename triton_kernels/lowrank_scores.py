@@ -1,4 +1,5 @@
-"""Triton ALVTS selector scores (docs/ops.md#lowrank_scores): a low-rank single-head attention, never materialising ``L x L``.
+"""Triton ALVTS selector scores (docs/ops.md#lowrank_scores): a low-rank single-head attention, never
+materialising ``L x L``.
 
 ``a = h U``, ``b = h V`` (``[B, L, R]``), ``s = a b^T / sqrt(R)`` causal with key padding, and for visual key
 ``j``: ``S_V2V[j] = mean_{i visual} exp(s_ij - lse_i)``, ``S_T2V[j] = mean_{i text} exp(s_ij - lse_i)``,

@@ -1,8 +1,8 @@
-// Launchers of lowrank_scores (ALVTS selector, docs/ops.md#lowrank_scores): the projections a = h U, b = h V
-// (lowrank_project.cuh, for 16-bit inputs; the glue uses an fp32 torch matmul otherwise), then the
-// score passes, those of
-// attention_scores with a single head, every row as a query, causal, and two row classes (visual,
-// text) whose column sums the finish multiplies: S = S_V2V * S_T2V, S_T2V = 1 without text.
+// Launchers of lowrank_scores (ALVTS selector, docs/ops.md#lowrank_scores): the projections a = h
+// U, b = h V (lowrank_project.cuh, for 16-bit inputs; the glue uses an fp32 torch matmul
+// otherwise), then the score passes, those of attention_scores with a single head, every row as a
+// query, causal, and two row classes (visual, text) whose column sums the finish multiplies: S =
+// S_V2V * S_T2V, S_T2V = 1 without text.
 #include <cuda_runtime.h>
 
 #include <cmath>

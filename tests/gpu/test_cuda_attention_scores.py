@@ -56,7 +56,7 @@ def check_scores(fn, q, k, qs, ks, causal, kpm=None, scale=None):
     assert (got[past] == 0).all(), "entries past a row's key count must be zero"
 
 
-# (B, H, Hkv, L, d, query span, key span, causal): the benchmark shapes of DESIGN 6.
+# (B, H, Hkv, L, d, query span, key span, causal): the shapes of benchmarks/bench_visiondrop_ops.py.
 REAL_SHAPES = {
     "clip_l336_cls_b1": (1, 16, 16, 577, 64, (0, 1), (1, 576), False),
     "clip_l336_cls_b8": (8, 16, 16, 577, 64, (0, 1), (1, 576), False),

@@ -21,7 +21,8 @@ def both(scores, k, lengths, device):
 
 
 def by_rule(row: list[float], k: int, length: int) -> list[int]:
-    """The ranking of docs/ops.md#topk_keep_order by a Python sort: valid first, NaN last, higher first, lower position first."""
+    """The ranking of docs/ops.md#topk_keep_order by a Python sort: valid first, NaN last, higher first, lower
+    position first."""
     def rank(j):
         v = row[j]
         return (v != v, -(v if v == v else 0.0), j)  # -0.0 == +0.0 compares equal here

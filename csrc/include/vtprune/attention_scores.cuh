@@ -1,6 +1,6 @@
-// attention_scores (docs/ops.md#attention_scores): score[b, j] = 1/(H |Qs|) sum_h sum_{i in Qs} exp(s_hij - lse_hi),
-// s = q . k * scale, for j in the key span; lse over every valid key of row i (causal by index,
-// key padding excluded). Never materialises L x L:
+// attention_scores (docs/ops.md#attention_scores): score[b, j] = 1/(H |Qs|) sum_h sum_{i in Qs}
+// exp(s_hij - lse_hi), s = q . k * scale, for j in the key span; lse over every valid key of row i
+// (causal by index, key padding excluded). Never materialises L x L:
 //
 //   pass 1  row_lse_kernel       grid (Q tiles, H, B): online max / sum over key tiles, like the
 //                                flash forward without V -> lse [B, H, Qm] (log2 domain)
@@ -369,7 +369,8 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
 
 // score[b, t] from the partials. Mode 0 (attention): sum_h part / (H * qcount). Mode 1 (lowrank,
 // H = 1): (part0 / n_visual) * (part1 / n_text), or part0 / n_visual alone when the row has no
-// text token (S_T2V = 1, the neutral factor of docs/ops.md#lowrank_scores). Zero past each row's key count.
+// text token (S_T2V = 1, the neutral factor of docs/ops.md#lowrank_scores). Zero past each row's
+// key count.
 constexpr int kFinalizeThreads = 256;
 
 template <int kMode>

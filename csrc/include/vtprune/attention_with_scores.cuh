@@ -1,6 +1,6 @@
-// attention_with_scores (docs/ops.md#attention_scores, second form): the layer's attention output and the column
-// scores. The flash-attention forward below writes out [B, H, L, dv] and the row log-sum-exp of
-// every row ([B, H, L], log2 domain); the scores are then pass 2 and the finish of
+// attention_with_scores (docs/ops.md#attention_scores, second form): the layer's attention output
+// and the column scores. The flash-attention forward below writes out [B, H, L, dv] and the row
+// log-sum-exp of every row ([B, H, L], log2 domain); the scores are then pass 2 and the finish of
 // attention_scores.cuh reading that lse by position, so pass 1 costs nothing extra.
 //
 // One block per (64-row query tile, h, b); per key tile: S = Q K^T (tensor cores for 16-bit

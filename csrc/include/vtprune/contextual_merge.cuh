@@ -1,5 +1,5 @@
-// contextual_merge (docs/ops.md#contextual_merge, the official VisionDrop / VisionZip rule), per batch row:
-// R = non-kept valid positions ascending, n = |R| = length - k, step = max(1, n / C),
+// contextual_merge (docs/ops.md#contextual_merge, the official VisionDrop / VisionZip rule), per
+// batch row: R = non-kept valid positions ascending, n = |R| = length - k, step = max(1, n / C),
 // targets T = R[0::step][:C]; every other token of R joins the target of largest cosine similarity
 // of `metric` (ties: lower target); contextual_t = x[t] + mean(x[a] joined to t).
 //

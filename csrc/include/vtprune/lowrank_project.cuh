@@ -1,6 +1,7 @@
-// The projections of lowrank_scores (docs/ops.md#lowrank_scores): a = h U, b = h V for 16-bit h, U, V, on the
-// tensor cores with fp32 accumulation and fp32 outputs. Products of two 16-bit values are exact in
-// fp32, so this matches the reference's `h.float() @ U.float()` up to the order of the fp32 sums.
+// The projections of lowrank_scores (docs/ops.md#lowrank_scores): a = h U, b = h V for 16-bit h, U,
+// V, on the tensor cores with fp32 accumulation and fp32 outputs. Products of two 16-bit values are
+// exact in fp32, so this matches the reference's `h.float() @ U.float()` up to the order of the
+// fp32 sums.
 //
 // One CTA per (64 rows of h, 64 columns of [U | V]): 4 warps, warp w owns rows [16w, 16w + 16);
 // the D dimension streams in 64-wide slices through cp.async double buffers (h slice [64][64] and

@@ -58,10 +58,10 @@ void lowrank_project(std::uintptr_t h, std::uintptr_t u, std::uintptr_t v, std::
                      std::uintptr_t b, std::int64_t rows, std::int64_t dim, std::int64_t rank,
                      int dtype, std::uintptr_t stream);
 
-// Row kernels of routed_layer (docs/ops.md#routed_layer). x [B, L, D] with unit stride on D and batch / row
-// strides in elements (updated in place by routed_add_scatter); idx int64 [B, K]; weight [D];
-// delta, mid and out [B, K, D] contiguous; all in one dtype. Indices outside [0, L) read zeros and
-// write nothing.
+// Row kernels of routed_layer (docs/ops.md#routed_layer). x [B, L, D] with unit stride on D and
+// batch / row strides in elements (updated in place by routed_add_scatter); idx int64 [B, K];
+// weight [D]; delta, mid and out [B, K, D] contiguous; all in one dtype. Indices outside [0, L)
+// read zeros and write nothing.
 
 // out = RMSNorm(x[b, idx[b]]) with the weight and eps of a LlamaRMSNorm.
 void routed_gather_rmsnorm(std::uintptr_t x, std::uintptr_t idx, std::uintptr_t weight,

@@ -1,6 +1,6 @@
-// routed_layer (docs/ops.md#routed_layer, ALVTS skip-and-reintegrate): the row kernels around the decoder layer's
-// own attention and MLP, with the gather fused into the first read and the scatter into the last
-// write. For routed positions I [B, K] of x [B, L, D]:
+// routed_layer (docs/ops.md#routed_layer, ALVTS skip-and-reintegrate): the row kernels around the
+// decoder layer's own attention and MLP, with the gather fused into the first read and the scatter
+// into the last write. For routed positions I [B, K] of x [B, L, D]:
 //
 //   kGatherNorm     out = RMSNorm1(x[I])                      before self_attn
 //   kGatherAddNorm  delta := x[I] + delta; out = RMSNorm2(delta)  delta = attention out -> mid

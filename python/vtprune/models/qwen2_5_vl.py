@@ -1,7 +1,8 @@
 """Qwen2.5-VL (``Qwen2_5_VLForConditionalGeneration``): window-attention ViT with a 2x2 patch merger, Qwen2 LLM
 (grouped-query attention) with 3-D M-RoPE positions.
 
-Encoder stage (VisionDrop, VisionZip). The ViT has no [CLS] token, so, as docs/methods.md#visiondrop says for such encoders,
+Encoder stage (VisionDrop, VisionZip). The ViT has no [CLS] token, so, as docs/methods.md#visiondrop says for such
+encoders,
 each patch is scored by the **visual-to-visual mean** of :func:`vtprune.ops.attention_with_scores` at the last
 full-attention block (``fullatt_block_indexes[-1]``; its attention runs through the op, which returns the
 block's own output too): the attention every patch receives, averaged over the heads and over all patches of
