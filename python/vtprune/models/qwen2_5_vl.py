@@ -2,9 +2,8 @@
 (grouped-query attention) with 3-D M-RoPE positions.
 
 Encoder stage (VisionDrop, VisionZip). The ViT has no [CLS] token, so, as docs/methods.md#visiondrop says for such
-encoders,
-each patch is scored by the **visual-to-visual mean** of :func:`vtprune.ops.attention_with_scores` at the last
-full-attention block (``fullatt_block_indexes[-1]``; its attention runs through the op, which returns the
+encoders, each patch is scored by the **visual-to-visual mean** of :func:`vtprune.ops.attention_with_scores` at
+the last full-attention block (``fullatt_block_indexes[-1]``; its attention runs through the op, which returns the
 block's own output too): the attention every patch receives, averaged over the heads and over all patches of
 its image. The language model sees *merged* tokens (one per 2x2 patch group), so the stage runs after the
 patch merger and a merged token's score is the **mean of its 2x2 group's scores** (the attention mass the group
