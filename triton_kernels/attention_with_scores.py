@@ -5,7 +5,8 @@ base-2 log-sum-exp of every row; the column scores then reuse that LSE in the se
 :mod:`attention_scores` (only the query span's rows are re-read, each K tile once per KV group). The forward
 runs one query head per program: packing a GQA group's heads into the rows, as the score passes do, makes
 every Q/O address a gather, and the 128 x 128 accumulator then spills (sm_90 compile, G = 7). A row with no
-valid key outputs zeros (its running sum stays 0), not NaN.
+valid key outputs zeros (its running sum stays 0), not NaN; a row
+with a NaN or +-inf logit among its keys outputs NaN, as the reference does.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import triton
 import triton.language as tl
 
 from vtprune.reference._common import host_max
-from vtprune.triton_kernels._common import mma, pow2, rows_dot_cols, to_device_i64, to_dtype
+from vtprune.triton_kernels._common import data_logits, finish_lse, mma, pow2, rows_dot_cols, to_device_i64, to_dtype
 from vtprune.triton_kernels.attention_scores import (
     LOG2E,
     allowed_mask,
@@ -62,16 +63,16 @@ def _attention_fwd_kernel(
         kok = key_ok(kpm_ptr, b, j, L, HAS_KPM)
         k = load_k_tile(k_ptr, b, kvh, j, j < L, skb, skh, skl, offs_d, D)  # [BLOCK_N, BLOCK_D]
         v = load_k_tile(v_ptr, b, kvh, j, j < L, svb, svh, svl, offs_dv, DV)  # [BLOCK_N, BLOCK_DV]
-        s = rows_dot_cols(q, k, False, IEEE, UPCAST) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
+        s = data_logits(rows_dot_cols(q, k, False, IEEE, UPCAST) * qk_scale)  # [BLOCK_M, BLOCK_N], log2 units
         s = tl.where(allowed_mask(pos, row_ok, j, kok, CAUSAL), s, float("-inf"))
         m, l, alpha, p = online_softmax_step(s, m, l)
         # P is rounded to V's dtype for the MMA, as flash attention does (error within the 2x rule)
         acc = acc * alpha[:, None] + mma(to_dtype(p, v.dtype, UPCAST), v, IEEE, UPCAST)
-    out = tl.where(l[:, None] > 0, acc / tl.where(l > 0, l, 1.0)[:, None], 0.0)
+    out = tl.where(l[:, None] == 0, 0.0, acc / tl.where(l == 0, 1.0, l)[:, None])  # a NaN row stays NaN
     o_ptrs = out_ptr + b * sob + h * soh + pos[:, None] * sol + offs_dv[None, :]
     tl.store(o_ptrs, to_dtype(out, out_ptr.dtype.element_ty, UPCAST), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
     # LSE in the packed layout of the score passes: [B, Hkv, L * G], row pos * G + h % G
-    lse = tl.where(l > 0, m + tl.log2(tl.where(l > 0, l, 1.0)), float("inf"))
+    lse = finish_lse(m, l)
     tl.store(lse_ptr + (b * HKV + kvh) * (L * G) + pos * G + h % G, lse, mask=row_ok)
 
 
