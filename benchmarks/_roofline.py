@@ -84,7 +84,8 @@ def attn_row_lse(a: dict, c: dict) -> dict:
         for m0 in range(0, G * qs[:, 1].max().item(), BM):
             last = qstart + min(qcount - 1, (m0 + BM - 1) // G)
             hi = (last + 1 if c["CAUSAL"] else L) if m0 < qcount * G else 0
-            per += [cdiv(hi, BN)] * hkv
+            S = c.get("SPLIT", 1)  # split s takes key tiles s, s + S, ...
+            per += [cdiv(max(0, cdiv(hi, BN) - s), S) for s in range(S)] * hkv
     n = sum(per)
     dot = dict(flops_fp32=2 * n * BM * BN * BD) if c["SMALL_M"] else dict(flops_tc=2 * n * BM * BN * BD)
     rows = int(qs[:, 1].sum()) * G * hkv
