@@ -165,7 +165,8 @@ def column_scores_kernel(
     r_lo = 0
     if CAUSAL:  # query rows before the tile's first key see none of its keys
         r_lo = tl.maximum(kstart + n0 - qstart, 0) * G
-    acc = tl.zeros([BLOCK_N], tl.float32)
+    # a [BLOCK_M, BLOCK_N] accumulator: the column sum across rows (and warps) runs once, after the loop
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for r0 in range(r_lo, r_hi, BLOCK_M):
         r = r0 + tl.arange(0, BLOCK_M)
         row_ok = r < r_hi
@@ -181,8 +182,8 @@ def column_scores_kernel(
             lse = combined_lse(lse_ptr, l_ptr, bh * LSE_SPLIT * R_STRIDE, R_STRIDE, lse_row, row_ok, LSE_SPLIT)
         s = rows_dot_cols(q, k, SMALL_M, IEEE, UPCAST) * qk_scale  # [BLOCK_M, BLOCK_N]
         p = tl.exp2(s - lse[:, None])
-        acc += tl.sum(tl.where(allowed_mask(pos, row_ok, j, kok, CAUSAL), p, 0.0), axis=0)
-    acc = tl.where(col_ok, acc * inv_heads / qcount.to(tl.float32), 0.0)
+        acc += tl.where(allowed_mask(pos, row_ok, j, kok, CAUSAL), p, 0.0)
+    acc = tl.where(col_ok, tl.sum(acc, axis=0) * inv_heads / qcount.to(tl.float32), 0.0)
     tl.store(part_ptr + bh * KM + col, acc, mask=col < KM)
 
 
