@@ -84,7 +84,8 @@ def attn_row_lse(a: dict, c: dict) -> dict:
         for m0 in range(0, G * qs[:, 1].max().item(), BM):
             last = qstart + min(qcount - 1, (m0 + BM - 1) // G)
             hi = (last + 1 if c["CAUSAL"] else L) if m0 < qcount * G else 0
-            per += [cdiv(hi, BN)] * hkv
+            S = c.get("SPLIT", 1)  # split s takes key tiles s, s + S, ...
+            per += [cdiv(max(0, cdiv(hi, BN) - s), S) for s in range(S)] * hkv
     n = sum(per)
     dot = dict(flops_fp32=2 * n * BM * BN * BD) if c["SMALL_M"] else dict(flops_tc=2 * n * BM * BN * BD)
     rows = int(qs[:, 1].sum()) * G * hkv
@@ -149,51 +150,60 @@ def pack(a: dict, c: dict) -> dict:
 
 
 def project(a: dict, c: dict) -> dict:
-    h, w = a["h_ptr"], a["w_ptr"]
+    h = a["h_ptr"]
     M, D, R = a["M"], a["D"], a["R"]
-    per = [cdiv(D, c["BLOCK_K"])] * (cdiv(M, c["BLOCK_M"]) * cdiv(R, c["BLOCK_R"]))
-    kind = "fp32" if c["IEEE"] else "bf16"
-    flops = {"flops_fp32" if kind == "fp32" else "flops_tc": 2 * M * D * R}
-    n_out = a["out_ptr"].numel() if "out_ptr" in a else M * R
-    return dict(flops, bytes=M * D * h.element_size() + w.numel() * w.element_size() * (2 if w.dim() == 3 else 1)
-                + n_out * a["out_ptr"].element_size(), **_iters(per))
+    weights = [a[k] for k in ("w_ptr", "u_ptr", "v_ptr") if k in a]
+    cols = R * len(weights)
+    per = [cdiv(D, c["BLOCK_K"])] * (cdiv(M, c["BLOCK_M"]) * cdiv(cols, c["BLOCK_R"]))
+    key = "flops_fp32" if c["IEEE"] else "flops_tc"
+    return {key: 2 * M * D * cols, "bytes": M * D * h.element_size() + sum(w.numel() * w.element_size()
+                                                                           for w in weights) + M * cols * 4,
+            **_iters(per)}
 
 
-def _lowrank_dot(a, c, n_tiles, per):
-    R, BM, BN = a["R"], c["BLOCK_M"], c["BLOCK_N"]
-    tf = c.get("DOT") or ("ieee" if c["IEEE"] else "tf32x3")
-    flops = 2 * n_tiles * BM * BN * R
-    if tf == "ieee":
+def _lowrank_dot(a, c, n_tiles):
+    flops = 2 * n_tiles * c["BLOCK_M"] * c["BLOCK_N"] * a["R"]
+    if c["IEEE"]:
         return dict(flops_fp32=flops)
-    if tf == "tf32x3":
-        return dict(flops_tc=3 * flops, tc_kind="tf32")
-    return dict(flops_tc=flops)
+    return dict(flops_tc=3 * flops, tc_kind="tf32")  # 3xTF32
+
+
+def _ab(a):
+    return a["ab_ptr"] if "ab_ptr" in a else a["a_ptr"]
 
 
 def lowrank_lse(a: dict, c: dict) -> dict:
     sp = a["span_ptr"]
     B, L, R, BM, BN = sp.shape[0], a["L"], a["R"], c["BLOCK_M"], c["BLOCK_N"]
+    S, rc = c.get("SPLIT", 1), cdiv(R, c["BLOCK_R"])
     per = []
     for b in range(B):
         vstart = int(sp[b, 0])
-        per += [cdiv(min(m0 + BM, L), BN) * cdiv(R, c["BLOCK_R"]) if m0 + BM > vstart else 0
-                for m0 in range(0, L, BM)]
-    n = sum(per) // cdiv(R, c["BLOCK_R"])
-    es = a["a_ptr"].element_size()
-    return dict(_lowrank_dot(a, c, n, per), exps=n * BM * BN, bytes=2 * B * L * R * es + B * L * 4, **_iters(per))
+        for m0 in range(0, L, BM):
+            tiles = cdiv(min(m0 + BM, L), BN) if m0 + BM > vstart else 0
+            per += [cdiv(max(0, tiles - s), S) * rc for s in range(S)]
+    n = sum(per) // rc
+    return dict(_lowrank_dot(a, c, n), exps=n * BM * BN, bytes=2 * B * L * R * 4 + 2 * S * B * L * 4, **_iters(per))
 
 
 def lowrank_columns(a: dict, c: dict) -> dict:
     sp = a["span_ptr"]
     B, L, R, BM, BN, VM = sp.shape[0], a["L"], a["R"], c["BLOCK_M"], c["BLOCK_N"], a["VM"]
+    S, rc = c.get("SPLIT", 1), cdiv(R, c["BLOCK_R"])
     per = []
     for b in range(B):
         vstart, vcount = _spans(sp, b)
-        per += [cdiv(L - vstart - n0, BM) * cdiv(R, c["BLOCK_R"]) if n0 < vcount else 0 for n0 in range(0, VM, BN)]
-    n = sum(per) // cdiv(R, c["BLOCK_R"])
-    es = a["a_ptr"].element_size()
-    return dict(_lowrank_dot(a, c, n, per), exps=n * BM * BN, bytes=2 * B * L * R * es + B * L * 4 + B * VM * 4,
+        for n0 in range(0, VM, BN):
+            tiles = cdiv(L - vstart - n0, BM) if n0 < vcount else 0
+            per += [cdiv(max(0, tiles - s), S) * rc for s in range(S)]
+    n = sum(per) // rc
+    return dict(_lowrank_dot(a, c, n), exps=n * BM * BN, bytes=2 * B * L * R * 4 + B * L * 4 + 2 * S * B * VM * 4,
                 **_iters(per))
+
+
+def lowrank_finish(a: dict, c: dict) -> dict:
+    B, VM = a["span_ptr"].shape[0], a["VM"]
+    return dict(bytes=(2 * c["SPLIT"] + 1) * B * VM * 4, iters_total=0, iters_max=0)
 
 
 def routed(reads_writes: int):
@@ -214,6 +224,7 @@ MODELS = {
     "lowrank_scores._project_kernel": project,
     "lowrank_scores._row_lse_kernel": lowrank_lse,
     "lowrank_scores._visual_columns_kernel": lowrank_columns,
+    "lowrank_scores._finish_kernel": lowrank_finish,
     "_routed_kernels.gather_rmsnorm_kernel": routed(2),
     "_routed_kernels.gather_add_rmsnorm_kernel": routed(4),
     "_routed_kernels.add_scatter_kernel": routed(3),

@@ -120,7 +120,7 @@ def combined_lse(m_ptr, l_ptr, row0, stride, i, i_ok, SPLIT: tl.constexpr):
     """Base-2 log-sum-exp of rows ``i`` from ``SPLIT`` partial (max, sum) pairs at ``row0 + s * stride + i``.
 
     The splits are combined in a fixed order (deterministic); +inf for a row whose splits saw no valid key,
-    so that ``exp2(s - lse)`` is 0 there.
+    so that ``exp2(s - lse)`` is 0 there; NaN when a split's sum is NaN.
     """
     mx = tl.full(i.shape, float("-inf"), tl.float32)
     for s in tl.static_range(SPLIT):
@@ -130,7 +130,21 @@ def combined_lse(m_ptr, l_ptr, row0, stride, i, i_ok, SPLIT: tl.constexpr):
     for s in tl.static_range(SPLIT):
         ms = tl.load(m_ptr + row0 + s * stride + i, mask=i_ok, other=float("-inf"))
         total += tl.load(l_ptr + row0 + s * stride + i, mask=i_ok, other=0.0) * tl.exp2(ms - m_sub)
-    return tl.where(total > 0, mx + tl.log2(tl.where(total > 0, total, 1.0)), float("inf"))
+    return finish_lse(mx, total)
+
+
+@triton.jit
+def finish_lse(m, total):
+    """``m + log2(total)`` (base 2); +inf for a row without a valid key (total 0), NaN stays NaN (a NaN or
+    +inf logit among the row's keys: the reference's softmax semantics)."""
+    return tl.where(total == 0, float("inf"), m + tl.log2(tl.where(total == 0, 1.0, total)))
+
+
+@triton.jit
+def data_logits(s):
+    """A -inf logit computed from the data becomes NaN (masking with -inf comes after): the reference's rule
+    that non-finite inputs make their rows NaN (vtprune.reference._common.masked_softmax)."""
+    return tl.where(s == float("-inf"), float("nan"), s)
 
 
 def split_for(tiles: int, B: int, most: int = 8) -> int:

@@ -27,6 +27,8 @@ from vtprune.reference._common import host_max
 from vtprune.triton_kernels._common import (
     cdiv,
     combined_lse,
+    data_logits,
+    finish_lse,
     pow2,
     rows_dot_cols,
     split_for,
@@ -119,13 +121,12 @@ def _row_lse_kernel(
         j = n0 + tl.arange(0, BLOCK_N)
         kok = key_ok(kpm_ptr, b, j, L, HAS_KPM)
         k = load_k_tile(k_ptr, b, kvh, j, j < L, skb, skh, skl, offs_d, D)  # [BLOCK_N, BLOCK_D]
-        s = rows_dot_cols(q, k, SMALL_M, IEEE, UPCAST) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
+        s = data_logits(rows_dot_cols(q, k, SMALL_M, IEEE, UPCAST) * qk_scale)  # [BLOCK_M, BLOCK_N], log2
         s = tl.where(allowed_mask(pos, row_ok, j, kok, CAUSAL), s, float("-inf"))
         m, l, _, _ = online_softmax_step(s, m, l)
     if SPLIT == 1:
         # +inf for a row with no valid key: pass 2's exp2(s - lse) is then 0, the row contributes nothing
-        lse = tl.where(l > 0, m + tl.log2(tl.where(l > 0, l, 1.0)), float("inf"))
-        tl.store(lse_ptr + bh * R_STRIDE + r, lse, mask=row_ok)
+        tl.store(lse_ptr + bh * R_STRIDE + r, finish_lse(m, l), mask=row_ok)
     else:
         out = (bh * SPLIT + split) * R_STRIDE + r
         tl.store(lse_ptr + out, m, mask=row_ok)
@@ -166,7 +167,8 @@ def column_scores_kernel(
     r_lo = 0
     if CAUSAL:  # query rows before the tile's first key see none of its keys
         r_lo = tl.maximum(kstart + n0 - qstart, 0) * G
-    acc = tl.zeros([BLOCK_N], tl.float32)
+    # a [BLOCK_M, BLOCK_N] accumulator: the column sum across rows (and warps) runs once, after the loop
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for r0 in range(r_lo, r_hi, BLOCK_M):
         r = r0 + tl.arange(0, BLOCK_M)
         row_ok = r < r_hi
@@ -182,8 +184,8 @@ def column_scores_kernel(
             lse = combined_lse(lse_ptr, l_ptr, bh * LSE_SPLIT * R_STRIDE, R_STRIDE, lse_row, row_ok, LSE_SPLIT)
         s = rows_dot_cols(q, k, SMALL_M, IEEE, UPCAST) * qk_scale  # [BLOCK_M, BLOCK_N]
         p = tl.exp2(s - lse[:, None])
-        acc += tl.sum(tl.where(allowed_mask(pos, row_ok, j, kok, CAUSAL), p, 0.0), axis=0)
-    acc = tl.where(col_ok, acc * inv_heads / qcount.to(tl.float32), 0.0)
+        acc += tl.where(allowed_mask(pos, row_ok, j, kok, CAUSAL), p, 0.0)
+    acc = tl.where(col_ok, tl.sum(acc, axis=0) * inv_heads / qcount.to(tl.float32), 0.0)
     tl.store(part_ptr + bh * KM + col, acc, mask=col < KM)
 
 
@@ -198,8 +200,9 @@ def tile_config(rows: int, d: int, dtype: torch.dtype) -> dict:
         block_m = pow2(rows)
         return dict(BLOCK_M=block_m, BLOCK_N=max(16, 2048 // (block_m * block_d)), BLOCK_D=block_d,
                     SMALL_M=True, num_warps=4)
-    if dtype == torch.float32:  # IEEE products run on the CUDA cores: 64 x 64 tiles spill
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d, SMALL_M=False, num_warps=8, num_stages=2)
+    if dtype == torch.float32:  # IEEE products run on the CUDA cores: 64 x 64 tiles spill; a second stage
+        # of prefetched fp32 Q rows spills under Triton 3.9 (400 B at d 128, 4.8 KB at d 256, 32 x 32 tiles)
+        return dict(BLOCK_M=32, BLOCK_N=16, BLOCK_D=block_d, SMALL_M=False, num_warps=8, num_stages=1)
     # a few rows (one query of a 7-head GQA group: FastV's last token on Qwen2.5-VL) get a 16-row MMA
     return dict(BLOCK_M=min(64, pow2(rows, 16)), BLOCK_N=64 if block_d <= 128 else 32, BLOCK_D=block_d,
                 SMALL_M=False, num_warps=8)

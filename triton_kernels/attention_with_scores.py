@@ -5,7 +5,8 @@ base-2 log-sum-exp of every row; the column scores then reuse that LSE in the se
 :mod:`attention_scores` (only the query span's rows are re-read, each K tile once per KV group). The forward
 runs one query head per program: packing a GQA group's heads into the rows, as the score passes do, makes
 every Q/O address a gather, and the 128 x 128 accumulator then spills (sm_90 compile, G = 7). A row with no
-valid key outputs zeros (its running sum stays 0), not NaN.
+valid key outputs zeros (its running sum stays 0), not NaN; a row
+with a NaN or +-inf logit among its keys outputs NaN, as the reference does.
 """
 
 from __future__ import annotations
@@ -15,7 +16,16 @@ import triton
 import triton.language as tl
 
 from vtprune.reference._common import host_max
-from vtprune.triton_kernels._common import cdiv, mma, pow2, rows_dot_cols, to_device_i64, to_dtype
+from vtprune.triton_kernels._common import (
+    cdiv,
+    data_logits,
+    finish_lse,
+    mma,
+    pow2,
+    rows_dot_cols,
+    to_device_i64,
+    to_dtype,
+)
 from vtprune.triton_kernels._routed_ops import call
 from vtprune.triton_kernels.attention_scores import (
     LOG2E,
@@ -63,28 +73,33 @@ def _attention_fwd_kernel(
         kok = key_ok(kpm_ptr, b, j, L, HAS_KPM)
         k = load_k_tile(k_ptr, b, kvh, j, j < L, skb, skh, skl, offs_d, D)  # [BLOCK_N, BLOCK_D]
         v = load_k_tile(v_ptr, b, kvh, j, j < L, svb, svh, svl, offs_dv, DV)  # [BLOCK_N, BLOCK_DV]
-        s = rows_dot_cols(q, k, False, IEEE, UPCAST) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
+        s = data_logits(rows_dot_cols(q, k, False, IEEE, UPCAST) * qk_scale)  # [BLOCK_M, BLOCK_N], log2 units
         s = tl.where(allowed_mask(pos, row_ok, j, kok, CAUSAL), s, float("-inf"))
         m, l, alpha, p = online_softmax_step(s, m, l)
         # P is rounded to V's dtype for the MMA, as flash attention does (error within the 2x rule)
         acc = acc * alpha[:, None] + mma(to_dtype(p, v.dtype, UPCAST), v, IEEE, UPCAST)
-    out = tl.where(l[:, None] > 0, acc / tl.where(l > 0, l, 1.0)[:, None], 0.0)
+    out = tl.where(l[:, None] == 0, 0.0, acc / tl.where(l == 0, 1.0, l)[:, None])  # a NaN row stays NaN
     o_ptrs = out_ptr + b * sob + h * soh + pos[:, None] * sol + offs_dv[None, :]
     tl.store(o_ptrs, to_dtype(out, out_ptr.dtype.element_ty, UPCAST), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
     # LSE in the packed layout of the score passes: [B, Hkv, L * G], row pos * G + h % G
-    lse = tl.where(l > 0, m + tl.log2(tl.where(l > 0, l, 1.0)), float("inf"))
+    lse = finish_lse(m, l)
     tl.store(lse_ptr + (b * HKV + kvh) * (L * G) + pos * G + h % G, lse, mask=row_ok)
 
 
-def forward_config(rows: int, d: int, dv: int, dtype: torch.dtype) -> dict:
-    """Tiles of the forward for ``rows`` query rows: the largest without spills on sm_90 (see tile_config)."""
+def forward_config(rows: int, d: int, dv: int, dtype: torch.dtype, heads: int = 132) -> dict:
+    """Tiles of the forward for ``rows`` query rows and ``heads = B * H`` programs per row tile: the largest
+    without spills on sm_90 (see tile_config), halved to 64 rows where 128-row tiles leave SMs of an H100 idle
+    (CLIP-L/336 at batch 1: 5 x 16 = 80 CTAs -> 160)."""
     block_d, block_dv = pow2(d, 16), pow2(dv, 16)
     dims = dict(BLOCK_D=block_d, BLOCK_DV=block_dv)
     if dtype == torch.float32:  # IEEE products on the CUDA cores
         return dict(dims, BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2)
     if max(block_d, block_dv) > 128:
         return dict(dims, BLOCK_M=64, BLOCK_N=32, num_warps=8)
-    return dict(dims, BLOCK_M=min(128, pow2(rows, 16)), BLOCK_N=64, num_warps=8 if rows > 64 else 4)
+    block_m = min(128, pow2(rows, 16))
+    if block_m == 128 and triton.cdiv(rows, 128) * heads < 132:
+        block_m = 64
+    return dict(dims, BLOCK_M=block_m, BLOCK_N=64, num_warps=8 if block_m > 64 else 4)
 
 
 def attention_with_scores_launch(q, k, v, query_spans, key_spans, causal, key_padding_mask, scale,
@@ -102,7 +117,7 @@ def attention_with_scores_launch(q, k, v, query_spans, key_spans, causal, key_pa
     check_max_counts(query_spans, key_spans, max_query, max_key)
     out = torch.empty(B, H, L, dv, dtype=q.dtype, device=q.device)  # [B, H, L, dv]
     lse = torch.empty(B, hkv, G * L, dtype=torch.float32, device=q.device)  # [B, Hkv, L * G] packed
-    cfg = forward_config(L, d, dv, q.dtype)
+    cfg = forward_config(L, d, dv, q.dtype, B * H)
     _attention_fwd_kernel[(cdiv(L, cfg["BLOCK_M"]), B * H)](
         q, k, v, kpm, out, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),

@@ -30,7 +30,16 @@ import triton
 import triton.language as tl
 
 from vtprune.reference._common import host_max
-from vtprune.triton_kernels._common import cdiv, combined_lse, mma, pow2, split_for, to_device_i64, upcast_dot
+from vtprune.triton_kernels._common import (
+    cdiv,
+    combined_lse,
+    data_logits,
+    mma,
+    pow2,
+    split_for,
+    to_device_i64,
+    upcast_dot,
+)
 from vtprune.triton_kernels.attention_scores import LOG2E, key_ok, kpm_bytes, online_softmax_step
 
 
@@ -105,7 +114,7 @@ def _row_lse_kernel(
         j = n0 + tl.arange(0, BLOCK_N)
         s = _logits(ab_ptr, base, i, i_ok, j, j < L, R, qk_scale, BLOCK_M, BLOCK_N, BLOCK_R, IEEE)
         allowed = i_ok[:, None] & key_ok(kpm_ptr, bid, j, L, HAS_KPM)[None, :] & (j[None, :] <= i[:, None])
-        m, lsum, _, _ = online_softmax_step(tl.where(allowed, s, float("-inf")), m, lsum)
+        m, lsum, _, _ = online_softmax_step(tl.where(allowed, data_logits(s), float("-inf")), m, lsum)
     out = (bid * SPLIT + split) * L + i
     tl.store(m_ptr + out, m, mask=i < L)
     tl.store(l_ptr + out, lsum, mask=i < L)

@@ -70,10 +70,15 @@ def allowed_keys(
 
 
 def masked_softmax(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """Row softmax over the allowed keys; a row with no allowed key is all zeros (not NaN)."""
-    logits = logits.masked_fill(~allowed, float("-inf"))
+    """Row softmax over the allowed keys; a row with no allowed key is all zeros (not NaN).
+
+    Non-finite inputs propagate, on every backend: a NaN or +-inf logit among a row's allowed keys (an inf or
+    NaN in q/k/h, or a float32 overflow) makes the whole row NaN, and so every score the row adds to. A -inf
+    logit from the data is not a masked key: it is turned into NaN first. Masked keys never contribute.
+    """
+    logits = torch.where(logits == float("-inf"), float("nan"), logits).masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    return torch.where(allowed.any(-1, keepdim=True), probs, torch.zeros((), dtype=probs.dtype))
+    return torch.where(allowed, probs, torch.zeros((), dtype=probs.dtype))  # a NaN row stays off masked keys
 
 
 def head_chunk(batch: int, heads: int, rows: int, length: int) -> int:
