@@ -150,4 +150,4 @@ def data_logits(s):
 def split_for(tiles: int, B: int, most: int = 8) -> int:
     """Splits of a long loop so that ``tiles * B * split`` CTAs cover the 132 SMs of an H100 (at most
     ``most``); a function of the shape only, so the reduction order, and the result, never vary between runs."""
-    return min(most, pow2(triton.cdiv(132, max(1, tiles * B))))
+    return min(most, pow2(cdiv(132, max(1, tiles * B))))
