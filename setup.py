@@ -163,6 +163,7 @@ setup(
     package_dir={"vtprune": "python/vtprune", "vtprune.triton_kernels": "triton_kernels"},
     packages=[
         "vtprune",
+        "vtprune.cli",
         "vtprune.ops",
         "vtprune.reference",
         "vtprune.cuda",
