@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -142,7 +143,7 @@ def test_non_editable_install_without_cuda(tmp_path):
     assert install.returncode == 0, install.stdout + install.stderr
 
     check = (
-        "import json, sys, vtprune, vtprune.triton_kernels; "
+        "import json, sys, vtprune, vtprune.triton_kernels, vtprune.cli, vtprune.testing.syncs; "
         "print(json.dumps([vtprune.__file__, vtprune.triton_kernels.__file__, 'vtprune._C' in sys.modules]))"
     )
     run = subprocess.run([python, "-c", check], cwd=tmp_path, env=env, capture_output=True, text=True)
@@ -153,3 +154,12 @@ def test_non_editable_install_without_cuda(tmp_path):
     assert Path(triton_file).resolve().is_relative_to(site / "vtprune"), (triton_file, site)
     assert not c_imported  # importing vtprune never loads the extension
     assert not list((site / "vtprune").glob("_C*")), "VTPRUNE_BUILD_CUDA=0 must not build vtprune._C"
+
+
+def test_every_subpackage_is_listed_in_setup_py():
+    """A package folder missing from setup.py's list installs fine editable and is absent from a wheel."""
+    listed = set(re.findall(r'"(vtprune(?:\.[a-z_]+)*)"', (ROOT / "setup.py").read_text()))
+    found = {"vtprune." + ".".join(p.parent.relative_to(ROOT / "python" / "vtprune").parts)
+             for p in (ROOT / "python" / "vtprune").rglob("__init__.py")}
+    found = {"vtprune" if f == "vtprune." else f for f in found} | {"vtprune.triton_kernels"}
+    assert found <= listed, f"packages missing from setup.py: {sorted(found - listed)}"
