@@ -139,11 +139,9 @@ def load_method(cfg, *, model=None):
 
 
 def _check_fingerprint(recorded: dict, model) -> None:
-    from vtprune.alvts.factors import model_fingerprint
+    from vtprune.alvts.factors import fingerprint_differences, model_fingerprint
 
-    actual = model_fingerprint(model)
-    differ = [f"{k} {recorded.get(k)!r} (config) vs {v!r} (model)" for k, v in actual.items()
-              if recorded.get(k) is not None and v is not None and recorded.get(k) != v]
+    differ = fingerprint_differences(recorded, model_fingerprint(model), what="config")
     if differ:
         raise ValueError("config: made for a different model: " + "; ".join(differ))
 

@@ -30,7 +30,6 @@ and up to the per-key prior for a query bias.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -42,9 +41,12 @@ FORMAT = "vtprune.alvts.factors/1"
 _LAYER_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
 _REQUIRED_META = ("format", "num_layers", "rank")
 FINGERPRINT_KEY = "model_fingerprint"
-# Rows of layer 0's q_proj hashed into the fingerprint: enough to tell checkpoints (even fine-tunes) apart
-# without reading a whole 7B weight.
-_HASH_ROWS = 16
+# Entries of layer 0's q_proj sampled into the fingerprint: enough to tell checkpoints apart without reading
+# a whole 7B weight. They are compared with a relative tolerance, not hashed: the same checkpoint in float32,
+# float16 or bfloat16 (or cast from one to another) differs in the last bits, and any hash of rounded values
+# has rounding boundaries that a cast can cross.
+_SAMPLE = 64
+_SAMPLE_RTOL = 1e-2  # bfloat16 keeps ~2^-9 relative precision; a cast chain stays well inside this
 
 
 def default_rank(hidden_size: int) -> int:
@@ -175,24 +177,44 @@ def svd_factors(
 
 def model_fingerprint(model_or_layers) -> dict:
     """What identifies the model factors were made for: decoder layer class, layer count, hidden size and a
-    hash of the first rows of layer 0's ``q_proj`` weight.
+    sample of layer 0's ``q_proj`` weight (``_SAMPLE`` entries spread over the matrix).
 
-    The hash is taken after rounding to bfloat16, so the same checkpoint loaded in float32, float16 or bfloat16
-    gives the same fingerprint; weights on the ``meta`` device (offloaded) give ``weight_sha256 = None``, which
-    :meth:`SelectorFactors.check_model` then leaves unchecked.
+    The sample is compared with a relative tolerance (:func:`fingerprint_differences`), so the same checkpoint
+    in float32, float16 or bfloat16 matches; weights on the ``meta`` device (offloaded) give
+    ``weight_sample = None``, which is then left unchecked.
 
     Returns
     -------
-    dict with ``architecture`` (str), ``num_layers`` (int), ``hidden_size`` (int), ``weight_sha256`` (str or None)
+    dict with ``architecture`` (str), ``num_layers`` (int), ``hidden_size`` (int), ``weight_sample``
+    (list of float, or None)
     """
     layers = decoder_layers(model_or_layers)
     w = layers[0].self_attn.q_proj.weight
-    digest = None
+    sample = None
     if w.device.type != "meta":
-        rows = w.detach()[:_HASH_ROWS].to(torch.bfloat16).cpu().contiguous()
-        digest = hashlib.sha256(rows.view(torch.int16).numpy().tobytes()).hexdigest()[:32]
+        flat = w.detach().reshape(-1)
+        at = torch.linspace(0, flat.numel() - 1, min(_SAMPLE, flat.numel()), device=flat.device).long()
+        sample = [float(f"{x:.6g}") for x in flat[at].float().cpu().tolist()]
     return {"architecture": type(layers[0]).__name__, "num_layers": len(layers), "hidden_size": hidden_size(layers[0]),
-            "weight_sha256": digest}
+            "weight_sample": sample}
+
+
+def fingerprint_differences(recorded: dict, actual: dict, *, what: str = "factors") -> list[str]:
+    """The fields in which two :func:`model_fingerprint` dicts differ (a field missing on either side is not
+    compared); the weight samples match within a relative tolerance of the largest sampled magnitude."""
+    differ = []
+    for key, mine in actual.items():
+        theirs = recorded.get(key)
+        if theirs is None or mine is None:
+            continue
+        if key == "weight_sample":
+            scale = max((abs(x) for x in theirs), default=0.0)
+            same = len(theirs) == len(mine) and all(abs(a - b) <= _SAMPLE_RTOL * scale for a, b in zip(theirs, mine))
+            if not same:
+                differ.append(f"weight_sample (first values {theirs[:3]} ({what}) vs {mine[:3]} (model))")
+        elif theirs != mine:
+            differ.append(f"{key} {theirs!r} ({what}) vs {mine!r} (model)")
+    return differ
 
 
 def _check_finite(name: str, t: torch.Tensor) -> None:
@@ -265,9 +287,7 @@ class SelectorFactors:
         recorded = self.fingerprint
         if recorded is None:
             return
-        actual = model_fingerprint(layers)
-        differ = [f"{k} {recorded.get(k)!r} (factors) vs {actual[k]!r} (model)" for k in actual
-                  if recorded.get(k) is not None and actual[k] is not None and recorded.get(k) != actual[k]]
+        differ = fingerprint_differences(recorded, model_fingerprint(layers))
         if differ:
             raise ValueError(f"{source}: made for a different model: " + "; ".join(differ)
                              + ". Calibrate or initialise factors for this model (vtprune calibrate)")
