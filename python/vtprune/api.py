@@ -1,7 +1,9 @@
 """``vtprune.apply``: patch one model instance with a token-reduction method, and undo it.
 
-Nothing global changes: only bound ``forward`` attributes of this instance's submodules are replaced, and
-:meth:`Handle.remove` deletes them again, so the model is bit-for-bit the unpatched one afterwards.
+Nothing global changes: only attributes of this instance and its submodules are set (the bound ``forward``
+methods, and the instance's ``__deepcopy__`` / ``__reduce_ex__`` so that copies get their own patch and
+pickling is refused clearly), and :meth:`Handle.remove` deletes them again, so the model is bit-for-bit the
+unpatched one afterwards.
 """
 
 from __future__ import annotations

@@ -276,7 +276,7 @@ class SelectorFactors:
 
     def check_model(self, model_or_layers, *, source: str = "factors") -> None:
         """Raise ``ValueError`` unless these factors fit the model: same layer count and width, and, when a
-        fingerprint is recorded, the same decoder class and weight hash (factors of another checkpoint with the
+        fingerprint is recorded, the same decoder class and weight sample (factors of another checkpoint with the
         same shapes would otherwise be accepted and route badly). ``source`` names the factors in the message.
         """
         layers = decoder_layers(model_or_layers)
