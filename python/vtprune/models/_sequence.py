@@ -35,29 +35,34 @@ class Sequence:
     spans: torch.Tensor
     shift: torch.Tensor
     recompact: bool = True
+    pad_host: torch.Tensor | None = None  # [B] host: padding tokens per row, when the host knows them
+    tail_real: bool | None = None  # whether every row's last token is real, when the host knows it
+    added_host: torch.Tensor | None = None  # [B] host: left padding the last compaction added (None: not known)
 
     @property
     def length(self) -> int:
         return self.mask.shape[1]
 
     def compact(self, hidden: torch.Tensor, keep: torch.Tensor, slots: torch.Tensor, values: torch.Tensor | None,
-                value_positions: torch.Tensor | None = None):
+                value_positions: torch.Tensor | None = None, kept: torch.Tensor | None = None):
         """Drop ``~keep`` tokens and write ``values`` into the kept ``slots`` (both bool [B, L]).
 
         ``values``: [S, D] the tokens for the slots in row-major order (``None`` leaves the slots as they are).
         ``value_positions``: [S] or [3, S] their positions, required when not re-compacting (``recompact=False``).
+        ``kept``: [B] host count of ``keep`` per row, when ``keep`` is on the device (else it is read once).
         Returns the new hidden states [B, L', D]; updates ``mask``, ``positions``, ``shift`` in place and
         returns the new slot mask [B, L'] for span bookkeeping.
         """
         B, L = keep.shape
         dev = hidden.device
-        if keep.device.type == "cpu":  # planned on the host: the new length needs no device read
-            kept_host = keep.sum(1)
+        if kept is not None or keep.device.type == "cpu":  # planned on the host: the new length needs no device read
+            kept_host = keep.sum(1) if kept is None else kept
             new_len = int(kept_host.max())
-            self.pad_host = new_len - kept_host
+            self.added_host = new_len - kept_host
+            self.pad_host = None if self.pad_host is None else self.pad_host + self.added_host
         else:
             new_len = int(keep.sum(1).max())
-            self.pad_host = None
+            self.pad_host = self.added_host = None
         keep = staged_to(keep, dev)
         kept = keep.sum(1)  # [B]
         pad = new_len - kept  # extra left padding per row
@@ -67,7 +72,8 @@ class Sequence:
         rank = t[None, :] - pad[:, None]  # [B, L'] index among the kept tokens, < 0 on new padding
         real_slot = rank >= 0
         src = order.gather(1, rank.clamp(min=0))  # [B, L'] source index in the old sequence
-        dropped_before = torch.cumsum((~keep).long(), 1) - (~keep).long()  # exclusive prefix count
+        gone = (~keep).long()
+        dropped_before = torch.cumsum(gone, 1) - gone  # exclusive prefix count
 
         out = hidden.gather(1, src[:, :, None].expand(-1, -1, hidden.shape[-1]))
         new_slots = staged_to(slots, dev).gather(1, src) & real_slot
@@ -86,7 +92,7 @@ class Sequence:
         self.mask = mask.to(self.mask.dtype)
         self.positions = torch.where(real_slot, positions, torch.zeros((), dtype=positions.dtype, device=dev))
         if self.recompact:
-            self.shift = staged_to(self.shift, dev) + (~keep).sum(1)
+            self.shift = staged_to(self.shift, dev) + gone.sum(1)
         return out, new_slots
 
     def set_spans_from_slots(self, slots: torch.Tensor, strict: bool = True) -> None:
