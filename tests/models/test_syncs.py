@@ -91,3 +91,34 @@ def test_patched_decode_never_syncs_on_cuda(method):
             model(input_ids=step, use_cache=True, **cache_kwargs(out.past_key_values))
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("batch", sorted(BATCHES))
+def test_alvts_decode_builds_one_mask_per_step(model, batch, monkeypatch):
+    """Every routed layer caches the same number of tokens: a decode step whose cached keys hold no padding
+    builds the routed mask once, not once per routed layer."""
+    import vtprune.methods.alvts as alvts_module
+    import vtprune.methods.routing as routing
+
+    built = []
+    original = routing.routed_attention_mask
+
+    def counting(*args, **kwargs):
+        built.append(kwargs.get("layer_idx"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(routing, "routed_attention_mask", counting)
+    monkeypatch.setattr(alvts_module, "routed_attention_mask", counting)
+    inputs = BATCHES[batch](model)
+    B = inputs["input_ids"].shape[0]
+    with vtprune.apply(model, METHODS["alvts"]()), torch.no_grad():
+        out = model(**inputs, use_cache=True)
+        routed = len(built)  # prefill: one mask per routed layer (each routes its own tokens)
+        assert routed > 1
+        built.clear()
+        mask = torch.cat([inputs["attention_mask"], torch.ones(B, 1, dtype=torch.long)], 1)
+        model(input_ids=torch.full((B, 1), 5), attention_mask=mask, use_cache=True,
+              **cache_kwargs(out.past_key_values))
+    # batch 1 has no padding: one mask for every routed layer; the padded batch routes its padding, so each
+    # layer's cached keys have their own padding pattern and their own mask
+    assert len(built) == (1 if batch == "b1" else routed)
