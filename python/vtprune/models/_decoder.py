@@ -30,7 +30,7 @@ from vtprune import ops
 from vtprune._compat import cache_from, cache_kwargs
 from vtprune.methods.base import LayerCall, Method, Plan
 from vtprune.methods.schedule import Stage, resolve_count
-from vtprune.models._sequence import Sequence, gather_span, staged_to
+from vtprune.models._sequence import Sequence, gather_span, padding_to_drop, staged_to
 
 
 @dataclass
@@ -229,14 +229,20 @@ class DecoderPatch:
                 start = int(seq.spans[b, 0])
                 keep[b, start + d + c:start + n] = False
                 slots[b, start:start + d + c] = True
+        drop = [0] * B
+        if seq.left_padded and seq.pad_host is not None:  # re-pack to the longest real row
+            pad = seq.pad_host.tolist()
+            drop = padding_to_drop([L - p - n + d + c for p, (n, d, c) in zip(pad, budgets)], pad)
+            for b, k in enumerate(drop):
+                keep[b, :k] = False
         value_positions = None
         if not seq.recompact and order:  # kept tokens keep their positions, contextual ones their target's
             value_positions = torch.cat([seq.positions[..., b, kept_at[b].to(seq.positions.device)] for b in order],
                                         -1)
-        out, _ = seq.compact(hidden, keep, slots, values, value_positions)
-        # every token before a row's span is kept: the span moves by the row's added left padding (host values)
+        out, _ = seq.compact(hidden, keep, slots, values, value_positions, dropped_padding=torch.tensor(drop))
+        # only left padding is dropped before a row's span: the span moves by that and the added padding (host)
         added = seq.added_host.tolist()
-        seq.spans = torch.tensor([[int(seq.spans[b, 0]) + added[b], d + c] if n else [0, 0]
+        seq.spans = torch.tensor([[int(seq.spans[b, 0]) - drop[b] + added[b], d + c] if n else [0, 0]
                                   for b, (n, d, c) in enumerate(budgets)], dtype=torch.int64)
         self._next_group(call, g)
         return out

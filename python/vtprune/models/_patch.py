@@ -22,7 +22,7 @@ import torch
 
 from vtprune._compat import cache_from, output_cache
 from vtprune.models._decoder import CacheRecord, Call
-from vtprune.models._sequence import Sequence, staged_to
+from vtprune.models._sequence import Sequence, padding_to_drop, staged_to
 
 
 def bound_arguments(original, args, kwargs) -> dict:
@@ -51,10 +51,12 @@ class ImagePlacement:
     """Where each image's tokens go in a prefill, and what the host knows without reading the device again.
 
     slots : bool [B, L] on the device, the first ``counts_out[i]`` placeholders of each image
-    keep : bool [B, L] on the device, the tokens that stay: everything but the placeholders after the slots
+    keep : bool [B, L] on the device, the tokens that stay: everything but the placeholders after the slots and
+        the left padding a row no longer needs (``dropped`` [B] on the host: the batch is re-packed to its longest
+        real row, see :func:`~vtprune.models._sequence.padding_to_drop`)
     kept : int64 [B] on the host, ``keep``'s count per row (the compacted length needs no device read)
     padding : int64 [B] on the host, padding tokens per row before compaction; ``tail_real``: whether every row's
-        last token is real
+        last token is real; ``left_padded``: whether every row's padding is all on its left
     visual : int64 [B] on the host, image placeholders per row (the unpruned visual tokens)
     images_of_row : [B] list of each row's image indices
     """
@@ -66,6 +68,8 @@ class ImagePlacement:
     images_of_row: list
     padding: torch.Tensor
     tail_real: bool
+    left_padded: bool
+    dropped: torch.Tensor
     _first: list
     _last: list
     _out: list
@@ -81,9 +85,9 @@ class ImagePlacement:
             if bad:
                 raise ValueError(f"vtprune: batch rows {bad} hold image tokens in more than one span; methods "
                                  "that rank image tokens in the language model take one image per prompt")
-        # nothing before a row's first placeholder is dropped: the row moves by its added left padding
-        added = (seq.pad_host - self.padding).tolist()
-        seq.spans = torch.tensor([[self._first[b] + added[b], self._out[b]] if c else [0, 0]
+        # only left padding is dropped before a row's first placeholder; the row then moves by its added padding
+        added, dropped = seq.added_host.tolist(), self.dropped.tolist()
+        seq.spans = torch.tensor([[self._first[b] - dropped[b] + added[b], self._out[b]] if c else [0, 0]
                                   for b, c in enumerate(n)], dtype=torch.int64)
 
 
@@ -105,10 +109,11 @@ def place_images(placeholders: torch.Tensor, mask: torch.Tensor | None, counts_i
     j = torch.arange(L, device=dev)
     first = torch.where(placeholders, j, L).amin(1)
     real = torch.ones_like(placeholders) if mask is None else mask != 0
-    # the host needs, per row: placeholders, first and last placeholder, padding tokens, whether the last is real
+    # the host needs, per row: placeholders, first and last placeholder, padding tokens, whether the last is real,
+    # the first real token
     stats = torch.stack([placeholders.sum(1), first, torch.where(placeholders, j, -1).amax(1), (~real).sum(1),
-                         real[:, -1].long()], 1)
-    n, first_h, last_h, padding, tail = zip(*stats.tolist())  # the one host read of the prefill's bookkeeping
+                         real[:, -1].long(), torch.where(real, j, L).amin(1)], 1)
+    n, first_h, last_h, padding, tail, first_real = zip(*stats.tolist())  # the prefill bookkeeping's one host read
     if sum(n) != sum(counts_in):
         raise ValueError(f"the prompts hold {sum(n)} image placeholder tokens but the {len(counts_in)} images given "
                          f"need {sum(counts_in)} ({counts_in})")
@@ -135,8 +140,16 @@ def place_images(placeholders: torch.Tensor, mask: torch.Tensor | None, counts_i
     out = staged_to(torch.tensor(list(counts_out) or [0]), dev)
     slots = placeholders & (rank < out[image])
     out_row = [sum(counts_out[i] for i in images) for images in images_of_row]
-    return ImagePlacement(slots, ~placeholders | slots, torch.tensor([L - c + o for c, o in zip(n, out_row)]),
-                          torch.tensor(n), images_of_row, torch.tensor(padding), all(tail), list(first_h),
+    kept = [L - c + o for c, o in zip(n, out_row)]
+    left = first_real == padding  # all of each row's padding comes first
+    keep = ~placeholders | slots
+    drop = [0] * B
+    if left:
+        drop = padding_to_drop([k - p for k, p in zip(kept, padding)], list(padding))
+        if any(drop):
+            keep = keep & (j[None, :] >= staged_to(torch.tensor(drop), dev)[:, None])
+    return ImagePlacement(slots, keep, torch.tensor([k - d for k, d in zip(kept, drop)]), torch.tensor(n),
+                          images_of_row, torch.tensor(padding), all(tail), left, torch.tensor(drop), list(first_h),
                           list(last_h), out_row)
 
 

@@ -38,18 +38,21 @@ class Sequence:
     pad_host: torch.Tensor | None = None  # [B] host: padding tokens per row, when the host knows them
     tail_real: bool | None = None  # whether every row's last token is real, when the host knows it
     added_host: torch.Tensor | None = None  # [B] host: left padding the last compaction added (None: not known)
+    left_padded: bool = False  # known on the host: every row's padding is all on its left
 
     @property
     def length(self) -> int:
         return self.mask.shape[1]
 
     def compact(self, hidden: torch.Tensor, keep: torch.Tensor, slots: torch.Tensor, values: torch.Tensor | None,
-                value_positions: torch.Tensor | None = None, kept: torch.Tensor | None = None):
+                value_positions: torch.Tensor | None = None, kept: torch.Tensor | None = None,
+                dropped_padding: torch.Tensor | None = None):
         """Drop ``~keep`` tokens and write ``values`` into the kept ``slots`` (both bool [B, L]).
 
         ``values``: [S, D] the tokens for the slots in row-major order (``None`` leaves the slots as they are).
         ``value_positions``: [S] or [3, S] their positions, required when not re-compacting (``recompact=False``).
         ``kept``: [B] host count of ``keep`` per row, when ``keep`` is on the device (else it is read once).
+        ``dropped_padding``: [B] host count of the padding tokens ``keep`` drops (to keep ``pad_host``).
         Returns the new hidden states [B, L', D]; updates ``mask``, ``positions``, ``shift`` in place and
         returns the new slot mask [B, L'] for span bookkeeping.
         """
@@ -59,7 +62,8 @@ class Sequence:
             kept_host = keep.sum(1) if kept is None else kept
             new_len = int(kept_host.max())
             self.added_host = new_len - kept_host
-            self.pad_host = None if self.pad_host is None else self.pad_host + self.added_host
+            if self.pad_host is not None:
+                self.pad_host = self.pad_host + self.added_host - (0 if dropped_padding is None else dropped_padding)
         else:
             new_len = int(keep.sum(1).max())
             self.pad_host = self.added_host = None
@@ -120,6 +124,17 @@ def staged_to(t: torch.Tensor, device) -> torch.Tensor:
     staged = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
     staged.copy_(t)
     return staged.to(device, non_blocking=True)
+
+
+def padding_to_drop(real_kept: list, padding: list) -> list:
+    """Left padding tokens each row drops so that the batch is only as long as its longest real row.
+
+    real_kept : real tokens per row after the prune; padding : each row's padding tokens (all on its left).
+    A row keeps the padding the rectangle still needs (all of it when nothing shortens the batch, so a
+    keep-all prune changes nothing), and a short row, text-only say, no longer holds the batch at its
+    unpruned length."""
+    new_len = max(real_kept, default=0)
+    return [p - min(p, new_len - r) for r, p in zip(real_kept, padding)]
 
 
 def span_mask(spans: torch.Tensor, length: int, device) -> torch.Tensor:

@@ -245,8 +245,10 @@ class LlavaPatch(ModelPatch):
             positions = torch.arange(L, device=input_ids.device) + past
         positions = positions.expand(B, L)
         seq = Sequence(mask, positions, torch.zeros(B, 2, dtype=torch.int64), torch.zeros(B, dtype=torch.int64),
-                       pad_host=place.padding, tail_real=place.tail_real)
-        embeds, _ = seq.compact(embeds, place.keep, place.slots, enc.features, kept=place.kept)
+                       pad_host=place.padding, tail_real=place.tail_real,
+                       left_padded=place.left_padded)
+        embeds, _ = seq.compact(embeds, place.keep, place.slots, enc.features, kept=place.kept,
+                                  dropped_padding=place.dropped)
         place.set_spans(seq, strict=self._reads_spans)
         original_visual = place.visual
         row0_single = per_row[0] == 1 and images_of_row[0] == [0]

@@ -163,10 +163,12 @@ class Qwen2_5_VLPatch(ModelPatch):
         value_pos = torch.cat([p if k is None else p[:, k.to(p.device)]
                                for p, k in zip(image_pos, kept or [None] * len(images))], 1)
         seq = Sequence(mask, positions, torch.zeros(B, 2, dtype=torch.int64), torch.zeros(B, dtype=torch.int64),
-                       recompact=False, pad_host=place.padding, tail_real=place.tail_real)
+                       recompact=False, pad_host=place.padding, tail_real=place.tail_real,
+                       left_padded=place.left_padded)
         embeds = self.mm.get_input_embeddings()(input_ids)
         features = torch.cat(images).to(embeds.dtype)
-        embeds, _ = seq.compact(embeds, place.keep, place.slots, features, value_pos, kept=place.kept)
+        embeds, _ = seq.compact(embeds, place.keep, place.slots, features, value_pos, kept=place.kept,
+                                  dropped_padding=place.dropped)
         place.set_spans(seq, strict=self._reads_spans)
         call = self.decoder.prefill_call(seq, place.visual, None)
         call.orig_len = L
