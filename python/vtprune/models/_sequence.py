@@ -2,9 +2,10 @@
 
 Every prune (the encoder stage replacing image placeholders, or an LLM stage) is expressed the same way: a
 boolean ``keep [B, L]`` over the current sequence, where the first ``m`` slots of an image span are kept and
-later overwritten with the ``m`` new tokens, and every dropped token is an image token. Rows may drop
-different numbers of tokens (a row without an image, per-row ratio budgets); the shorter rows are then
-left-padded again so the batch stays rectangular, which is what the attention masks already express.
+later overwritten with the ``m`` new tokens, and every dropped token is an image token or left padding. Rows
+may drop different numbers of tokens (a row without an image, per-row ratio budgets); the batch becomes as long
+as its longest real row (left padding a row no longer needs is dropped, :func:`padding_to_drop`) and the
+shorter rows are left-padded, which is what the attention masks already express.
 
 Positions follow the official VisionDrop code: after a prune they are re-compacted, i.e. every kept token
 moves down by the number of tokens dropped before it in its row, so a batch row without padding runs on
