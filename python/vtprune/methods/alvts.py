@@ -17,6 +17,7 @@ import torch
 from vtprune._backend import BACKENDS
 from vtprune.alvts.calibrate import calibrate, capture_layer_inputs
 from vtprune.alvts.factors import SelectorFactors, decoder_layers, init_factors
+from vtprune.ops._staging import to_device_i64
 from vtprune.ops.lowrank_scores import lowrank_scores
 from vtprune.ops.routed_layer import routed_attention_mask, routed_layer
 from vtprune.ops.topk_keep_order import topk_keep_order
@@ -271,7 +272,13 @@ class ALVTS:
         spans = visual_spans.detach().cpu()
         counts = spans[:, 1]
         k = self.visual_budget(counts)
-        real = torch.full_like(counts, L) if key_padding_mask is None else key_padding_mask.sum(1).cpu()
+        known = None if scratch is None else scratch.get("real_tokens")  # the model patch's host counts
+        if key_padding_mask is None:
+            real = torch.full_like(counts, L)
+        elif known is not None and known.shape == counts.shape:
+            real = known
+        else:
+            real = key_padding_mask.sum(1).cpu()
         need = real - counts + k  # text + k per row
         K = L if self.keep_all else max(1, int(need.max()))
         slack = K - need  # routed beyond each row's own text + k: its padding first, then its fill image tokens
@@ -279,7 +286,8 @@ class ALVTS:
         fill = int((slack - pad_fill).max())
         # lowrank_scores needs a non-empty span: rows without an image score a 1-token dummy, ignored below
         score_spans = torch.stack([spans[:, 0].clamp(max=L - 1), counts.clamp(min=1)], 1)
-        plan = _BatchPlan(k.to(device), spans.to(device), K, score_spans, fill, bool((pad_fill > 0).any()) or fill > 0)
+        plan = _BatchPlan(to_device_i64(k, device), to_device_i64(spans, device), K, score_spans, fill,
+                          bool((pad_fill > 0).any()) or fill > 0)
         if scratch is not None:
             scratch["alvts_plan"] = (visual_spans, key_padding_mask, L, device, plan)
         return plan

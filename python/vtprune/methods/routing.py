@@ -115,14 +115,23 @@ class RoutedMethod(Method):
             raise RuntimeError(f"vtprune ALVTS: layer {i} cached {cached} tokens but its record covers "
                                f"{length}; the cache was changed outside the patched model (cropped, reordered, "
                                "reused?)")
-        kpm = None  # [B, cached + q], None: every key is real (the plain causal mask, no device read)
-        new_cols = call.key_padding_mask[:, -q:]
-        if past is not None or self._new_columns_padded(call.key_padding_mask, q, call.scratch):
-            past = torch.ones(B, cached, dtype=torch.bool, device=new_cols.device) if past is None else past
-            kpm = torch.cat([past, new_cols.to(past.device)], 1)
-        new = torch.arange(q, device=call.hidden_states.device).expand(B, q)
-        mask = routed_attention_mask(call.layer.self_attn.config, new, kpm, cache, layer_idx=i,
-                                     dtype=call.hidden_states.dtype, materialize=kpm is not None)
+        # Once per decoding call, not per routed layer: every routed layer caches the same number of tokens, so
+        # the layers whose cached keys hold no padding share one mask. The entry holds the tensors it was built
+        # from and is used only for those very objects (a layer with routed padding has its own ``past``).
+        masks = call.scratch.setdefault("alvts_decode_masks", {})
+        hit = masks.get((cached, q, call.hidden_states.dtype))
+        if hit is not None and hit[0] is past and hit[1] is call.key_padding_mask:
+            kpm, mask = hit[2], hit[3]
+        else:
+            kpm = None  # [B, cached + q], None: every key is real (the plain causal mask, no device read)
+            new_cols = call.key_padding_mask[:, -q:]
+            if past is not None or self._new_columns_padded(call.key_padding_mask, q, call.scratch):
+                ones = torch.ones(B, cached, dtype=torch.bool, device=new_cols.device) if past is None else past
+                kpm = torch.cat([ones, new_cols.to(ones.device)], 1)
+            new = torch.arange(q, device=call.hidden_states.device).expand(B, q)
+            mask = routed_attention_mask(call.layer.self_attn.config, new, kpm, cache, layer_idx=i,
+                                         dtype=call.hidden_states.dtype, materialize=kpm is not None)
+            masks[(cached, q, call.hidden_states.dtype)] = (past, call.key_padding_mask, kpm, mask)
         out = call.call(call.hidden_states, **dict(call.kwargs, attention_mask=mask))
         records[i] = (cached + q, kpm)
         return out

@@ -30,7 +30,7 @@ from vtprune import ops
 from vtprune._compat import cache_from, cache_kwargs
 from vtprune.methods.base import LayerCall, Method, Plan
 from vtprune.methods.schedule import Stage, resolve_count
-from vtprune.models._sequence import Sequence, gather_span, staged_to
+from vtprune.models._sequence import Sequence, gather_span, padding_to_drop, staged_to
 
 
 @dataclass
@@ -72,7 +72,8 @@ class Call:
     scratch: dict = field(default_factory=dict)  # a method hook's per-call cache (LayerCall.scratch)
     state: dict = field(default_factory=dict)  # a method hook's per-prefill state, kept with the cache
     unpadded: list | None = None  # decode: per group, True when its mask is known on the host to hold no padding
-    padded: list | None = None  # decode: per group, True when its mask is known on the host to hold padding
+    padded: list | None = None  # per group, True when its mask is known on the host to hold padding (prefill: None
+    # when unknown)
 
 
 class DecoderPatch:
@@ -115,6 +116,8 @@ class DecoderPatch:
             if g not in call.key_padding:  # once per group and call: same tensor for every layer, one host read
                 kpm = call.group_masks[g].bool()
                 call.key_padding[g] = (kpm, kpm.sum(1) if call.prefill else None)  # real tokens per row: stats
+                if call.prefill and call.seq.pad_host is not None:  # the same counts on the host, for hooks
+                    call.scratch["real_tokens"] = kpm.shape[1] - call.seq.pad_host
             kpm, real = call.key_padding[g]
             out = lc = None
             if self.hooked:
@@ -150,8 +153,12 @@ class DecoderPatch:
             # Decode steps: what the host knows about a group's padding spares the mask builder reading the mask
             # (SDPA's causal-skip test). No padding: the mask goes in as None. Padding: that test would fail anyway,
             # so it is not allowed (the same mask results).
-            known = call.unpadded is not None
-            unpadded, padded = known and call.unpadded[g], known and call.padded[g]
+            if call.prefill:  # what the compaction told the host (None: unknown)
+                padded = bool(call.padded[g])
+                unpadded = call.padded[g] is False
+            else:
+                known = call.unpadded is not None
+                unpadded, padded = known and call.unpadded[g], known and call.padded[g]
             causal = self._create_causal_mask(
                 config=self.lm.config, inputs_embeds=hidden,
                 attention_mask=None if unpadded else call.group_masks[g],
@@ -170,7 +177,9 @@ class DecoderPatch:
             self._next_group(call, g)
             return hidden
         kpm = call.group_masks[g].bool().to(hidden.device)
-        if stage.query == "last" and not bool(kpm[:, -1].all()):
+        # a compaction only adds left padding: the host knows whether the last column is real
+        tail_real = seq.tail_real if seq.tail_real is not None else bool(kpm[:, -1].all())
+        if stage.query == "last" and not tail_real:
             raise ValueError("text-guided stages read the last prompt token: use left padding "
                              "(tokenizer.padding_side = 'left'), the last column of attention_mask must be real")
         q, k, scale = self.qk(score_layer, score_in, kwargs["position_embeddings"])
@@ -220,18 +229,26 @@ class DecoderPatch:
                 start = int(seq.spans[b, 0])
                 keep[b, start + d + c:start + n] = False
                 slots[b, start:start + d + c] = True
+        drop = [0] * B
+        if seq.left_padded and seq.pad_host is not None:  # re-pack to the longest real row
+            pad = seq.pad_host.tolist()
+            drop = padding_to_drop([L - p - n + d + c for p, (n, d, c) in zip(pad, budgets)], pad)
+            for b, k in enumerate(drop):
+                keep[b, :k] = False
         value_positions = None
         if not seq.recompact and order:  # kept tokens keep their positions, contextual ones their target's
             value_positions = torch.cat([seq.positions[..., b, kept_at[b].to(seq.positions.device)] for b in order],
                                         -1)
-        out, _ = seq.compact(hidden, keep, slots, values, value_positions)
-        # every token before a row's span is kept: the span moves by the row's new left padding (host values)
-        seq.spans = torch.tensor([[int(seq.spans[b, 0]) + int(seq.pad_host[b]), d + c] if n else [0, 0]
+        out, _ = seq.compact(hidden, keep, slots, values, value_positions, dropped_padding=torch.tensor(drop))
+        # only left padding is dropped before a row's span: the span moves by that and the added padding (host)
+        added = seq.added_host.tolist()
+        seq.spans = torch.tensor([[int(seq.spans[b, 0]) - drop[b] + added[b], d + c] if n else [0, 0]
                                   for b, (n, d, c) in enumerate(budgets)], dtype=torch.int64)
         self._next_group(call, g)
         return out
 
     def _next_group(self, call: Call, g: int) -> None:
+        call.padded.append(_padded(call.seq))
         call.group_masks.append(call.seq.mask)
         call.group_positions.append(call.seq.positions)
         call.group_shifts.append(call.seq.shift.clone())
@@ -246,15 +263,18 @@ class DecoderPatch:
 
     # ------------------------------------------------------------------ calls
     def prefill_call(self, seq: Sequence, original_visual, origin) -> Call:
-        return Call(True, seq, [seq.mask], [seq.positions], [seq.shift.clone()], original_visual, origin=origin)
+        return Call(True, seq, [seq.mask], [seq.positions], [seq.shift.clone()], original_visual, origin=origin,
+                    padded=[_padded(seq)])
 
     def finish_prefill(self, call: Call, cache) -> None:
         """Remember the groups' prefill masks and shifts for decoding with ``cache``."""
         if len(call.group_masks) != self.num_groups:
             raise RuntimeError(f"vtprune: {len(call.group_masks)} layer groups ran, expected {self.num_groups}")
         if cache is not None:
-            dev = call.group_masks[0].device
-            padded = torch.stack([(m == 0).any().to(dev) for m in call.group_masks]).tolist()  # one host read
+            padded = call.padded
+            if any(p is None for p in padded):  # a group not compacted on the host: one read for all groups
+                dev = call.group_masks[0].device
+                padded = torch.stack([(m == 0).any().to(dev) for m in call.group_masks]).tolist()
             self.records[cache] = CacheRecord(call.orig_len, list(call.group_masks), list(call.group_shifts), padded,
                                               call.state)
 
@@ -298,14 +318,33 @@ def llama_qk(layer, hidden, position_embeddings):
     return q, k, float(attn.scaling)
 
 
+def _padded(seq: Sequence) -> bool | None:
+    """Whether ``seq``'s mask holds padding, when the host knows it from the last compaction (else None)."""
+    return None if seq.pad_host is None else bool(seq.pad_host.max() > 0)
+
+
+def _host_indices(parts) -> list:
+    """A flat host list of indices from ints, lists and device index tensors (read here, at statistics time)."""
+    out = []
+    for p in parts:
+        if torch.is_tensor(p):
+            out += p.tolist()
+        elif isinstance(p, list):
+            out += p
+        else:
+            out.append(p)
+    return out
+
+
 def resolve_selections(call: Call) -> list:
     """Row 0's stage selections as original patch indices ("kept", "contextual"): the host reads happen here, when
     the statistics are read, not while the model runs."""
-    origin = call.origin
+    origin = _host_indices(call.origin or [])
     out = []
     for sel in call.selections:
         if "keep_idx" not in sel:
-            out.append(sel)
+            out.append({"stage": sel["stage"], "kept": _host_indices(sel["kept"]),
+                        "contextual": _host_indices(sel["contextual"])})
             continue
         kept = [origin[j] for j in sel["keep_idx"].tolist()]
         targets = [origin[j] for j in sel["target_idx"].tolist()]

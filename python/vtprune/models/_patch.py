@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import functools
 import inspect
+from dataclasses import dataclass
 
 import torch
 
 from vtprune._compat import cache_from, output_cache
 from vtprune.models._decoder import CacheRecord, Call
+from vtprune.models._sequence import Sequence, padding_to_drop, staged_to
 
 
 def bound_arguments(original, args, kwargs) -> dict:
@@ -44,42 +46,111 @@ def check_cache(cache, prefill: bool) -> None:
                          "conversation with a new image is not supported)")
 
 
-def image_slots(placeholders: torch.Tensor, counts_in: list, counts_out: list):
-    """Where each image's new tokens go.
+@dataclass
+class ImagePlacement:
+    """Where each image's tokens go in a prefill, and what the host knows without reading the device again.
+
+    slots : bool [B, L] on the device, the first ``counts_out[i]`` placeholders of each image
+    keep : bool [B, L] on the device, the tokens that stay: everything but the placeholders after the slots and
+        the left padding a row no longer needs (``dropped`` [B] on the host: the batch is re-packed to its longest
+        real row, see :func:`~vtprune.models._sequence.padding_to_drop`)
+    kept : int64 [B] on the host, ``keep``'s count per row (the compacted length needs no device read)
+    padding : int64 [B] on the host, padding tokens per row before compaction; ``tail_real``: whether every row's
+        last token is real; ``left_padded``: whether every row's padding is all on its left
+    visual : int64 [B] on the host, image placeholders per row (the unpruned visual tokens)
+    images_of_row : [B] list of each row's image indices
+    """
+
+    slots: torch.Tensor
+    keep: torch.Tensor
+    kept: torch.Tensor
+    visual: torch.Tensor
+    images_of_row: list
+    padding: torch.Tensor
+    tail_real: bool
+    left_padded: bool
+    dropped: torch.Tensor
+    _first: list
+    _last: list
+    _out: list
+
+    def set_spans(self, seq: Sequence, strict: bool) -> None:
+        """``seq.spans`` after ``seq.compact(..., self.keep, self.slots, ...)``, from host values only.
+
+        ``strict``: each row must hold one contiguous run of placeholders (a method that reads spans would
+        otherwise mis-read text between images as image)."""
+        n = self.visual.tolist()
+        if strict:
+            bad = [b for b, c in enumerate(n) if c and self._last[b] - self._first[b] + 1 != c]
+            if bad:
+                raise ValueError(f"vtprune: batch rows {bad} hold image tokens in more than one span; methods "
+                                 "that rank image tokens in the language model take one image per prompt")
+        # only left padding is dropped before a row's first placeholder; the row then moves by its added padding
+        added, dropped = seq.added_host.tolist(), self.dropped.tolist()
+        seq.spans = torch.tensor([[self._first[b] - dropped[b] + added[b], self._out[b]] if c else [0, 0]
+                                  for b, c in enumerate(n)], dtype=torch.int64)
+
+
+def place_images(placeholders: torch.Tensor, mask: torch.Tensor | None, counts_in: list,
+                 counts_out: list) -> ImagePlacement:
+    """Plan the encoder stage's compaction with one host read of a few numbers per row.
 
     placeholders : bool [B, L], the image placeholder tokens; images follow each other in row-major order and
         image ``i`` owns ``counts_in[i]`` consecutive placeholders
+    mask : [B, L] attention mask (0 = padding) or None (no padding)
     counts_out : tokens image ``i`` has after the encoder stage (at most ``counts_in[i]``)
-
-    Returns ``slots`` bool [B, L] (the first ``counts_out[i]`` placeholders of each image) and ``image_of_row``
-    [B] list: the images of each row (a list of image indices).
     """
-    total = int(placeholders.sum())
-    if total != sum(counts_in):
-        raise ValueError(f"the prompts hold {total} image placeholder tokens but the {len(counts_in)} images given "
-                         f"need {sum(counts_in)} ({counts_in})")
     for i, (n, m) in enumerate(zip(counts_in, counts_out)):
         if m > n:
             raise ValueError(f"the encoder stage keeps {m} tokens of image {i}, more than the {n} the unpatched model "
                              f"feeds to the language model; lower the budget")
     B, L = placeholders.shape
     dev = placeholders.device
-    offsets = torch.tensor([0] + list(counts_in), device=dev).cumsum(0)  # [I + 1]
-    g = placeholders.flatten().long().cumsum(0).view(B, L) - 1  # global placeholder index
-    image = torch.searchsorted(offsets[1:], g, right=True).clamp(max=len(counts_in) - 1)  # [B, L]
-    rank = g - offsets[image]
-    out = torch.tensor(list(counts_out), device=dev)
-    slots = placeholders & (rank < out[image])
-    image_of_row = [sorted(set(image[b][placeholders[b]].tolist())) for b in range(B)]
-    rows_of_image = {}
-    for b, images in enumerate(image_of_row):
+    j = torch.arange(L, device=dev)
+    first = torch.where(placeholders, j, L).amin(1)
+    real = torch.ones_like(placeholders) if mask is None else mask != 0
+    # the host needs, per row: placeholders, first and last placeholder, padding tokens, whether the last is real,
+    # the first real token
+    stats = torch.stack([placeholders.sum(1), first, torch.where(placeholders, j, -1).amax(1), (~real).sum(1),
+                         real[:, -1].long(), torch.where(real, j, L).amin(1)], 1)
+    n, first_h, last_h, padding, tail, first_real = zip(*stats.tolist())  # the prefill bookkeeping's one host read
+    if sum(n) != sum(counts_in):
+        raise ValueError(f"the prompts hold {sum(n)} image placeholder tokens but the {len(counts_in)} images given "
+                         f"need {sum(counts_in)} ({counts_in})")
+    starts = [0]
+    for c in counts_in:
+        starts.append(starts[-1] + c)
+    images_of_row, row_start = [], 0
+    for b in range(B):
+        lo, hi = row_start, row_start + n[b]
+        images_of_row.append([i for i, c in enumerate(counts_in) if c and starts[i] < hi and starts[i + 1] > lo])
+        row_start = hi
+    for b, images in enumerate(images_of_row):
+        lo = sum(n[:b])
         for i in images:
-            rows_of_image.setdefault(i, []).append(b)
-    for i, rows in rows_of_image.items():
-        if len(rows) > 1:
-            raise ValueError(f"image {i} needs {counts_in[i]} placeholder tokens but its placeholders run over batch "
-                             f"rows {rows}: the prompts' placeholder counts do not match the images (or their sizes)")
-    return slots, image_of_row
+            if starts[i] < lo or starts[i + 1] > lo + n[b]:
+                rows = [r for r, imgs in enumerate(images_of_row) if i in imgs]
+                raise ValueError(f"image {i} needs {counts_in[i]} placeholder tokens but its placeholders run over "
+                                 f"batch rows {rows}: the prompts' placeholder counts do not match the images (or "
+                                 "their sizes)")
+    offsets = staged_to(torch.tensor(starts), dev)  # [I + 1]
+    g = placeholders.flatten().long().cumsum(0).view(B, L) - 1  # global placeholder index
+    image = torch.searchsorted(offsets[1:], g, right=True).clamp(max=max(len(counts_in) - 1, 0))  # [B, L]
+    rank = g - offsets[image]
+    out = staged_to(torch.tensor(list(counts_out) or [0]), dev)
+    slots = placeholders & (rank < out[image])
+    out_row = [sum(counts_out[i] for i in images) for images in images_of_row]
+    kept = [L - c + o for c, o in zip(n, out_row)]
+    left = first_real == padding  # all of each row's padding comes first
+    keep = ~placeholders | slots
+    drop = [0] * B
+    if left:
+        drop = padding_to_drop([k - p for k, p in zip(kept, padding)], list(padding))
+        if any(drop):
+            keep = keep & (j[None, :] >= staged_to(torch.tensor(drop), dev)[:, None])
+    return ImagePlacement(slots, keep, torch.tensor([k - d for k, d in zip(kept, drop)]), torch.tensor(n),
+                          images_of_row, torch.tensor(padding), all(tail), left, torch.tensor(drop), list(first_h),
+                          list(last_h), out_row)
 
 
 class ModelPatch:
@@ -157,7 +228,8 @@ class ModelPatch:
     def _run_prefill(self, original, a, call: Call, embeds, cache):
         """Run the language model's own forward on the pruned ``embeds`` with the decoder patch active."""
         seq = call.seq
-        padded = a.get("attention_mask") is not None or bool((seq.mask == 0).any())
+        # the host knows the padding after a compaction (None: not compacted, the caller's mask decides)
+        padded = bool((seq.mask == 0).any()) if seq.pad_host is None else bool(seq.pad_host.max() > 0)
         a.update(input_ids=None, pixel_values=None, inputs_embeds=embeds, position_ids=seq.positions,
                  attention_mask=seq.mask if padded else None)
         call.copy_hidden = self._records_hidden(a)

@@ -2,9 +2,10 @@
 
 Every prune (the encoder stage replacing image placeholders, or an LLM stage) is expressed the same way: a
 boolean ``keep [B, L]`` over the current sequence, where the first ``m`` slots of an image span are kept and
-later overwritten with the ``m`` new tokens, and every dropped token is an image token. Rows may drop
-different numbers of tokens (a row without an image, per-row ratio budgets); the shorter rows are then
-left-padded again so the batch stays rectangular, which is what the attention masks already express.
+later overwritten with the ``m`` new tokens, and every dropped token is an image token or left padding. Rows
+may drop different numbers of tokens (a row without an image, per-row ratio budgets); the batch becomes as long
+as its longest real row (left padding a row no longer needs is dropped, :func:`padding_to_drop`) and the
+shorter rows are left-padded, which is what the attention masks already express.
 
 Positions follow the official VisionDrop code: after a prune they are re-compacted, i.e. every kept token
 moves down by the number of tokens dropped before it in its row, so a batch row without padding runs on
@@ -35,29 +36,38 @@ class Sequence:
     spans: torch.Tensor
     shift: torch.Tensor
     recompact: bool = True
+    pad_host: torch.Tensor | None = None  # [B] host: padding tokens per row, when the host knows them
+    tail_real: bool | None = None  # whether every row's last token is real, when the host knows it
+    added_host: torch.Tensor | None = None  # [B] host: left padding the last compaction added (None: not known)
+    left_padded: bool = False  # known on the host: every row's padding is all on its left
 
     @property
     def length(self) -> int:
         return self.mask.shape[1]
 
     def compact(self, hidden: torch.Tensor, keep: torch.Tensor, slots: torch.Tensor, values: torch.Tensor | None,
-                value_positions: torch.Tensor | None = None):
+                value_positions: torch.Tensor | None = None, kept: torch.Tensor | None = None,
+                dropped_padding: torch.Tensor | None = None):
         """Drop ``~keep`` tokens and write ``values`` into the kept ``slots`` (both bool [B, L]).
 
         ``values``: [S, D] the tokens for the slots in row-major order (``None`` leaves the slots as they are).
         ``value_positions``: [S] or [3, S] their positions, required when not re-compacting (``recompact=False``).
+        ``kept``: [B] host count of ``keep`` per row, when ``keep`` is on the device (else it is read once).
+        ``dropped_padding``: [B] host count of the padding tokens ``keep`` drops (to keep ``pad_host``).
         Returns the new hidden states [B, L', D]; updates ``mask``, ``positions``, ``shift`` in place and
         returns the new slot mask [B, L'] for span bookkeeping.
         """
         B, L = keep.shape
         dev = hidden.device
-        if keep.device.type == "cpu":  # planned on the host: the new length needs no device read
-            kept_host = keep.sum(1)
+        if kept is not None or keep.device.type == "cpu":  # planned on the host: the new length needs no device read
+            kept_host = keep.sum(1) if kept is None else kept
             new_len = int(kept_host.max())
-            self.pad_host = new_len - kept_host
+            self.added_host = new_len - kept_host
+            if self.pad_host is not None:
+                self.pad_host = self.pad_host + self.added_host - (0 if dropped_padding is None else dropped_padding)
         else:
             new_len = int(keep.sum(1).max())
-            self.pad_host = None
+            self.pad_host = self.added_host = None
         keep = staged_to(keep, dev)
         kept = keep.sum(1)  # [B]
         pad = new_len - kept  # extra left padding per row
@@ -67,7 +77,8 @@ class Sequence:
         rank = t[None, :] - pad[:, None]  # [B, L'] index among the kept tokens, < 0 on new padding
         real_slot = rank >= 0
         src = order.gather(1, rank.clamp(min=0))  # [B, L'] source index in the old sequence
-        dropped_before = torch.cumsum((~keep).long(), 1) - (~keep).long()  # exclusive prefix count
+        gone = (~keep).long()
+        dropped_before = torch.cumsum(gone, 1) - gone  # exclusive prefix count
 
         out = hidden.gather(1, src[:, :, None].expand(-1, -1, hidden.shape[-1]))
         new_slots = staged_to(slots, dev).gather(1, src) & real_slot
@@ -86,7 +97,7 @@ class Sequence:
         self.mask = mask.to(self.mask.dtype)
         self.positions = torch.where(real_slot, positions, torch.zeros((), dtype=positions.dtype, device=dev))
         if self.recompact:
-            self.shift = staged_to(self.shift, dev) + (~keep).sum(1)
+            self.shift = staged_to(self.shift, dev) + gone.sum(1)
         return out, new_slots
 
     def set_spans_from_slots(self, slots: torch.Tensor, strict: bool = True) -> None:
@@ -114,6 +125,17 @@ def staged_to(t: torch.Tensor, device) -> torch.Tensor:
     staged = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
     staged.copy_(t)
     return staged.to(device, non_blocking=True)
+
+
+def padding_to_drop(real_kept: list, padding: list) -> list:
+    """Left padding tokens each row drops so that the batch is only as long as its longest real row.
+
+    real_kept : real tokens per row after the prune; padding : each row's padding tokens (all on its left).
+    A row keeps the padding the rectangle still needs (all of it when nothing shortens the batch, so a
+    keep-all prune changes nothing), and a short row, text-only say, no longer holds the batch at its
+    unpruned length."""
+    new_len = max(real_kept, default=0)
+    return [p - min(p, new_len - r) for r, p in zip(real_kept, padding)]
 
 
 def span_mask(spans: torch.Tensor, length: int, device) -> torch.Tensor:

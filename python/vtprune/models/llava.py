@@ -36,7 +36,7 @@ from vtprune import ops
 from vtprune._compat import vision_encoder_layers, with_image_features
 from vtprune.methods.schedule import resolve_count
 from vtprune.models._decoder import DecoderPatch, llama_qk
-from vtprune.models._patch import ModelPatch, image_slots
+from vtprune.models._patch import ModelPatch, place_images
 from vtprune.models._sequence import Sequence
 
 CLASS_NAME = "LlavaForConditionalGeneration"
@@ -207,19 +207,17 @@ class LlavaPatch(ModelPatch):
                 with_cls = enc.dominant is not None or strategy != "default"
                 if with_cls:
                     tokens = torch.cat([cls, tokens], 1)
-                kept = keep_idx[0].tolist()
-                targets = [] if target_idx is None else target_idx[0].tolist()
-                origin = ([-1] if with_cls else []) + kept + targets
-                record = {"stage": "encoder", "kept": ([-1] if with_cls else []) + kept, "contextual": targets}
+                # kept on the device: read only when the statistics are (resolve_selections)
+                cls_part = [-1] if with_cls else []
+                targets = [] if target_idx is None else [target_idx[0]]
+                origin = [cls_part, keep_idx[0], *targets]
+                record = {"stage": "encoder", "kept": [cls_part, keep_idx[0]], "contextual": targets}
         features = self.mm.multi_modal_projector(tokens)  # [I, m, D]
         m = features.shape[1]
-        total = int((a["input_ids"] == self.config.image_token_id).sum())
-        if images == 0 or total % images:
-            raise ValueError(f"image placeholders ({total}) do not split evenly into the {images} images given")
+        if images == 0:
+            raise ValueError("vtprune: pixel_values hold no image")
+        # the placeholder total is checked against the images with the prefill's one host read (place_images)
         unpruned = self.num_patches + (0 if strategy == "default" else 1)
-        if total // images != unpruned:
-            raise ValueError(f"each image needs {unpruned} placeholder tokens (image_token_id="
-                             f"{self.config.image_token_id}), got {total} for {images} images")
         return Encoded(features.reshape(-1, features.shape[-1]), [unpruned] * images, [m] * images,
                        origin=origin, record=record)
 
@@ -234,10 +232,10 @@ class LlavaPatch(ModelPatch):
                              "that the encoder stage was patched into")
         enc = self._encode(a, layer, strategy)
         placeholders = input_ids == cfg.image_token_id  # [B, L]
-        slots, images_of_row = image_slots(placeholders, enc.counts_in, enc.counts_out)
+        place = place_images(placeholders, mask_in, enc.counts_in, enc.counts_out)
+        images_of_row = place.images_of_row
         per_row = [len(i) for i in images_of_row]
         self._check_images_per_row(per_row)
-        keep = ~placeholders | slots
         B, L = input_ids.shape
         embeds = self.mm.get_input_embeddings()(input_ids)
         mask = mask_in if mask_in is not None else torch.ones(B, L, dtype=torch.long, device=input_ids.device)
@@ -246,10 +244,13 @@ class LlavaPatch(ModelPatch):
         if positions is None:  # what LlamaModel.forward would use
             positions = torch.arange(L, device=input_ids.device) + past
         positions = positions.expand(B, L)
-        seq = Sequence(mask, positions, torch.zeros(B, 2, dtype=torch.int64), torch.zeros(B, dtype=torch.int64))
-        original_visual = placeholders.sum(1).cpu()
-        embeds, new_slots = seq.compact(embeds, keep, slots, enc.features)
-        seq.set_spans_from_slots(new_slots, strict=self._reads_spans)
+        seq = Sequence(mask, positions, torch.zeros(B, 2, dtype=torch.int64), torch.zeros(B, dtype=torch.int64),
+                       pad_host=place.padding, tail_real=place.tail_real,
+                       left_padded=place.left_padded)
+        embeds, _ = seq.compact(embeds, place.keep, place.slots, enc.features, kept=place.kept,
+                                  dropped_padding=place.dropped)
+        place.set_spans(seq, strict=self._reads_spans)
+        original_visual = place.visual
         row0_single = per_row[0] == 1 and images_of_row[0] == [0]
         call = self.decoder.prefill_call(seq, original_visual, enc.origin if row0_single else None)
         call.orig_len = L

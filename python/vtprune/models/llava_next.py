@@ -38,6 +38,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from vtprune.models._sequence import staged_to
 from vtprune.models.llava import Encoded, LlavaPatch
 
 CLASS_NAME = "LlavaNextForConditionalGeneration"
@@ -135,6 +136,6 @@ class LlavaNextPatch(LlavaPatch):
         r, c = (tile // nw) * side + positions // side, (tile % nw) * side + positions % side
         order = (r * (nw * side) + c).flatten().argsort()
         D = rows.shape[-1]
-        dominant_tokens = crops[:, lead:lead + dominant].reshape(-1, D)[order.to(rows.device)]
+        dominant_tokens = crops[:, lead:lead + dominant].reshape(-1, D)[staged_to(order, rows.device)]
         return torch.cat([rows[0], dominant_tokens, crops[:, :lead].reshape(-1, D),
                           crops[:, lead + dominant:].reshape(-1, D)])

@@ -35,7 +35,7 @@ import torch
 from vtprune import ops
 from vtprune.methods.schedule import resolve_count
 from vtprune.models._decoder import DecoderPatch, llama_qk
-from vtprune.models._patch import ModelPatch, image_slots
+from vtprune.models._patch import ModelPatch, place_images
 from vtprune.models._sequence import Sequence
 
 CLASS_NAME = "Qwen2_5_VLForConditionalGeneration"
@@ -154,7 +154,8 @@ class Qwen2_5_VLPatch(ModelPatch):
         images, kept = self._encode(a["pixel_values"], grid)
         counts_in = (grid.prod(-1) // self.mm.visual.spatial_merge_size**2).tolist()
         counts_out = [x.shape[0] for x in images]
-        slots, images_of_row = image_slots(placeholders, counts_in, counts_out)
+        place = place_images(placeholders, mask_in, counts_in, counts_out)
+        images_of_row = place.images_of_row
         per_row = [len(i) for i in images_of_row]
         self._check_images_per_row(per_row)
         # each new token's original 3-D position: kept tokens their own, contextual tokens their target's
@@ -162,12 +163,14 @@ class Qwen2_5_VLPatch(ModelPatch):
         value_pos = torch.cat([p if k is None else p[:, k.to(p.device)]
                                for p, k in zip(image_pos, kept or [None] * len(images))], 1)
         seq = Sequence(mask, positions, torch.zeros(B, 2, dtype=torch.int64), torch.zeros(B, dtype=torch.int64),
-                       recompact=False)
+                       recompact=False, pad_host=place.padding, tail_real=place.tail_real,
+                       left_padded=place.left_padded)
         embeds = self.mm.get_input_embeddings()(input_ids)
         features = torch.cat(images).to(embeds.dtype)
-        embeds, new_slots = seq.compact(embeds, ~placeholders | slots, slots, features, value_pos)
-        seq.set_spans_from_slots(new_slots, strict=self._reads_spans)
-        call = self.decoder.prefill_call(seq, placeholders.sum(1).cpu(), None)
+        embeds, _ = seq.compact(embeds, place.keep, place.slots, features, value_pos, kept=place.kept,
+                                  dropped_padding=place.dropped)
+        place.set_spans(seq, strict=self._reads_spans)
+        call = self.decoder.prefill_call(seq, place.visual, None)
         call.orig_len = L
         a.pop("image_grid_thw", None)
         a.pop("mm_token_type_ids", None)

@@ -6,6 +6,8 @@ import weakref
 
 import torch
 
+from vtprune.ops._staging import to_device_i64
+
 # Bound on the float32 logits block one (head chunk, query-row chunk) may materialise. The reference is also
 # the CPU path: a video-length call (L = 12k..20k) must not allocate [B, H, L, L], nor even one head's [L, L]
 # (576 MB at 12k, and softmax makes several such copies), so the blocks are chunked over heads and query rows.
@@ -18,7 +20,7 @@ def span_index(spans: torch.Tensor, width: int, length: int, device) -> tuple[to
 
     spans: int64 [B, 2] (start, count). Returns (pos [B, width] int64, valid [B, width] bool).
     """
-    spans = spans.to(device)
+    spans = to_device_i64(spans, torch.device(device))  # host spans: pinned, non-blocking
     t = torch.arange(width, device=device)
     pos = (spans[:, :1] + t).clamp(max=length - 1)  # [B, W]
     valid = t < spans[:, 1:2]  # [B, W]

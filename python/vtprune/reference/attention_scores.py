@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from vtprune.ops._staging import to_device_i64
 from vtprune.reference._common import allowed_keys, blocks, host_max, masked_softmax, span_index
 
 
@@ -21,7 +22,7 @@ def _scores_from_probs(probs, kpos, out):
 
 
 def _finish(out, query_spans, kvalid, heads):
-    qcount = query_spans[:, 1].to(out.device, torch.float32)
+    qcount = to_device_i64(query_spans, out.device)[:, 1].float()
     return torch.where(kvalid, out / (heads * qcount[:, None]), torch.zeros((), device=out.device))
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from vtprune.ops._staging import to_device_i64
 from vtprune.reference._common import allowed_keys, blocks, host_max, masked_softmax, span_index
 from vtprune.reference.attention_scores import _finish, _scores_from_probs
 
@@ -18,7 +19,7 @@ def attention_with_scores(q, k, v, *, query_spans, key_spans, causal, key_paddin
     scale = d**-0.5 if scale is None else scale
     Km = host_max(key_spans, L)
     kpos, kvalid = span_index(key_spans, Km, L, q.device)
-    spans = query_spans.to(q.device)
+    spans = to_device_i64(query_spans, q.device)
     out = torch.empty(B, H, L, v.shape[-1], dtype=q.dtype, device=q.device)
     scores = torch.zeros(B, Km, dtype=torch.float32, device=q.device)
     hstep, rstep = blocks(B, H, L, L)

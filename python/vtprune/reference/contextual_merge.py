@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from vtprune.ops._staging import to_device_i64
+
 
 def merge_with_targets(x, metric, keep_idx, num_contextual, lengths=None):
     """The merge, also returning the target positions: (tokens [B, k+C, D], target_idx [B, C])."""
@@ -21,7 +23,7 @@ def merge_with_targets(x, metric, keep_idx, num_contextual, lengths=None):
     if C == 0:
         return dominant, torch.empty(B, 0, dtype=torch.int64, device=dev)
     pos = torch.arange(N, device=dev)
-    length = torch.full((B,), N, device=dev) if lengths is None else lengths.to(dev)
+    length = torch.full((B,), N, device=dev) if lengths is None else to_device_i64(lengths, dev)
     rest = (pos < length[:, None]).scatter(1, keep_idx, False)  # [B, N] the set R
     rank = rest.long().cumsum(1) - 1  # rank of each position inside R
     step = (rest.sum(1) // C).clamp(min=1)[:, None]  # [B, 1]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from vtprune.ops._staging import to_device_i64
 from vtprune.reference._common import allowed_keys, blocks, host_max, masked_softmax, span_index
 
 
@@ -21,7 +22,7 @@ def lowrank_scores(h, u, v, *, visual_spans, key_padding_mask=None):
     vpos, vvalid = span_index(visual_spans, Vm, L, dev)  # [B, V]
     hf = h.float()
     a, b = hf @ u.float(), hf @ v.float()  # [B, L, R]
-    spans = visual_spans.to(dev)
+    spans = to_device_i64(visual_spans, dev)
     real = None if key_padding_mask is None else key_padding_mask.to(dev)
     v2v = torch.zeros(B, Vm, dtype=torch.float32, device=dev)  # column sums over visual / text query rows
     t2v = torch.zeros(B, Vm, dtype=torch.float32, device=dev)
