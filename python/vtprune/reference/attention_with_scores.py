@@ -34,5 +34,6 @@ def attention_with_scores(q, k, v, *, query_spans, key_spans, causal, key_paddin
             out[:, heads, r0:r0 + rstep] = (probs @ vh).to(q.dtype)
             # the rows of this block that lie in the query span add their key-span columns to the scores
             in_span = (rows >= spans[:, :1]) & (rows < spans[:, :1] + spans[:, 1:])  # [B, r]
-            _scores_from_probs(probs * in_span[:, None, :, None], kpos, scores)
+            # a select, not a product: a NaN row outside the span must not reach the scores (NaN * 0 is NaN)
+            _scores_from_probs(torch.where(in_span[:, None, :, None], probs, 0.0), kpos, scores)
     return out, _finish(scores, query_spans, kvalid, H)

@@ -262,6 +262,7 @@ class SyncCounter(TorchDispatchMode):
     def __enter__(self):
         self._patches = contextlib.ExitStack()
         self._patches.enter_context(_triton_launch_hook(self))
+        self._patches.enter_context(_autocast_hook())
         for name in ("tensor", "as_tensor"):
             self._patches.enter_context(_tensor_constructor_hook(self, name))
         _ACTIVE.append(self)
@@ -392,6 +393,29 @@ def _tensor_constructor_hook(counter: SyncCounter, name: str):
         yield
     finally:
         setattr(torch, name, original)
+
+
+@contextlib.contextmanager
+def _autocast_hook():
+    """Autocast has no state for the simulated device type: code that asks about it (transformers 5.17's rotary
+    embeddings call ``torch.is_autocast_enabled(x.device.type)`` and ``torch.autocast(x.device.type, ...)``)
+    is answered as for the CPU, whose values the simulated device holds."""
+    is_enabled, autocast = torch.is_autocast_enabled, torch.autocast
+
+    def host_type(device_type):
+        return "cpu" if device_type == DEVICE.type else device_type
+
+    def patched_is_enabled(*args):
+        return is_enabled(host_type(args[0]), *args[1:]) if args else is_enabled()
+
+    def patched_autocast(device_type, *args, **kwargs):
+        return autocast(host_type(device_type), *args, **kwargs)
+
+    torch.is_autocast_enabled, torch.autocast = patched_is_enabled, patched_autocast
+    try:
+        yield
+    finally:
+        torch.is_autocast_enabled, torch.autocast = is_enabled, autocast
 
 
 @contextlib.contextmanager
