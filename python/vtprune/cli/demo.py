@@ -167,7 +167,7 @@ def run(args) -> None:
     try:
         handle = vtprune.apply(model, method)
     except ValueError as e:
-        raise UsageError(f"{what.rsplit(' --tokens', 1)[0]} on --family {args.family}: {e}") from e
+        raise UsageError(f"{what} on --family {args.family}: {e}") from e
     with handle:
         try:
             pruned_ms = _prefill_ms(model, inputs, args.repeats)
