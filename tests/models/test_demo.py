@@ -11,7 +11,7 @@ from vtprune.__main__ import demo
     (["--method", "visiondrop", "--tokens", "0"], r"^--method visiondrop --tokens 0: VisionDrop tokens must be"),
     (["--method", "pool", "--tokens", "10"], r"^--method pool --tokens 10: UniformPool tokens must be a square"),
     # refused by apply(): more tokens than the model's images have
-    (["--method", "visiondrop", "--tokens", "1000"], r"^--method visiondrop on --family llava: "
+    (["--method", "visiondrop", "--tokens", "1000"], r"^--method visiondrop --tokens 1000 on --family llava: "
                                                      r"VisionDrop\(tokens=1000\): its encoder stage keeps 1500 tokens"),
 ])
 def test_bad_budget_is_a_one_line_error(argv, match):
