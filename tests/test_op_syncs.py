@@ -15,7 +15,6 @@ from vtprune.testing.syncs import DeviceTensor, SyncCounter, SyncError, on_devic
 
 if not triton_installed():
     pytest.skip("Triton is not installed", allow_module_level=True)
-pytest.importorskip("triton.language")
 
 B, H, HKV, L, D_HEAD = 2, 4, 2, 12, 16
 

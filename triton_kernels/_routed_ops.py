@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from vtprune.ops._library import call  # noqa: F401  (the launchers import it from here)
+
 
 @torch.library.custom_op("vtprune::lowrank_scores", mutates_args=())
 def lowrank_scores_op(h: Tensor, u: Tensor, v: Tensor, visual_spans: Tensor, key_padding_mask: Tensor | None,
@@ -60,8 +62,3 @@ def routed_add_scatter_op(x: Tensor, idx: Tensor, mid: Tensor, delta: Tensor) ->
     from vtprune.triton_kernels._routed_kernels import add_scatter
 
     add_scatter(x, idx, mid, delta)
-
-
-def call(op, eager, *args):
-    """``op(*args)`` while torch.compile traces (the custom op), else the launcher ``eager`` directly."""
-    return op(*args) if torch.compiler.is_compiling() else eager(*args)
