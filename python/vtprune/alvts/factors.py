@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -52,6 +53,29 @@ _SAMPLE_RTOL = 1e-2  # bfloat16 keeps ~2^-9 relative precision; a cast chain sta
 def default_rank(hidden_size: int) -> int:
     """``hidden_size // 16``: the paper's R = 256 at D = 4096 (LLaVA-7B) and 128 at D = 2048 (Qwen2.5-VL-3B)."""
     return max(1, hidden_size // 16)
+
+
+@contextmanager
+def _readable(*linears: torch.nn.Linear):
+    """Make offloaded weights readable for the block.
+
+    Under accelerate CPU/disk offload a module's weight is a ``meta`` tensor and the real one is loaded by a
+    hook around each forward (``module._hf_hook``: ``pre_forward`` loads it onto the execution device,
+    ``post_forward`` offloads it again). Reading the weights (SVD factors, fingerprint) goes through the same
+    hook, so offloaded models get the same factors as resident ones. Modules whose weight is on a real device,
+    or that have no such hook, are left as they are.
+    """
+    loaded = []
+    try:
+        for m in linears:
+            hook = getattr(m, "_hf_hook", None)
+            if m.weight.device.type == "meta" and hook is not None and hasattr(hook, "pre_forward"):
+                hook.pre_forward(m)
+                loaded.append((m, hook))
+        yield
+    finally:
+        for m, hook in loaded:
+            hook.post_forward(m, None)
 
 
 def _grouped_weights(layer, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -76,8 +100,13 @@ def _grouped_weights(layer, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Ten
     H, Hkv, D = q.weight.shape[0] // d, k.weight.shape[0] // d, q.weight.shape[1]
     if H % Hkv:
         raise ValueError(f"layer: query heads ({H}) must be a multiple of key/value heads ({Hkv})")
-    a = q.weight.detach().to(dtype).view(Hkv, H // Hkv, d, D).sum(1).reshape(Hkv * d, D)
-    return a, k.weight.detach().to(dtype), float(getattr(attn, "scaling", d**-0.5)) / H
+    with _readable(q, k):
+        if q.weight.device.type == "meta" or k.weight.device.type == "meta":
+            raise ValueError(f"layer: the q_proj/k_proj weights of this {type(layer).__name__} are on the meta "
+                             "device with no offload hook to load them; pass factors= (a SelectorFactors or a file)")
+        a = q.weight.detach().to(dtype).view(Hkv, H // Hkv, d, D).sum(1).reshape(Hkv * d, D)
+        b = k.weight.detach().to(dtype)
+    return a, b, float(getattr(attn, "scaling", d**-0.5)) / H
 
 
 def decoder_layers(model_or_layers) -> list[torch.nn.Module]:
@@ -180,8 +209,8 @@ def model_fingerprint(model_or_layers) -> dict:
     sample of layer 0's ``q_proj`` weight (``_SAMPLE`` entries spread over the matrix).
 
     The sample is compared with a relative tolerance (:func:`fingerprint_differences`), so the same checkpoint
-    in float32, float16 or bfloat16 matches; weights on the ``meta`` device (offloaded) give
-    ``weight_sample = None``, which is then left unchecked.
+    in float32, float16 or bfloat16 matches. Weights offloaded by accelerate are read through their offload
+    hook; weights on the ``meta`` device with no hook give ``weight_sample = None``, which is then left unchecked.
 
     Returns
     -------
@@ -189,12 +218,14 @@ def model_fingerprint(model_or_layers) -> dict:
     (list of float, or None)
     """
     layers = decoder_layers(model_or_layers)
-    w = layers[0].self_attn.q_proj.weight
+    q = layers[0].self_attn.q_proj
     sample = None
-    if w.device.type != "meta":
-        flat = w.detach().reshape(-1)
-        at = torch.linspace(0, flat.numel() - 1, min(_SAMPLE, flat.numel()), device=flat.device).long()
-        sample = [float(f"{x:.6g}") for x in flat[at].float().cpu().tolist()]
+    with _readable(q):
+        w = q.weight
+        if w.device.type != "meta":
+            flat = w.detach().reshape(-1)
+            at = torch.linspace(0, flat.numel() - 1, min(_SAMPLE, flat.numel()), device=flat.device).long()
+            sample = [float(f"{x:.6g}") for x in flat[at].float().cpu().tolist()]
     return {"architecture": type(layers[0]).__name__, "num_layers": len(layers), "hidden_size": hidden_size(layers[0]),
             "weight_sample": sample}
 
