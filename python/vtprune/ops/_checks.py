@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from vtprune.reference._common import remember_width
+from vtprune._host import spans_summary, values_summary
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -54,12 +54,12 @@ def dim_size(name: str, t: torch.Tensor, dim: int, expected: int, what: str) -> 
 
 def host_device_ok(name: str, t: torch.Tensor, device: torch.device) -> None:
     """Index tensors may live on the CPU (no sync) or on the data's device."""
-    if t.device.type != "cpu" and t.device != device:
+    if not t.is_cpu and t.device != device:
         raise ValueError(f"{name} must be on the CPU or on {device}, got {t.device}")
 
 
 def on_host(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu"
+    return t.is_cpu
 
 
 def require(ok: torch.Tensor, message: str) -> None:
@@ -75,24 +75,24 @@ def spans(name: str, s, batch: int, length: int, device: torch.device) -> int:
     """Validate int64 ``[B, 2]`` (start, count) spans inside ``[0, length]`` with count >= 1.
 
     Returns the width of a per-span output: the largest count for CPU spans; ``length`` (the largest a count
-    can be) for spans on the device, whose values the host does not read.
+    can be) for spans on the device, whose values the host does not read. The values of CPU spans are read
+    once per tensor (:func:`vtprune._host.spans_summary`), so the backends' sizing and later calls with the
+    same spans cost a dictionary lookup.
     """
     tensor(name, s, ndim=2, dtypes=(torch.int64,))
     host_device_ok(name, s, device)
-    if tuple(s.shape) != (batch, 2):
+    if s.shape != (batch, 2):
         raise ValueError(f"{name} must have shape [B, 2] = [{batch}, 2], got {tuple(s.shape)}")
     if not on_host(s):
         start, count = s[:, 0], s[:, 1]
         require(((count >= 1) & (start >= 0) & (start + count <= length)).all(),
                 f"{name}: every span (start, count) must have count >= 1 and lie inside [0, {length})")
         return length
-    rows = s.tolist()
-    if any(c < 1 for _, c in rows):
-        raise ValueError(f"{name}: every count must be positive, got counts {[c for _, c in rows]}")
-    if any(st < 0 or st + c > length for st, c in rows):
-        raise ValueError(f"{name}: every span (start, count) must lie inside [0, {length}), got {rows}")
-    widest = max(c for _, c in rows)
-    remember_width(s, widest)  # the backends size their outputs from it without reading the spans again
+    first, fewest, end, widest = spans_summary(s)
+    if fewest < 1:
+        raise ValueError(f"{name}: every count must be positive, got counts {s[:, 1].tolist()}")
+    if first < 0 or end > length:
+        raise ValueError(f"{name}: every span (start, count) must lie inside [0, {length}), got {s.tolist()}")
     return widest
 
 
@@ -107,9 +107,9 @@ def lengths(name: str, t, batch: int, n: int, device: torch.device, minimum: int
     if not on_host(t):
         require(((t >= minimum) & (t <= n)).all(), f"{name}: every length must lie in [{minimum}, {n}]")
         return t
-    values = t.tolist()
-    if any(v < minimum or v > n for v in values):
-        raise ValueError(f"{name}: every length must lie in [{minimum}, {n}], got {values}")
+    shortest, longest = values_summary(t)
+    if shortest < minimum or longest > n:
+        raise ValueError(f"{name}: every length must lie in [{minimum}, {n}], got {t.tolist()}")
     return t
 
 

@@ -67,7 +67,7 @@ def attention_scores(q, k, *, query_spans, key_spans, causal, key_padding_mask=N
     torch.Size([1, 5])
     """
     causal, scale = check_qk(q, k, None, query_spans, key_spans, key_padding_mask, causal, scale)
-    impl = _backend.implementation("attention_scores", backend, q.device)
+    impl = _backend.implementation("attention_scores", backend, q)
     return impl(q, k, query_spans=query_spans, key_spans=key_spans, causal=causal,
                 key_padding_mask=key_padding_mask, scale=scale)
 
@@ -100,6 +100,6 @@ def attention_with_scores(
         raise ValueError("v must be a Tensor [B, Hkv, L, dv] (attention_with_scores returns the attention output; "
                          "use attention_scores for the scores alone), got None")
     causal, scale = check_qk(q, k, v, query_spans, key_spans, key_padding_mask, causal, scale)
-    impl = _backend.implementation("attention_with_scores", backend, q.device)
+    impl = _backend.implementation("attention_with_scores", backend, q)
     return impl(q, k, v, query_spans=query_spans, key_spans=key_spans, causal=causal,
                 key_padding_mask=key_padding_mask, scale=scale)

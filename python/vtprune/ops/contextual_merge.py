@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from vtprune import _backend
+from vtprune._host import rows_summary, to_device_i64, values_summary
 from vtprune.ops import _checks
-from vtprune.ops._staging import to_device_i64
 from vtprune.ops.topk_keep_order import check_topk
 
 
@@ -29,10 +29,37 @@ def check_budget(num_dominant, num_contextual, lengths, n, name_k):
     message = f"{name_k} + num_contextual = {num_dominant} + {num_contextual} exceeds the tokens available"
     if need > n:
         raise ValueError(f"{message} ({n})")
-    if lengths is not None and not _checks.on_host(lengths):
+    if lengths is None:
+        return
+    if not _checks.on_host(lengths):
         _checks.require((lengths >= need).all(), f"{message} in the shortest row (lengths)")
-    elif lengths is not None and min(lengths.tolist()) < need:
-        raise ValueError(f"{message} ({min(lengths.tolist())} in the shortest row)")
+        return
+    shortest = values_summary(lengths)[0]
+    if shortest < need:
+        raise ValueError(f"{message} ({shortest} in the shortest row)")
+
+
+KEEP_MESSAGE = "keep_idx must be strictly ascending per row and inside [0, lengths[b])"
+
+
+def check_keep(keep_idx, lengths, B: int, N: int) -> None:
+    """``keep_idx [B, k >= 1]`` strictly ascending per row, first >= 0, last < lengths[b] (or N).
+
+    A CPU ``keep_idx`` (data on the CPU, so lengths too) is read on the host, once per tensor. On the device one
+    expression is queued as a device-side assert: each row framed by -1 and its limit must have positive steps.
+    """
+    if _checks.on_host(keep_idx):
+        ascending, first, lasts = rows_summary(keep_idx)
+        limits = [N] * B if lengths is None else lengths.tolist()
+        if not (ascending and first >= 0 and all(a < b for a, b in zip(lasts, limits))):
+            raise ValueError(f"{KEEP_MESSAGE}, got {keep_idx.tolist()} with limits {limits}")
+        return
+    dev = keep_idx.device
+    limit = torch.full((B, 1), N, dtype=torch.int64, device=dev) if lengths is None else \
+        to_device_i64(lengths, dev)[:, None]
+    framed = torch.diff(keep_idx, dim=1, prepend=torch.full((B, 1), -1, dtype=torch.int64, device=dev),
+                        append=limit)
+    _checks.require((framed > 0).all(), KEEP_MESSAGE)
 
 
 def contextual_merge(x, metric, keep_idx, num_contextual, *, lengths=None, backend="auto"):
@@ -72,12 +99,8 @@ def contextual_merge(x, metric, keep_idx, num_contextual, *, lengths=None, backe
     if k + num_contextual < 1:
         raise ValueError("keep_idx.shape[1] + num_contextual must be >= 1 (nothing would be returned)")
     if k:
-        # first >= 0, strictly ascending, last < lengths[b]: on the device an async assert, no host read
-        step = keep_idx.diff(dim=1, prepend=keep_idx.new_full((B, 1), -1))
-        limit = N if lengths is None else to_device_i64(lengths, keep_idx.device)
-        _checks.require((step > 0).all() & (keep_idx[:, -1] < limit).all(),
-                        "keep_idx must be strictly ascending per row and inside [0, lengths[b])")
-    impl = _backend.implementation("contextual_merge", backend, x.device)
+        check_keep(keep_idx, lengths, B, N)
+    impl = _backend.implementation("contextual_merge", backend, x)
     return impl(x, metric, keep_idx, num_contextual, lengths=lengths)
 
 
@@ -111,5 +134,5 @@ def select_and_merge(scores, x, metric, num_dominant, num_contextual, *, lengths
         raise ValueError(f"scores must have shape [B, N] = [{B}, {N}] on {x.device}, got {tuple(scores.shape)} "
                          f"on {scores.device}")
     check_budget(num_dominant, num_contextual, lengths, N, "num_dominant")
-    impl = _backend.implementation("select_and_merge", backend, x.device)
+    impl = _backend.implementation("select_and_merge", backend, x)
     return impl(scores, x, metric, num_dominant, num_contextual, lengths=lengths)

@@ -47,5 +47,5 @@ def lowrank_scores(h, u, v, *, visual_spans, key_padding_mask=None, backend="aut
                          f"u {tuple(u.shape)}")
     _checks.spans("visual_spans", visual_spans, B, L, h.device)
     _checks.key_padding_mask(key_padding_mask, B, L, h.device)
-    impl = _backend.implementation("lowrank_scores", backend, h.device)
+    impl = _backend.implementation("lowrank_scores", backend, h)
     return impl(h, u, v, visual_spans=visual_spans, key_padding_mask=key_padding_mask)

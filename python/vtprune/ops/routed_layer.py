@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import operator
-
 import torch
 
 from vtprune import _backend
 from vtprune._compat import cache_kwargs
+from vtprune._host import rows_summary
 from vtprune.ops import _checks
 
 
@@ -17,12 +16,12 @@ def _check_index(routed_idx, B: int, L: int, device: torch.device) -> None:
     if routed_idx.shape[0] != B or not 1 <= routed_idx.shape[1] <= L:
         raise ValueError(f"routed_idx must have shape [B, K] = [{B}, K] with 1 <= K <= L = {L}, "
                          f"got {tuple(routed_idx.shape)}")
-    if routed_idx.device.type == "cpu":  # values are checked where that costs no device sync
-        rows = routed_idx.tolist()
-        if any(any(map(operator.ge, row, row[1:])) for row in rows):
-            raise ValueError(f"routed_idx must be strictly ascending per row, got {rows}")
-        if any(row[0] < 0 or row[-1] >= L for row in rows):  # ascending: the ends bound the row
-            raise ValueError(f"routed_idx: every index must lie in [0, {L}), got {rows}")
+    if routed_idx.device.type == "cpu":  # values are checked where that costs no device sync (once per tensor)
+        ascending, first, lasts = rows_summary(routed_idx)
+        if not ascending:
+            raise ValueError(f"routed_idx must be strictly ascending per row, got {routed_idx.tolist()}")
+        if first < 0 or max(lasts) >= L:  # ascending: the ends bound the row
+            raise ValueError(f"routed_idx: every index must lie in [0, {L}), got {routed_idx.tolist()}")
 
 
 def _check_position_embeddings(position_embeddings, B: int, L: int) -> None:
@@ -49,7 +48,7 @@ def routed_layer(layer, hidden_states, routed_idx, *, position_embeddings, atten
     Inference only (no autograd through the in-place write).
 
     Backends: ``reference`` gathers, calls ``layer`` itself and scatters (any decoder layer). ``triton`` and
-    ``cuda`` (one walk, :mod:`vtprune.ops._routed_fused`, with their own row kernels) re-run the layer as
+    ``cuda`` (one walk, :mod:`vtprune._routed_fused`, with their own row kernels) re-run the layer as
     norm -> self_attn -> residual -> norm -> mlp -> residual with the gather fused into the first RMSNorm,
     residual + second RMSNorm fused, and the scatter fused into the last residual add; the attention and MLP
     are the layer's own modules on the compact ``[B, K, D]`` batch. They take LLaMA, Mistral, Qwen2 and
@@ -101,7 +100,7 @@ def routed_layer(layer, hidden_states, routed_idx, *, position_embeddings, atten
     position_ids = layer_kwargs.pop("position_ids", None)
     if position_ids is not None and not isinstance(position_ids, torch.Tensor):
         raise ValueError(f"position_ids must be a Tensor or None, got {type(position_ids).__name__}")
-    impl = _backend.implementation("routed_layer", backend, hidden_states.device)
+    impl = _backend.implementation("routed_layer", backend, hidden_states)
     return impl(layer, hidden_states, routed_idx, position_embeddings=position_embeddings,
                 attention_mask=attention_mask, past_key_values=past_key_values, cache_position=cache_position,
                 **layer_kwargs)
