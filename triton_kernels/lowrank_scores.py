@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vtprune.reference._common import host_max
+from vtprune._host import host_max
 from vtprune.triton_kernels._common import (
     cdiv,
     combined_lse,
