@@ -56,3 +56,13 @@ def left_padding_mask(batch: int, length: int, pads: list[int]) -> torch.Tensor:
     """bool [B, L], False on the first pads[b] positions (left padding)."""
     pos = torch.arange(length)
     return pos[None, :] >= torch.tensor(pads)[:, None]
+
+
+def poison_cuda_cache() -> None:
+    """Fill blocks of torch's caching allocator (small and large pools) with 0xFF bytes (NaN as floats, -1 as
+    integers) and free them, so outputs the kernels forget to write come back poisoned, not zero."""
+    blocks = [torch.empty(1 << 19, dtype=torch.uint8, device="cuda") for _ in range(64)]
+    blocks += [torch.empty(1 << 25, dtype=torch.uint8, device="cuda") for _ in range(8)]
+    for block in blocks:
+        block.fill_(0xFF)
+    del blocks
