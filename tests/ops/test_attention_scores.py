@@ -229,3 +229,40 @@ def test_triton_split_count_covers_the_gpu_and_depends_on_the_shape_only():
     assert split_for(45, 1) == 4  # LowRank at LLaVA-NeXT: 47 query tiles -> 188 CTAs
     assert split_for(1440, 1) == 1  # enough CTAs already
     assert split_for(3, 1) == 8  # capped
+
+
+# Non-finite inputs (vtprune.reference._common.masked_softmax): a NaN or +-inf logit among a row's allowed keys
+# makes that row NaN, so exactly the scores the row adds to are NaN; a -inf logit from the data counts too (it is
+# not a mask); masked keys never contribute.
+NF_L = 12
+NF_SPANS = dict(query_spans=torch.tensor([[2, 10]]), key_spans=torch.tensor([[2, 10]]))
+
+
+def nonfinite_inputs():
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 1, NF_L, 4, generator=gen).abs() + 0.1
+    return q, torch.randn(1, 1, NF_L, 4, generator=gen).abs() + 0.1
+
+
+def test_inf_in_a_causal_query_row_poisons_exactly_the_columns_it_sees(backend, device):
+    q, k = nonfinite_inputs()
+    q[0, 0, 6, 1] = float("inf")  # row 6 sees keys 0..6: key-span columns 0..4
+    out = attention_scores(q.to(device), k.to(device), causal=True, backend=backend, **NF_SPANS)[0].cpu()
+    assert torch.isnan(out[:5]).all() and torch.isfinite(out[5:]).all()
+
+
+def test_all_minus_inf_row_is_nan_not_an_empty_row(backend, device):
+    q, k = nonfinite_inputs()  # all positive: -inf in q gives -inf on every key of the row
+    q[0, 0, 11, 2] = float("-inf")
+    out = attention_scores(q.to(device), k.to(device), causal=False, backend=backend, **NF_SPANS)[0].cpu()
+    assert torch.isnan(out).all()
+
+
+def test_a_masked_key_never_poisons(backend, device):
+    q, k = nonfinite_inputs()
+    k[0, 0, 11, 0] = float("nan")  # key 11: only row 11 sees it under the causal mask
+    kpm = torch.ones(1, NF_L, dtype=torch.bool)
+    kpm[0, 11] = False  # and it is padding
+    out = attention_scores(q.to(device), k.to(device), causal=True, key_padding_mask=kpm.to(device),
+                           backend=backend, query_spans=torch.tensor([[2, 9]]), key_spans=torch.tensor([[2, 9]]))
+    assert torch.isfinite(out).all()

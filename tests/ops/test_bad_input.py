@@ -1,4 +1,4 @@
-"""Bad input raises ValueError naming the argument; backend selection errors are explicit."""
+"""Bad input to the public ops raises ValueError naming the argument; backend selection errors are explicit."""
 
 import pytest
 import torch
