@@ -79,8 +79,14 @@ def _violations(sources, forbidden) -> list[tuple[str, str]]:
 
 
 def test_the_scan_sees_the_stack():
-    for name in ("vtprune._host", "vtprune._backend", "vtprune.ops.attention_scores", "vtprune.reference._common",
-                 "vtprune.triton_kernels._common", "vtprune.cuda.attention_scores"):
+    for name in (
+        "vtprune._host",
+        "vtprune._backend",
+        "vtprune.ops.attention_scores",
+        "vtprune.reference._common",
+        "vtprune.triton_kernels._common",
+        "vtprune.cuda.attention_scores",
+    ):
         assert name in MODULES
     assert "vtprune._host" in _edges("vtprune.triton_kernels._common")  # the scan reads real imports
 
@@ -100,8 +106,15 @@ def test_kernels_import_neither_ops_nor_reference():
 
 
 def test_reference_imports_no_backend():
-    forbidden = ("vtprune.ops", "vtprune.triton_kernels", "vtprune.cuda", "vtprune._backend", "vtprune._ext",
-                 "vtprune._library", *HIGH)
+    forbidden = (
+        "vtprune.ops",
+        "vtprune.triton_kernels",
+        "vtprune.cuda",
+        "vtprune._backend",
+        "vtprune._ext",
+        "vtprune._library",
+        *HIGH,
+    )
     assert _violations(("vtprune.reference",), forbidden) == []
 
 
@@ -110,8 +123,13 @@ def test_ext_does_not_import_backend():
 
 
 def test_no_import_cycle_in_the_op_stack():
-    stack = [m for m in MODULES if _under(m, ("vtprune.ops", "vtprune.reference", "vtprune.triton_kernels",
-                                              "vtprune.cuda", *LOW, "vtprune._backend"))]
+    stack = [
+        m
+        for m in MODULES
+        if _under(
+            m, ("vtprune.ops", "vtprune.reference", "vtprune.triton_kernels", "vtprune.cuda", *LOW, "vtprune._backend")
+        )
+    ]
     graph = {m: {e for e in _edges(m, top_level_only=True) if e in stack} for m in stack}
     # a package imports its submodules' names from its __init__, so a module importing its own package is
     # not a cycle through code of the stack

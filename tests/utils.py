@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 
+import pytest
 import torch
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -66,3 +68,13 @@ def poison_cuda_cache() -> None:
     for block in blocks:
         block.fill_(0xFF)
     del blocks
+
+
+def require_extension():
+    """Import vtprune._C, skipping (or failing, when VTPRUNE_BUILD_CUDA=1 says it was built) without it."""
+    try:
+        return importlib.import_module("vtprune._C")
+    except ImportError as e:
+        if os.environ.get("VTPRUNE_BUILD_CUDA") == "1":
+            pytest.fail(f"VTPRUNE_BUILD_CUDA=1 but vtprune._C does not import ({e})")
+        pytest.skip(f"vtprune._C is not built ({e}); build it with VTPRUNE_BUILD_CUDA=1 pip install -e .")

@@ -86,8 +86,7 @@ def _summary(t: torch.Tensor, kind: str, compute: Callable[[list], tuple]) -> tu
 
 
 def _spans(rows: list) -> tuple[int, int, int, int]:
-    return (min(s for s, _ in rows), min(c for _, c in rows), max(s + c for s, c in rows),
-            max(c for _, c in rows))
+    return (min(s for s, _ in rows), min(c for _, c in rows), max(s + c for s, c in rows), max(c for _, c in rows))
 
 
 def spans_summary(spans: torch.Tensor) -> tuple[int, int, int, int]:

@@ -90,5 +90,6 @@ def test_patched_prefill_and_decode_under_sync_debug(model, method, batch):
         patched, out = prefill_syncs(model, inputs)
         assert patched <= base + ISSUE_LIMIT, (
             f"{method} prefill ({batch}): {patched} synchronising CUDA calls, unpatched {base}, "
-            f"limit unpatched + {ISSUE_LIMIT}")
+            f"limit unpatched + {ISSUE_LIMIT}"
+        )
         decode(model, out, B)  # raises RuntimeError at the first sync

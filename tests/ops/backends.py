@@ -10,13 +10,10 @@
 
 from __future__ import annotations
 
-import importlib
-import os
-
 import pytest
 import torch
 
-from utils import interpret, triton_installed
+from utils import interpret, require_extension, triton_installed
 
 BACKENDS = [pytest.param("reference"), pytest.param("triton"), pytest.param("cuda", marks=pytest.mark.gpu)]
 
@@ -28,12 +25,7 @@ def require(backend: str) -> None:
     if backend == "cuda":
         if not torch.cuda.is_available():
             pytest.skip("needs a CUDA device (none visible)")
-        try:
-            importlib.import_module("vtprune._C")
-        except ImportError as e:
-            if os.environ.get("VTPRUNE_BUILD_CUDA") == "1":
-                pytest.fail(f"VTPRUNE_BUILD_CUDA=1 but vtprune._C does not import ({e})")
-            pytest.skip(f"vtprune._C is not built ({e}); build it with VTPRUNE_BUILD_CUDA=1 pip install -e .")
+        require_extension()
 
 
 def device_of(backend: str) -> str:

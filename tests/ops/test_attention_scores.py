@@ -27,8 +27,9 @@ def run(q, k, v, qspans, kspans, causal, kpm, scale, backend, device):
     """(scores, out, scores of the fused call) of ``backend`` with the data on ``device`` (spans on the CPU),
     back on the CPU."""
     dev = [t.to(device) if t is not None else None for t in (q, k, v, kpm)]
-    kw = dict(query_spans=qspans, key_spans=kspans, causal=causal, key_padding_mask=dev[3], scale=scale,
-              backend=backend)
+    kw = dict(
+        query_spans=qspans, key_spans=kspans, causal=causal, key_padding_mask=dev[3], scale=scale, backend=backend
+    )
     s = attention_scores(dev[0], dev[1], **kw)
     out, s2 = attention_with_scores(dev[0], dev[1], dev[2], **kw)
     return s.cpu(), out.cpu(), s2.cpu()
@@ -66,15 +67,25 @@ def test_scores_of_a_full_span_sum_to_one(backend, device):
     """Non-causal, no padding, key span = the whole sequence: every query row's probabilities sum to 1."""
     q, k = torch.randn(2, 4, 9, 8), torch.randn(2, 4, 9, 8)
     spans = torch.tensor([[0, 9], [0, 9]])
-    s = attention_scores(q.to(device), k.to(device), query_spans=torch.tensor([[3, 4], [0, 1]]), key_spans=spans,
-                         causal=False, backend=backend)
+    s = attention_scores(
+        q.to(device),
+        k.to(device),
+        query_spans=torch.tensor([[3, 4], [0, 1]]),
+        key_spans=spans,
+        causal=False,
+        backend=backend,
+    )
     torch.testing.assert_close(s.cpu().sum(1), torch.ones(2))
 
 
 def test_zero_past_each_rows_key_count_and_gqa_counts_every_head(backend, device):
     q, k = torch.randn(2, 4, 10, 8, device=device), torch.randn(2, 1, 10, 8, device=device)
-    kw = dict(query_spans=torch.tensor([[0, 10], [0, 10]]), key_spans=torch.tensor([[2, 3], [1, 8]]), causal=True,
-              backend=backend)
+    kw = dict(
+        query_spans=torch.tensor([[0, 10], [0, 10]]),
+        key_spans=torch.tensor([[2, 3], [1, 8]]),
+        causal=True,
+        backend=backend,
+    )
     s = attention_scores(q, k, **kw)
     assert s.shape == (2, 8) and (s[0, 3:] == 0).all() and (s[0, :3] > 0).all()
     # GQA with one KV head equals MHA with the KV head repeated
@@ -86,8 +97,9 @@ def test_query_row_without_valid_key_contributes_zero(backend, device):
     q, k = torch.randn(1, 2, 5, 4, device=device), torch.randn(1, 2, 5, 4, device=device)
     kpm = left_padding_mask(1, 5, [2]).to(device)
     spans = torch.tensor([[0, 5]])
-    s = attention_scores(q, k, query_spans=spans, key_spans=spans, causal=True, key_padding_mask=kpm,
-                         backend=backend).cpu()
+    s = attention_scores(
+        q, k, query_spans=spans, key_spans=spans, causal=True, key_padding_mask=kpm, backend=backend
+    ).cpu()
     assert not torch.isnan(s).any()
     torch.testing.assert_close(s.sum(), torch.tensor(3 / 5))  # 3 real rows of 5, each summing to 1
     assert (s[0, :2] == 0).all()
@@ -263,6 +275,13 @@ def test_a_masked_key_never_poisons(backend, device):
     k[0, 0, 11, 0] = float("nan")  # key 11: only row 11 sees it under the causal mask
     kpm = torch.ones(1, NF_L, dtype=torch.bool)
     kpm[0, 11] = False  # and it is padding
-    out = attention_scores(q.to(device), k.to(device), causal=True, key_padding_mask=kpm.to(device),
-                           backend=backend, query_spans=torch.tensor([[2, 9]]), key_spans=torch.tensor([[2, 9]]))
+    out = attention_scores(
+        q.to(device),
+        k.to(device),
+        causal=True,
+        key_padding_mask=kpm.to(device),
+        backend=backend,
+        query_spans=torch.tensor([[2, 9]]),
+        key_spans=torch.tensor([[2, 9]]),
+    )
     assert torch.isfinite(out).all()

@@ -40,12 +40,15 @@ def check_against_truth(tokens, x, metric, keep, C, lengths, targets=None):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B,N,D,dk,k,C,lengths", [
-    (1, 7, 5, 3, 2, 2, None),
-    (2, 33, 8, 4, 5, 4, [33, 20]),
-    (3, 16, 4, 6, 3, 0, [16, 9, 4]),
-    (2, 11, 6, 2, 1, 10, None),  # C = n: every non-kept token is a target
-])
+@pytest.mark.parametrize(
+    "B,N,D,dk,k,C,lengths",
+    [
+        (1, 7, 5, 3, 2, 2, None),
+        (2, 33, 8, 4, 5, 4, [33, 20]),
+        (3, 16, 4, 6, 3, 0, [16, 9, 4]),
+        (2, 11, 6, 2, 1, 10, None),  # C = n: every non-kept token is a target
+    ],
+)
 def test_select_and_merge_follows_the_rule(B, N, D, dk, k, C, lengths, dtype, backend, device, poison):
     gen = torch.Generator().manual_seed(N)
     x = torch.randn(B, N, D, generator=gen).to(dtype)
@@ -141,8 +144,8 @@ def test_exact_cosine_ties_go_to_the_lower_target(tied_slots, backend, poison):
     got = merge(x, metric, torch.tensor([keep]), C, None, backend)
     expect = x[0, targets].clone()
     expect[tied_slots[0]] += x[0, members].mean(0)
-    torch.testing.assert_close(got[0, len(keep):], expect, **EXACT)
-    torch.testing.assert_close(got[0, :len(keep)], x[0, keep], rtol=0, atol=0)
+    torch.testing.assert_close(got[0, len(keep) :], expect, **EXACT)
+    torch.testing.assert_close(got[0, : len(keep)], x[0, keep], rtol=0, atol=0)
 
 
 def test_zero_metric_rows_join_the_first_target(backend, poison):
@@ -172,12 +175,15 @@ def test_members_only_come_from_inside_the_length(backend, poison):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B,N,D,k,C,lengths,integer_scores", [
-    (2, 40, 16, 6, 5, [40, 31], False),
-    (3, 70, 24, 1, 9, [70, 12, 33], True),  # tied scores; several position tiles of the merge
-    (1, 9, 8, 9, 0, None, False),  # k = N, nothing to merge
-    (2, 11, 8, 4, 7, None, True),  # C = n: every non-kept token is a target
-])
+@pytest.mark.parametrize(
+    "B,N,D,k,C,lengths,integer_scores",
+    [
+        (2, 40, 16, 6, 5, [40, 31], False),
+        (3, 70, 24, 1, 9, [70, 12, 33], True),  # tied scores; several position tiles of the merge
+        (1, 9, 8, 9, 0, None, False),  # k = N, nothing to merge
+        (2, 11, 8, 4, 7, None, True),  # C = n: every non-kept token is a target
+    ],
+)
 def test_select_and_merge_is_its_two_steps(B, N, D, k, C, lengths, integer_scores, dtype, backend, device, poison):
     gen = torch.Generator().manual_seed(N * 3 + k)
     scores = torch.randint(0, 4, (B, N), generator=gen).float() if integer_scores else torch.rand(B, N, generator=gen)

@@ -11,16 +11,20 @@ from vtprune.ops import lowrank_scores
 
 def run(h, u, v, spans, kpm, backend, device):
     kpm = None if kpm is None else kpm.to(device)
-    return lowrank_scores(h.to(device), u.to(device), v.to(device), visual_spans=spans, key_padding_mask=kpm,
-                          backend=backend).cpu()
+    return lowrank_scores(
+        h.to(device), u.to(device), v.to(device), visual_spans=spans, key_padding_mask=kpm, backend=backend
+    ).cpu()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B,L,D,R,spans,pads", [
-    (1, 9, 16, 4, [[2, 5]], None),
-    (2, 17, 12, 3, [[4, 10], [3, 6]], [3, 0]),
-    (2, 6, 8, 8, [[0, 6], [1, 4]], None),  # row 0 has no text: S_T2V = 1
-])
+@pytest.mark.parametrize(
+    "B,L,D,R,spans,pads",
+    [
+        (1, 9, 16, 4, [[2, 5]], None),
+        (2, 17, 12, 3, [[4, 10], [3, 6]], [3, 0]),
+        (2, 6, 8, 8, [[0, 6], [1, 4]], None),  # row 0 has no text: S_T2V = 1
+    ],
+)
 def test_matches_float64(B, L, D, R, spans, pads, dtype, backend, device, poison):
     gen = torch.Generator().manual_seed(L)
     h = torch.randn(B, L, D, generator=gen).to(dtype)

@@ -76,11 +76,13 @@ def test_integer_scores_tie_to_the_lower_position(N, backend, poison):
 
 def test_nan_inf_and_signed_zero(backend, poison):
     """NaN ranks below -inf, -0.0 ties with +0.0 (lower position wins), never a position past the length."""
-    scores = torch.tensor([
-        [float("nan"), -0.0, 0.0, float("-inf"), float("nan"), float("inf"), -0.0, 5.0],
-        [float("nan")] * 6 + [1.0, 2.0],
-        [-0.0, 0.0, -0.0, 0.0, float("-inf"), float("-inf"), float("nan"), 0.0],
-    ])
+    scores = torch.tensor(
+        [
+            [float("nan"), -0.0, 0.0, float("-inf"), float("nan"), float("inf"), -0.0, 5.0],
+            [float("nan")] * 6 + [1.0, 2.0],
+            [-0.0, 0.0, -0.0, 0.0, float("-inf"), float("-inf"), float("nan"), 0.0],
+        ]
+    )
     lengths = torch.tensor([8, 6, 8])
     for k in range(1, 7):
         assert run(scores, k, lengths, backend).tolist() == by_rule(scores, k, lengths), k
@@ -104,8 +106,13 @@ def test_long_rows_take_the_tiled_path(backend, poison):
 def test_invariants(backend, data, B, N):
     require(backend)
     scores = torch.tensor(
-        data.draw(st.lists(st.lists(st.floats(-3, 3, allow_nan=False, width=32), min_size=N, max_size=N),
-                           min_size=B, max_size=B)), dtype=torch.float32)
+        data.draw(
+            st.lists(
+                st.lists(st.floats(-3, 3, allow_nan=False, width=32), min_size=N, max_size=N), min_size=B, max_size=B
+            )
+        ),
+        dtype=torch.float32,
+    )
     k = data.draw(st.integers(1, N))
     lengths = torch.tensor(data.draw(st.lists(st.integers(k, N), min_size=B, max_size=B)), dtype=torch.int64)
     idx = run(scores, k, lengths, backend)
@@ -124,8 +131,11 @@ def test_invariants(backend, data, B, N):
 
 @settings(max_examples=60, deadline=None)
 @given(
-    rows=st.lists(st.lists(st.sampled_from(SPECIAL) | st.floats(-3, 3, width=32), min_size=12, max_size=12),
-                  min_size=1, max_size=3),
+    rows=st.lists(
+        st.lists(st.sampled_from(SPECIAL) | st.floats(-3, 3, width=32), min_size=12, max_size=12),
+        min_size=1,
+        max_size=3,
+    ),
     k=st.integers(1, 12),
     data=st.data(),
 )

@@ -14,6 +14,7 @@ import torch
 def topk_by_rule(row: list[float], k: int, length: int) -> list[int]:
     """docs/ops.md#topk_keep_order for one row: rank the first ``length`` positions valid-first (NaN last), higher
     score first (``-0.0`` equals ``+0.0``), lower position first; return the first ``k`` ascending."""
+
     def rank(j):
         v = row[j]
         return (1, 0.0, j) if math.isnan(v) else (0, -v, j)
