@@ -58,3 +58,25 @@ def test_summaries():
     assert _host.rows_summary(torch.tensor([[0, 2, 5], [1, 1, 4]]))[0] is False
     assert _host.host_max(torch.tensor([[2, 3], [0, 5]])) == 5
     assert _host.host_max(torch.tensor([3, 1])) == 3
+
+
+def test_shape_checks_remembered_per_signature_still_see_every_value():
+    """A call whose tensors' shapes passed before skips only the shape checks: values and scalars are checked."""
+    x = torch.randn(2, 6, 4)
+    keep = torch.tensor([[0, 2], [1, 3]])
+    assert ops.contextual_merge(x, x, keep, 1).shape == (2, 3, 4)
+    with pytest.raises(ValueError, match="num_contextual must be an int"):
+        ops.contextual_merge(x, x, keep, True)  # True == 1 and hashes alike: the signature tells them apart
+    with pytest.raises(ValueError, match="exceeds the tokens available"):
+        ops.contextual_merge(x, x, keep, 5)
+    with pytest.raises(ValueError, match="keep_idx must be strictly ascending"):
+        ops.contextual_merge(x, x, torch.tensor([[2, 0], [1, 3]]), 1)  # same signature, other values
+    q, k = _qk()
+    spans = torch.tensor([[0, 4], [1, 3]])
+    ops.attention_scores(q, k, query_spans=spans, key_spans=spans, causal=True)
+    with pytest.raises(ValueError, match="scale must be"):
+        ops.attention_scores(q, k, query_spans=spans, key_spans=spans, causal=True, scale=-1.0)
+    with pytest.raises(ValueError, match="causal must be a bool"):
+        ops.attention_scores(q, k, query_spans=spans, key_spans=spans, causal="yes")
+    with pytest.raises(ValueError, match="key_spans: every span"):
+        ops.attention_scores(q, k, query_spans=spans, key_spans=torch.tensor([[0, 4], [5, 4]]), causal=True)

@@ -11,6 +11,7 @@ from vtprune.ops.topk_keep_order import check_topk
 
 
 def check_tokens(x, metric, lengths):
+    """Types, shapes, dtypes and devices of ``x``, ``metric`` and ``lengths`` (values: see the callers)."""
     _checks.batched("x", x, ndim=3)
     B, N, D = x.shape
     if N < 1 or D < 1:
@@ -19,24 +20,34 @@ def check_tokens(x, metric, lengths):
     if tuple(metric.shape[:2]) != (B, N) or metric.shape[2] < 1:
         raise ValueError(f"metric must have shape [B, N, dk] = [{B}, {N}, dk] with dk >= 1 channels, "
                          f"got {tuple(metric.shape)}")
-    _checks.lengths("lengths", lengths, B, N, x.device)
+    if lengths is not None:
+        _checks.length_meta("lengths", lengths, B, x.device)
     return B, N
 
 
-def check_budget(num_dominant, num_contextual, lengths, n, name_k):
+def _message(num_dominant, num_contextual, name_k) -> str:
+    return f"{name_k} + num_contextual = {num_dominant} + {num_contextual} exceeds the tokens available"
+
+
+def check_budget(num_dominant, num_contextual, n, name_k):
+    """``num_contextual >= 0`` and ``k + C <= N`` (the shape half of the budget check)."""
     _checks.positive_int("num_contextual", num_contextual, allow_zero=True)
-    need = num_dominant + num_contextual
-    message = f"{name_k} + num_contextual = {num_dominant} + {num_contextual} exceeds the tokens available"
-    if need > n:
-        raise ValueError(f"{message} ({n})")
+    if num_dominant + num_contextual > n:
+        raise ValueError(f"{_message(num_dominant, num_contextual, name_k)} ({n})")
+
+
+def check_budget_values(num_dominant, num_contextual, lengths, name_k):
+    """``k + C <= lengths[b]`` for every row: read once per CPU tensor, a device-side assert on the device."""
     if lengths is None:
         return
-    if not _checks.on_host(lengths):
-        _checks.require((lengths >= need).all(), f"{message} in the shortest row (lengths)")
+    need = num_dominant + num_contextual
+    if not lengths.is_cpu:
+        _checks.require((lengths >= need).all(),
+                        f"{_message(num_dominant, num_contextual, name_k)} in the shortest row (lengths)")
         return
     shortest = values_summary(lengths)[0]
     if shortest < need:
-        raise ValueError(f"{message} ({shortest} in the shortest row)")
+        raise ValueError(f"{_message(num_dominant, num_contextual, name_k)} ({shortest} in the shortest row)")
 
 
 KEEP_MESSAGE = "keep_idx must be strictly ascending per row and inside [0, lengths[b])"
@@ -90,14 +101,20 @@ def contextual_merge(x, metric, keep_idx, num_contextual, *, lengths=None, backe
     >>> contextual_merge(x, x, torch.tensor([[0, 3]]), 2).shape
     torch.Size([1, 4, 4])
     """
-    B, N = check_tokens(x, metric, lengths)
-    _checks.tensor("keep_idx", keep_idx, ndim=2, dtypes=(torch.int64,), device=x.device)
-    if keep_idx.shape[0] != B:
-        raise ValueError(f"keep_idx must have shape [B, k] with B = {B}, got {tuple(keep_idx.shape)}")
+    sig = _checks.signature("merge", type(num_contextual), num_contextual, tensors=(x, metric, keep_idx, lengths))
+    if not _checks.passed(sig):
+        B, N = check_tokens(x, metric, lengths)
+        _checks.tensor("keep_idx", keep_idx, ndim=2, dtypes=(torch.int64,), device=x.device)
+        if keep_idx.shape[0] != B:
+            raise ValueError(f"keep_idx must have shape [B, k] with B = {B}, got {tuple(keep_idx.shape)}")
+        check_budget(keep_idx.shape[1], num_contextual, N, "keep_idx.shape[1]")
+        if keep_idx.shape[1] + num_contextual < 1:
+            raise ValueError("keep_idx.shape[1] + num_contextual must be >= 1 (nothing would be returned)")
+        _checks.remember(sig)
+    B, N, _ = x.shape
     k = keep_idx.shape[1]
-    check_budget(k, num_contextual, lengths, N, "keep_idx.shape[1]")
-    if k + num_contextual < 1:
-        raise ValueError("keep_idx.shape[1] + num_contextual must be >= 1 (nothing would be returned)")
+    _checks.length_values("lengths", lengths, N)
+    check_budget_values(k, num_contextual, lengths, "keep_idx.shape[1]")
     if k:
         check_keep(keep_idx, lengths, B, N)
     impl = _backend.implementation("contextual_merge", backend, x)
@@ -128,11 +145,17 @@ def select_and_merge(scores, x, metric, num_dominant, num_contextual, *, lengths
     >>> tokens.shape, keep.shape, targets.shape
     (torch.Size([2, 5, 8]), torch.Size([2, 3]), torch.Size([2, 2]))
     """
-    B, N = check_tokens(x, metric, lengths)
-    check_topk(scores, num_dominant, None, name_k="num_dominant")
-    if tuple(scores.shape) != (B, N) or scores.device != x.device:
-        raise ValueError(f"scores must have shape [B, N] = [{B}, {N}] on {x.device}, got {tuple(scores.shape)} "
-                         f"on {scores.device}")
-    check_budget(num_dominant, num_contextual, lengths, N, "num_dominant")
+    sig = _checks.signature("select", type(num_dominant), num_dominant, type(num_contextual), num_contextual,
+                            tensors=(scores, x, metric, lengths))
+    if not _checks.passed(sig):
+        B, N = check_tokens(x, metric, lengths)
+        check_topk(scores, num_dominant, None, name_k="num_dominant")
+        if tuple(scores.shape) != (B, N) or scores.device != x.device:
+            raise ValueError(f"scores must have shape [B, N] = [{B}, {N}] on {x.device}, "
+                             f"got {tuple(scores.shape)} on {scores.device}")
+        check_budget(num_dominant, num_contextual, N, "num_dominant")
+        _checks.remember(sig)
+    _checks.length_values("lengths", lengths, x.shape[1])
+    check_budget_values(num_dominant, num_contextual, lengths, "num_dominant")
     impl = _backend.implementation("select_and_merge", backend, x)
     return impl(scores, x, metric, num_dominant, num_contextual, lengths=lengths)
