@@ -29,7 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from vtprune._host import host_max
+from vtprune._host import call, host_max
+from vtprune.triton_kernels import _routed_ops  # noqa: F401  (registers torch.ops.vtprune.lowrank_scores)
 from vtprune.triton_kernels._common import (
     cdiv,
     combined_lse,
@@ -240,7 +241,5 @@ def lowrank_scores(h, u, v, *, visual_spans, key_padding_mask=None):
     Under ``torch.compile`` it runs as the custom op ``torch.ops.vtprune.lowrank_scores``; in eager mode it
     launches directly. The output width: the largest visual count of CPU spans, ``L`` for spans on the device.
     """
-    from vtprune.triton_kernels._routed_ops import call
-
     return call(torch.ops.vtprune.lowrank_scores, lowrank_scores_launch, h, u, v, visual_spans, key_padding_mask,
                 host_max(visual_spans, h.shape[1]))

@@ -94,12 +94,12 @@ def spans_summary(spans: torch.Tensor) -> tuple[int, int, int, int]:
     return _summary(spans, "spans", _spans)
 
 
-def _values(values: list) -> tuple[int, int]:
-    return min(values), max(values)
+def _values(values: list) -> tuple[int, int, tuple[int, ...]]:
+    return min(values), max(values), tuple(values)
 
 
-def values_summary(values: torch.Tensor) -> tuple[int, int]:
-    """``(smallest, largest)`` of a non-empty 1-D CPU tensor (lengths, counts)."""
+def values_summary(values: torch.Tensor) -> tuple[int, int, tuple[int, ...]]:
+    """``(smallest, largest, all values)`` of a non-empty 1-D CPU tensor (lengths, counts)."""
     return _summary(values, "values", _values)
 
 

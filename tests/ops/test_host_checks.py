@@ -53,7 +53,7 @@ def test_keep_idx_is_bounded_per_row_by_its_length():
 
 def test_summaries():
     assert _host.spans_summary(torch.tensor([[2, 3], [0, 5]])) == (0, 3, 5, 5)
-    assert _host.values_summary(torch.tensor([4, 2, 7])) == (2, 7)
+    assert _host.values_summary(torch.tensor([4, 2, 7])) == (2, 7, (4, 2, 7))
     assert _host.rows_summary(torch.tensor([[0, 2, 5], [1, 3, 4]])) == (True, 0, (5, 4))
     assert _host.rows_summary(torch.tensor([[0, 2, 5], [1, 1, 4]]))[0] is False
     assert _host.host_max(torch.tensor([[2, 3], [0, 5]])) == 5

@@ -129,7 +129,7 @@ def length_values(name: str, t: torch.Tensor | None, n: int, minimum: int = 1) -
     if not t.is_cpu:
         require(((t >= minimum) & (t <= n)).all(), f"{name}: every length must lie in [{minimum}, {n}]")
         return t
-    shortest, longest = values_summary(t)
+    shortest, longest, _ = values_summary(t)
     if shortest < minimum or longest > n:
         raise ValueError(f"{name}: every length must lie in [{minimum}, {n}], got {t.tolist()}")
     return t

@@ -61,7 +61,7 @@ def check_keep(keep_idx, lengths, B: int, N: int) -> None:
     """
     if _checks.on_host(keep_idx):
         ascending, first, lasts = rows_summary(keep_idx)
-        limits = [N] * B if lengths is None else lengths.tolist()
+        limits = (N,) * B if lengths is None else values_summary(lengths)[2]
         if not (ascending and first >= 0 and all(a < b for a, b in zip(lasts, limits))):
             raise ValueError(f"{KEEP_MESSAGE}, got {keep_idx.tolist()} with limits {limits}")
         return
