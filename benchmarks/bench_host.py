@@ -4,16 +4,16 @@ At batch 1 a GPU finishes a VisionDrop or ALVTS kernel in tens of microseconds, 
 launch (argument checks, backend dispatch, staging of spans, output allocation) decides whether the kernels
 can win. This script measures that host work without a GPU:
 
-* **ops** (``rows`` with ``kind = "op"``; ``us_per_call`` = the fastest of 2000 calls, ``us_median`` their
-  median): each public op on the Triton backend at the benchmark shapes of
-  ``bench_visiondrop_ops.py`` / ``bench_alvts_ops.py`` (LLaVA-1.5 and CLIP-L/336, batch 1), spans and lengths
-  as CPU tensors (as the README recommends). Data tensors are uninitialised CPU tensors; Triton kernel
-  launches are replaced by a no-op (``TRITON_INTERPRET=1`` is set so the backend accepts CPU tensors), so
-  what is timed is the host work around the kernels. The few torch ops an op runs besides its kernels act on
-  small index tensors (a CPU op on them costs about what a CUDA launch costs the host). ``routed_layer`` runs
-  with the layer's attention and MLP replaced by shape-only stand-ins. Not included: the pinned staging of
-  CPU spans onto a GPU and device-side asserts (data and spans share the CPU here), and the CUDA driver's own
-  launch cost (~2-5 us per kernel on a GPU).
+* **ops** (``kind = "op"``; ``us_per_call`` = the fastest of 2000 calls, ``us_median`` their median, ``us_backend``
+  = the fastest call of the backend function alone on the same checked arguments, so ``us_per_call - us_backend`` is
+  the public op's own checks and dispatch): each public op on the Triton backend at the benchmark shapes of
+  ``bench_visiondrop_ops.py`` / ``bench_alvts_ops.py`` (LLaVA-1.5 and CLIP-L/336, batch 1), spans and lengths as CPU
+  tensors (as the README recommends). Data tensors are uninitialised CPU tensors; Triton kernel launches are
+  replaced by a no-op (``TRITON_INTERPRET=1`` is set so the backend accepts CPU tensors), so what is timed is the
+  host work around the kernels. The few torch ops an op runs besides its kernels act on small index tensors (a CPU
+  op on them costs about what a CUDA launch costs the host). ``routed_layer`` runs with the layer's attention and
+  MLP replaced by shape-only stand-ins. Not included: the pinned staging of CPU spans onto a GPU and device-side
+  asserts (data and spans share the CPU here), and the CUDA driver's own launch cost (~2-5 us per kernel on a GPU).
 * **model** (``kind = "decode"``): per decode step of the built-in tiny LLaVA-1.5 (``size="demo"``: 576 image
   tokens, 8 LLM layers, toy widths) on the CPU, unpatched vs patched, from ``generate`` with ``1 + T`` vs
   ``1`` new tokens (fastest of several runs each). On this model the step time is mostly host work, so the
@@ -39,7 +39,7 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import vtprune  # noqa: E402
 from common import print_table, write_results  # noqa: E402
-from vtprune import ops  # noqa: E402
+from vtprune import _backend, ops  # noqa: E402
 
 DEV = torch.device("cpu")
 
@@ -81,36 +81,44 @@ def spans(*pairs) -> torch.Tensor:
 
 
 def op_cases():
-    """(name, shape label, fn) per public op at batch 1, Triton backend, meta data tensors, CPU spans."""
+    """(name, shape label, op call, backend call) per public op at batch 1, Triton backend, CPU spans.
+
+    The backend call is the function the op dispatches to (``vtprune.triton_kernels.<op>.<op>``) on the same,
+    already checked arguments: the op's own share of the host time (checks, dispatch) is the difference.
+    """
     t = "triton"
     cases = []
+
+    def case(name, shape, op, tensor, *args, **kwargs):
+        backend_fn = _backend.implementation(name, t, tensor)
+        cases.append((name, shape, lambda: getattr(ops, name)(*args, backend=t, **kwargs),
+                      lambda: backend_fn(*args, **kwargs)))
+
     # LLaVA-1.5 LLM stage: L = 650, 32 heads of 128, image span (35, 576); CLIP-L/336 layer -2: [CLS] row
     q = torch.empty(1, 32, 650, 128, dtype=torch.float16, device=DEV)
     img = spans((35, 576))
-    cases.append(("attention_scores", "llava-1.5 L=650 H=32 d=128",
-                  lambda: ops.attention_scores(q, q, query_spans=img, key_spans=img, causal=True, backend=t)))
+    case("attention_scores", "llava-1.5 L=650 H=32 d=128", ops.attention_scores, q, q, q, query_spans=img,
+         key_spans=img, causal=True)
     qc = torch.empty(1, 16, 577, 64, dtype=torch.float16, device=DEV)
     cls, patches = spans((0, 1)), spans((1, 576))
-    cases.append(("attention_with_scores", "clip-l336 L=577 H=16 d=64",
-                  lambda: ops.attention_with_scores(qc, qc, qc, query_spans=cls, key_spans=patches, causal=False,
-                                                    backend=t)))
+    case("attention_with_scores", "clip-l336 L=577 H=16 d=64", ops.attention_with_scores, qc, qc, qc, qc,
+         query_spans=cls, key_spans=patches, causal=False)
     scores = torch.empty(1, 576, dtype=torch.float32, device=DEV)
-    cases.append(("topk_keep_order", "N=576 k=160", lambda: ops.topk_keep_order(scores, 160, backend=t)))
+    case("topk_keep_order", "N=576 k=160", ops.topk_keep_order, scores, scores, 160)
     x = torch.empty(1, 576, 4096, dtype=torch.float16, device=DEV)
     metric = torch.empty(1, 576, 128, dtype=torch.float16, device=DEV)
     keep = torch.arange(0, 480, 3, device=DEV)[None]  # [1, 160] ascending
     lengths = torch.tensor([576])
-    cases.append(("contextual_merge", "N=576 D=4096 k=160 C=32",
-                  lambda: ops.contextual_merge(x, metric, keep, 32, lengths=lengths, backend=t)))
-    cases.append(("select_and_merge", "N=576 D=4096 k=160 C=32",
-                  lambda: ops.select_and_merge(scores, x, metric, 160, 32, lengths=lengths, backend=t)))
+    case("contextual_merge", "N=576 D=4096 k=160 C=32", ops.contextual_merge, x, x, metric, keep, 32,
+         lengths=lengths)
+    case("select_and_merge", "N=576 D=4096 k=160 C=32", ops.select_and_merge, x, scores, x, metric, 160, 32,
+         lengths=lengths)
     h = torch.empty(1, 650, 4096, dtype=torch.float16, device=DEV)
     u = torch.empty(4096, 256, dtype=torch.float16, device=DEV)
-    cases.append(("lowrank_scores", "L=650 D=4096 R=256",
-                  lambda: ops.lowrank_scores(h, u, u, visual_spans=img, backend=t)))
+    case("lowrank_scores", "L=650 D=4096 R=256", ops.lowrank_scores, h, h, u, u, visual_spans=img)
     layer, hs, idx, pe = routed_layer_case()
-    cases.append(("routed_layer", "L=650 D=4096 K=99 (attention, MLP stubbed)",
-                  lambda: ops.routed_layer(layer, hs, idx, position_embeddings=pe, backend=t)))
+    case("routed_layer", "L=650 D=4096 K=99 (attention, MLP stubbed)", ops.routed_layer, hs, layer, hs, idx,
+         position_embeddings=pe)
     return cases
 
 
@@ -178,16 +186,18 @@ def main(argv=None) -> None:
     rows = [{"kind": "calibration", "name": "torch.empty(1)", "shape": "-",
              "us_per_call": us_per_call(lambda: torch.empty(1), calls=calls)[0]}]
     with launches_stubbed(), torch.no_grad():
-        for name, shape, fn in op_cases():
+        for name, shape, fn, backend_fn in op_cases():
             row = {"kind": "op", "name": name, "shape": shape, "us_per_call": None}
             try:
                 row["us_per_call"], row["us_median"] = us_per_call(fn, calls=calls)
+                row["us_backend"] = us_per_call(backend_fn, calls=calls)[0]
             except Exception as e:  # e.g. an op that reads a device tensor on the host (meta has no values)
                 row["error"] = f"{type(e).__name__}: {e}"
             rows.append(row)
     if not args.no_model:
         rows += decode_rows(args.quick, 3 if args.quick else 7)
-    print_table(rows, ["kind", "name", "shape", "us_per_call", "us_median", "ratio_to_unpatched", "error"])
+    print_table(rows, ["kind", "name", "shape", "us_per_call", "us_median", "us_backend", "ratio_to_unpatched",
+                       "error"])
     for r in rows:
         r["load_average_1min"] = os.getloadavg()[0]  # other processes on the machine inflate the medians
     path = write_results("host_cpu_quick" if args.quick else "host_cpu", rows, out_dir=args.out)

@@ -14,7 +14,7 @@ case "$name" in
 esac
 cd "$(dirname "$0")/.."
 export VTPRUNE_VENV=".venv-$name" VTPRUNE_BUILD_CUDA=0 TRITON_INTERPRET=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-tests=(tests/models tests/alvts tests/triton)
+tests=(tests/models tests/alvts tests/triton tests/ops)
 versions='import torch, transformers, triton; print(f"torch {torch.__version__}, transformers {transformers.__version__}, triton {triton.__version__}")'
 
 if [ "$name" = oldest ]; then

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-import vtprune.ops._library as library
+import vtprune._library as library
 from vtprune import ops
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

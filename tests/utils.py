@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 
+import pytest
 import torch
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -56,3 +58,23 @@ def left_padding_mask(batch: int, length: int, pads: list[int]) -> torch.Tensor:
     """bool [B, L], False on the first pads[b] positions (left padding)."""
     pos = torch.arange(length)
     return pos[None, :] >= torch.tensor(pads)[:, None]
+
+
+def poison_cuda_cache() -> None:
+    """Fill blocks of torch's caching allocator (small and large pools) with 0xFF bytes (NaN as floats, -1 as
+    integers) and free them, so outputs the kernels forget to write come back poisoned, not zero."""
+    blocks = [torch.empty(1 << 19, dtype=torch.uint8, device="cuda") for _ in range(64)]
+    blocks += [torch.empty(1 << 25, dtype=torch.uint8, device="cuda") for _ in range(8)]
+    for block in blocks:
+        block.fill_(0xFF)
+    del blocks
+
+
+def require_extension():
+    """Import vtprune._C, skipping (or failing, when VTPRUNE_BUILD_CUDA=1 says it was built) without it."""
+    try:
+        return importlib.import_module("vtprune._C")
+    except ImportError as e:
+        if os.environ.get("VTPRUNE_BUILD_CUDA") == "1":
+            pytest.fail(f"VTPRUNE_BUILD_CUDA=1 but vtprune._C does not import ({e})")
+        pytest.skip(f"vtprune._C is not built ({e}); build it with VTPRUNE_BUILD_CUDA=1 pip install -e .")

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from vtprune.ops import _staging
+from vtprune import _host
 
-_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+_INTERPRETING = _host.triton_interpret()
 
 
 def interpreting() -> bool:
@@ -49,10 +47,9 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def to_device_i64(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-    """int64 contiguous copy on ``device`` (spans and lengths may be passed on the CPU): staged through pinned
-    memory and queued without a sync (:func:`vtprune.ops._staging.to_device_i64`)."""
-    return _staging.to_device_i64(t, device)
+# int64 contiguous copy on ``device`` (spans and lengths may be passed on the CPU), staged through pinned memory
+# and queued without a sync; re-exported for the kernels' launchers
+to_device_i64 = _host.to_device_i64
 
 
 @triton.jit

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vtprune.ops._library import call  # noqa: F401  (the launchers import it from here)
+from vtprune._host import call  # noqa: F401  (the launchers import it from here)
 
 
 @torch.library.custom_op("vtprune::lowrank_scores", mutates_args=())

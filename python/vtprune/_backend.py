@@ -15,12 +15,18 @@ chooses.
 
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 from collections.abc import Callable
 
 import torch
+
+from vtprune import _ext
+from vtprune._host import BackendUnavailableError, triton_interpret
+
+__all__ = ["BACKENDS", "BackendUnavailableError", "implementation", "resolve", "triton_available"]
+
+_triton_interpret = triton_interpret  # the name benchmarks/bench_visiondrop_ops.py imports
 
 BACKENDS = ("auto", "reference", "triton", "cuda")
 
@@ -29,14 +35,6 @@ _PACKAGES = {
     "triton": "vtprune.triton_kernels",
     "cuda": "vtprune.cuda",
 }
-
-
-class BackendUnavailableError(RuntimeError):
-    """The requested backend cannot run this op here (not built, not installed, or wrong device)."""
-
-
-def _triton_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _module_has(backend: str, op: str) -> bool:
@@ -62,7 +60,7 @@ def _check_triton(op: str, device: torch.device) -> None:
         raise BackendUnavailableError(
             f"backend='triton' for {op}: the 'triton' package is not installed (pip install 'vtprune[triton]')"
         )
-    if device.type != "cuda" and not _triton_interpret():
+    if device.type != "cuda" and not triton_interpret():
         raise BackendUnavailableError(
             f"backend='triton' for {op}: tensors are on {device}; Triton needs CUDA tensors, "
             "or TRITON_INTERPRET=1 to run kernels on the CPU through the interpreter"
@@ -72,9 +70,7 @@ def _check_triton(op: str, device: torch.device) -> None:
 
 
 def _check_cuda(op: str, device: torch.device) -> None:
-    from vtprune._ext import load_extension  # raises BackendUnavailableError with build instructions
-
-    load_extension()
+    _ext.load_extension()  # raises BackendUnavailableError with build instructions
     if device.type != "cuda":
         raise BackendUnavailableError(f"backend='cuda' for {op}: tensors are on {device}, not a CUDA device")
     if not _module_has("cuda", op):
@@ -96,10 +92,9 @@ def resolve(op: str, backend: str | None, device: torch.device) -> str:
     if backend == "auto":
         if device.type != "cuda":
             return "reference"
-        from vtprune._ext import extension_available
         from vtprune.cuda import VALIDATED
 
-        if op in VALIDATED and extension_available() and _module_has("cuda", op):
+        if op in VALIDATED and _ext.extension_available() and _module_has("cuda", op):
             return "cuda"
         _check_triton(op, device)
         return "triton"
@@ -110,18 +105,28 @@ def resolve(op: str, backend: str | None, device: torch.device) -> str:
     return backend
 
 
-def implementation(op: str, backend: str | None, device: torch.device) -> Callable:
-    """The function implementing ``op`` on the resolved backend.
+# (op, backend, on CUDA) -> (function, whether it relies on TRITON_INTERPRET): the availability checks and
+# imports cost more than a kernel launch, so a resolution is kept; failures are not, so a later call raises again.
+_RESOLVED: dict[tuple, tuple[Callable, bool]] = {}
 
-    Resolved once per (op, backend, device type, environment) and cached: the availability checks and imports
-    cost more than a kernel launch. Failures are not cached, so a later call raises again.
+
+def implementation(op: str, backend: str | None, device: torch.device | torch.Tensor) -> Callable:
+    """The function implementing ``op`` on the resolved backend for tensors on ``device`` (or like a tensor).
+
+    Cached per (op, backend, CUDA or not): :func:`resolve` tells only CUDA from the rest. The environment is
+    still honoured on every call, reading only what the choice depends on: ``VTPRUNE_BACKEND`` when
+    ``backend`` is None or "auto", ``TRITON_INTERPRET`` when Triton runs on a non-CUDA device.
     """
-    env = (os.environ.get("VTPRUNE_BACKEND"), os.environ.get("TRITON_INTERPRET"))
-    return _implementation(op, backend, device.type, env)
-
-
-@functools.cache
-def _implementation(op: str, backend: str | None, device_type: str, env) -> Callable:
-    name = resolve(op, backend, torch.device(device_type))
-    module = importlib.import_module(f"{_PACKAGES[name]}.{op}")
-    return getattr(module, op)
+    if backend is None or backend == "auto":
+        backend = os.environ.get("VTPRUNE_BACKEND") or "auto"
+        if backend not in BACKENDS:
+            raise ValueError(f"VTPRUNE_BACKEND must be one of {BACKENDS}, got {backend!r}")
+    cuda = device.is_cuda if isinstance(device, torch.Tensor) else device.type == "cuda"
+    key = (op, backend, cuda)
+    hit = _RESOLVED.get(key)
+    if hit is None or (hit[1] and not triton_interpret()):
+        dev = device.device if isinstance(device, torch.Tensor) else device
+        name = resolve(op, backend, dev)
+        module = importlib.import_module(f"{_PACKAGES[name]}.{op}")
+        hit = _RESOLVED[key] = (getattr(module, op), name == "triton" and not cuda)
+    return hit[0]

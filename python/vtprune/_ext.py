@@ -12,7 +12,7 @@ import functools
 import importlib
 from types import ModuleType
 
-from vtprune._backend import BackendUnavailableError
+from vtprune._host import BackendUnavailableError
 
 EXTENSION = "vtprune._C"
 

@@ -2,36 +2,14 @@
 
 from __future__ import annotations
 
-import importlib
-import os
-
-import pytest
 import torch
+
+from utils import poison_cuda_cache, require_extension  # noqa: F401  (the GPU tests import them from here)
 
 # Relative error bound ||out - ref|| / ||ref|| of float32 scores by input dtype: fp32 runs FMA (only the
 # summation order differs); fp16/bf16 products are exact in the tensor cores' fp32 accumulators, so the
 # inputs' rounding (applied to the reference too) leaves only accumulation order and exp2 approximation.
 SCORE_RTOL = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-4}
-
-
-def require_extension():
-    """Import vtprune._C, skipping (or failing, when VTPRUNE_BUILD_CUDA=1 says it was built) without it."""
-    try:
-        return importlib.import_module("vtprune._C")
-    except ImportError as e:
-        if os.environ.get("VTPRUNE_BUILD_CUDA") == "1":
-            pytest.fail(f"VTPRUNE_BUILD_CUDA=1 but vtprune._C does not import ({e})")
-        pytest.skip(f"vtprune._C is not built ({e}); build it with VTPRUNE_BUILD_CUDA=1 pip install -e .")
-
-
-def poison_cuda_cache() -> None:
-    """Fill blocks of torch's caching allocator (small and large pools) with 0xFF bytes (NaN as floats, -1 as
-    integers) and free them, so outputs the kernels forget to write come back poisoned, not zero."""
-    blocks = [torch.empty(1 << 19, dtype=torch.uint8, device="cuda") for _ in range(64)]
-    blocks += [torch.empty(1 << 25, dtype=torch.uint8, device="cuda") for _ in range(8)]
-    for block in blocks:
-        block.fill_(0xFF)
-    del blocks
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -6,11 +6,9 @@ scores, NaN/±inf/±0, per-row lengths. Needs a GPU and the built extension (VTP
 
 from __future__ import annotations
 
-import importlib
-import os
-
 import pytest
 import torch
+from cuda_common import require_extension
 
 import vtprune
 from vtprune.reference.topk_keep_order import topk_keep_order as reference
@@ -29,12 +27,7 @@ SPECIALS = (float("nan"), float("inf"), float("-inf"), 0.0, -0.0)
 
 @pytest.fixture(scope="module")
 def cuda_topk():
-    try:
-        importlib.import_module("vtprune._C")
-    except ImportError as e:
-        if os.environ.get("VTPRUNE_BUILD_CUDA") == "1":
-            pytest.fail(f"VTPRUNE_BUILD_CUDA=1 but vtprune._C does not import ({e})")
-        pytest.skip(f"vtprune._C is not built ({e}); build it with VTPRUNE_BUILD_CUDA=1 pip install -e .")
+    require_extension()
     from vtprune.cuda.topk_keep_order import topk_keep_order
 
     return topk_keep_order

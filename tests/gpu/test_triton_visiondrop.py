@@ -143,7 +143,7 @@ def test_select_and_merge_llava_next_bf16():
 def test_torch_compile_inductor_on_cuda():
     """The custom ops inside an inductor-compiled CUDA graph (fullgraph) give the eager results."""
     vt = torch.ops.vtprune
-    import vtprune.ops._library  # noqa: F401
+    import vtprune._library  # noqa: F401
 
     gen = torch.Generator().manual_seed(1)
     q, k, v = make_qkv(2, 32, 32, 650, 128, torch.bfloat16, gen)

@@ -5,7 +5,7 @@ import torch
 
 pytest.importorskip("triton.language", reason="Triton is not installed (pip install 'vtprune[triton]')")
 
-import vtprune.ops._library  # noqa: E402, F401  (registers torch.ops.vtprune.*)
+import vtprune._library  # noqa: E402, F401  (registers torch.ops.vtprune.*)
 from vtprune import ops  # noqa: E402
 
 

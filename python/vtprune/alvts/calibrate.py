@@ -23,8 +23,10 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from vtprune._host import host_max
 from vtprune.alvts.factors import SelectorFactors, decoder_layers, init_factors
-from vtprune.reference._common import head_chunk, host_max, span_index
+from vtprune.reference._common import head_chunk, span_index
+from vtprune.reference.lowrank_scores import lowrank_scores as reference_lowrank_scores
 
 # Keyword arguments of the first decoder layer's call that are not re-used when replaying it: the replay
 # runs without a cache.
@@ -153,11 +155,11 @@ def _score_from_probs(probs: torch.Tensor, visual_spans, key_padding_mask) -> to
 
 
 def selector_scores(h, u, v, visual_spans, key_padding_mask=None) -> torch.Tensor:
-    """Differentiable :func:`vtprune.ops.lowrank_scores` (same math as the reference) for calibration."""
-    a, b = h.float() @ u.float(), h.float() @ v.float()  # [B, L, R]
-    logits = a @ b.transpose(1, 2) * u.shape[1] ** -0.5
-    return _score_from_probs(_masked_probs(logits, _allowed(h.shape[1], key_padding_mask, h.device)),
-                             visual_spans, key_padding_mask)
+    """The selector score of :func:`vtprune.ops.lowrank_scores`, differentiable in ``u`` and ``v``: the reference
+    implementation itself (plain torch ops, so autograd runs through it), so calibration fits exactly what the
+    ops compute. float32 [B, largest visual count]."""
+    scores = reference_lowrank_scores(h, u, v, visual_spans=visual_spans, key_padding_mask=key_padding_mask)
+    return scores[:, :host_max(visual_spans)].float()  # device spans: the reference is L wide, zero past counts
 
 
 def _rope(attn):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from vtprune._host import host_max, to_device_i64
+
 # Ops whose CUDA kernel ``backend="auto"`` may pick. An op is listed only after its kernel passed the GPU
 # tests (tests/gpu/) on a real GPU and beat the Triton kernel in the committed results under
 # benchmarks/results/. Nothing is validated yet: no CUDA kernel has run on a GPU so far, so "auto"
@@ -35,30 +37,24 @@ def dtype_code(dtype: torch.dtype) -> int:
     return DTYPE_CODES[dtype]
 
 
-def device_i64(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-    """An int64 index tensor (spans, lengths, indices) contiguous on ``device``. A CPU tensor goes through
-    pinned memory, so the copy is queued on the current stream instead of waiting for it."""
-    if t is None:
-        return None
-    t = t.to(dtype=torch.int64).contiguous()
-    if t.device.type == "cpu":
-        t = t.pin_memory()
-    return t.to(device=device, non_blocking=True)
+# An int64 index tensor (spans, lengths, indices) contiguous on ``device``; a CPU tensor goes through pinned
+# memory, so the copy is queued on the current stream instead of waiting for it.
+device_i64 = to_device_i64
 
 
 def check_width(name: str, counts: torch.Tensor | None, given: int) -> None:
     """An output width (``max_query``, ``max_key``, ``max_visual``) must cover every row's count, or the
     kernels index past their buffers. ``counts`` is [B, 2] spans or [B] lengths; checked only when it is
-    on the CPU, so a device tensor costs no sync (the backend functions compute the width from it)."""
-    if counts is None or counts.device.type != "cpu" or counts.numel() == 0:
+    on the CPU (read once per tensor, :func:`vtprune._host.host_max`), so a device tensor costs no sync."""
+    if counts is None or not counts.is_cpu or counts.numel() == 0:
         return
-    largest = int((counts[:, 1] if counts.dim() == 2 else counts).max())
+    largest = host_max(counts)
     if largest > given:
         raise ValueError(f"{name} ({given}) is below the largest count ({largest})")
 
 
 def custom_op(stem: str):
-    """``torch.ops.vtprune.cuda_<stem>`` (registered by :mod:`vtprune.ops._library`)."""
-    import vtprune.ops._library  # noqa: F401  (registers the custom ops)
+    """``torch.ops.vtprune.cuda_<stem>`` (registered by :mod:`vtprune._library`)."""
+    import vtprune._library  # noqa: F401  (registers the custom ops)
 
     return getattr(torch.ops.vtprune, f"cuda_{stem}")

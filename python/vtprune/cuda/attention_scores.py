@@ -6,9 +6,8 @@ from __future__ import annotations
 import torch
 
 from vtprune._ext import load_extension
+from vtprune._host import call, host_max
 from vtprune.cuda import check_width, current_stream, custom_op, device_i64, dtype_code, pointer
-from vtprune.ops._library import call
-from vtprune.reference._common import host_max
 
 
 def attention_scores_launch(q, k, query_spans, key_spans, causal, key_padding_mask, scale, max_query, max_key):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from vtprune._ext import load_extension
+from vtprune._host import call
 from vtprune.cuda import current_stream, custom_op, device_i64, dtype_code, pointer
-from vtprune.ops._library import call
 
 
 def merge_with_targets(x, metric, keep_idx, num_contextual, lengths=None):

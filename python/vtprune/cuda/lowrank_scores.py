@@ -12,9 +12,8 @@ from __future__ import annotations
 import torch
 
 from vtprune._ext import load_extension
+from vtprune._host import call, host_max
 from vtprune.cuda import check_width, current_stream, custom_op, device_i64, dtype_code, pointer
-from vtprune.ops._library import call
-from vtprune.reference._common import host_max
 
 
 def project(ext, h, u, v):

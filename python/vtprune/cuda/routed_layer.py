@@ -1,7 +1,7 @@
 """CUDA backend of ``routed_layer`` (kernels: csrc/include/vtprune/routed_layer.cuh).
 
 The launchers of the three row kernels; the layer walk around them is shared with the Triton backend
-(:mod:`vtprune.ops._routed_fused`).
+(:mod:`vtprune._routed_fused`).
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from functools import partial
 import torch
 
 from vtprune._ext import load_extension
+from vtprune._host import call
+from vtprune._routed_fused import fused_routed_layer
 from vtprune.cuda import current_stream, custom_op, device_i64, dtype_code, pointer
-from vtprune.ops._library import call
-from vtprune.ops._routed_fused import fused_routed_layer
 
 
 def _check_rows(x: torch.Tensor, idx: torch.Tensor, **rows: torch.Tensor) -> None:

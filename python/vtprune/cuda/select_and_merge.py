@@ -3,10 +3,10 @@ on the current stream with no host sync."""
 
 from __future__ import annotations
 
+from vtprune._host import call
 from vtprune.cuda import custom_op
 from vtprune.cuda.contextual_merge import merge_with_targets
 from vtprune.cuda.topk_keep_order import topk_keep_order_launch
-from vtprune.ops._library import call
 
 
 def select_and_merge_launch(scores, x, metric, num_dominant, num_contextual, lengths):

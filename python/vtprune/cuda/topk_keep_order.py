@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from vtprune._ext import load_extension
+from vtprune._host import call
 from vtprune.cuda import current_stream, custom_op, pointer
-from vtprune.ops._library import call
 
 
 def topk_keep_order_launch(scores, k, lengths):

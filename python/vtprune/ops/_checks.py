@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from vtprune.reference._common import remember_width
+from vtprune._host import spans_summary, values_summary
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -54,12 +54,12 @@ def dim_size(name: str, t: torch.Tensor, dim: int, expected: int, what: str) -> 
 
 def host_device_ok(name: str, t: torch.Tensor, device: torch.device) -> None:
     """Index tensors may live on the CPU (no sync) or on the data's device."""
-    if t.device.type != "cpu" and t.device != device:
+    if not t.is_cpu and t.device != device:
         raise ValueError(f"{name} must be on the CPU or on {device}, got {t.device}")
 
 
 def on_host(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu"
+    return t.is_cpu
 
 
 def require(ok: torch.Tensor, message: str) -> None:
@@ -77,22 +77,32 @@ def spans(name: str, s, batch: int, length: int, device: torch.device) -> int:
     Returns the width of a per-span output: the largest count for CPU spans; ``length`` (the largest a count
     can be) for spans on the device, whose values the host does not read.
     """
+    span_meta(name, s, batch, device)
+    return span_values(name, s, length)
+
+
+def span_meta(name: str, s, batch: int, device: torch.device) -> None:
+    """The type, dtype, device and shape half of :func:`spans` (what a call :func:`signature` covers)."""
     tensor(name, s, ndim=2, dtypes=(torch.int64,))
     host_device_ok(name, s, device)
-    if tuple(s.shape) != (batch, 2):
+    if s.shape != (batch, 2):
         raise ValueError(f"{name} must have shape [B, 2] = [{batch}, 2], got {tuple(s.shape)}")
-    if not on_host(s):
+
+
+def span_values(name: str, s: torch.Tensor, length: int) -> int:
+    """The value half of :func:`spans`. The values of CPU spans are read once per tensor
+    (:func:`vtprune._host.spans_summary`), so the backends' sizing and later calls with the same spans cost a
+    dictionary lookup; spans on the device are checked by a device-side assert."""
+    if not s.is_cpu:
         start, count = s[:, 0], s[:, 1]
         require(((count >= 1) & (start >= 0) & (start + count <= length)).all(),
                 f"{name}: every span (start, count) must have count >= 1 and lie inside [0, {length})")
         return length
-    rows = s.tolist()
-    if any(c < 1 for _, c in rows):
-        raise ValueError(f"{name}: every count must be positive, got counts {[c for _, c in rows]}")
-    if any(st < 0 or st + c > length for st, c in rows):
-        raise ValueError(f"{name}: every span (start, count) must lie inside [0, {length}), got {rows}")
-    widest = max(c for _, c in rows)
-    remember_width(s, widest)  # the backends size their outputs from it without reading the spans again
+    first, fewest, end, widest = spans_summary(s)
+    if fewest < 1:
+        raise ValueError(f"{name}: every count must be positive, got counts {s[:, 1].tolist()}")
+    if first < 0 or end > length:
+        raise ValueError(f"{name}: every span (start, count) must lie inside [0, {length}), got {s.tolist()}")
     return widest
 
 
@@ -100,17 +110,57 @@ def lengths(name: str, t, batch: int, n: int, device: torch.device, minimum: int
     """Validate optional int64 ``[B]`` valid-prefix lengths in ``[minimum, n]``."""
     if t is None:
         return None
+    length_meta(name, t, batch, device)
+    return length_values(name, t, n, minimum)
+
+
+def length_meta(name: str, t, batch: int, device: torch.device) -> None:
+    """The type, dtype, device and shape half of :func:`lengths` (``t`` not None)."""
     tensor(name, t, ndim=1, dtypes=(torch.int64,))
     host_device_ok(name, t, device)
     if t.shape[0] != batch:
         raise ValueError(f"{name} must have shape [B] = [{batch}], got {tuple(t.shape)}")
-    if not on_host(t):
+
+
+def length_values(name: str, t: torch.Tensor | None, n: int, minimum: int = 1) -> torch.Tensor | None:
+    """The value half of :func:`lengths`: read once per CPU tensor, a device-side assert on the device."""
+    if t is None:
+        return None
+    if not t.is_cpu:
         require(((t >= minimum) & (t <= n)).all(), f"{name}: every length must lie in [{minimum}, {n}]")
         return t
-    values = t.tolist()
-    if any(v < minimum or v > n for v in values):
-        raise ValueError(f"{name}: every length must lie in [{minimum}, {n}], got {values}")
+    shortest, longest, _ = values_summary(t)
+    if shortest < minimum or longest > n:
+        raise ValueError(f"{name}: every length must lie in [{minimum}, {n}], got {t.tolist()}")
     return t
+
+
+# ---------------------------------------------------------------- shape checks passed before, per signature
+
+# signature of a call's tensors -> True: their types, shapes, dtypes and devices passed an op's checks before,
+# so only the checks of values (spans, lengths, indices) run again. The checks cost more than a kernel launch.
+_PASSED: dict[tuple, bool] = {}
+
+
+def signature(*extra, tensors) -> tuple | None:
+    """A hashable description of ``tensors`` (type, shape, dtype, device; None kept) and ``extra`` values, or
+    None when one of them is not tensor-like (the full checks then say what is wrong)."""
+    try:
+        return (*extra, *[None if t is None else (type(t), t.shape, t.dtype, t.device) for t in tensors])
+    except AttributeError:
+        return None
+
+
+def passed(sig: tuple | None) -> bool:
+    """Whether a call with this :func:`signature` passed the shape checks before."""
+    return sig is not None and sig in _PASSED
+
+
+def remember(sig: tuple | None) -> None:
+    if sig is not None:
+        if len(_PASSED) >= 1024:
+            _PASSED.clear()
+        _PASSED[sig] = True
 
 
 def key_padding_mask(t, batch: int, length: int, device: torch.device) -> torch.Tensor | None:

@@ -9,8 +9,20 @@ from vtprune.ops import _checks
 def check_qk(q, k, v, query_spans, key_spans, key_padding_mask, causal, scale):
     """Validate the shared arguments of the attention-score ops; returns (causal, scale) as bool and float/None.
 
-    Span values are read on the host only when the spans are CPU tensors (see :mod:`vtprune.ops._checks`).
+    Shapes, dtypes and devices are checked once per signature of the call (:func:`vtprune.ops._checks.signature`);
+    span values are read on the host only when the spans are CPU tensors (see :mod:`vtprune.ops._checks`).
     """
+    sig = _checks.signature("qk", tensors=(q, k, v, query_spans, key_spans, key_padding_mask))
+    if not _checks.passed(sig):
+        _check_qk_shapes(q, k, v, query_spans, key_spans, key_padding_mask)
+        _checks.remember(sig)
+    L = q.shape[2]
+    _checks.span_values("query_spans", query_spans, L)
+    _checks.span_values("key_spans", key_spans, L)
+    return _checks.flag("causal", causal), _checks.scale(scale)
+
+
+def _check_qk_shapes(q, k, v, query_spans, key_spans, key_padding_mask):
     _checks.batched("q", q, ndim=4)
     B, H, L, d = q.shape
     _checks.tensor("k", k, ndim=4, dtypes=_checks.FLOAT_DTYPES, device=q.device)
@@ -26,10 +38,9 @@ def check_qk(q, k, v, query_spans, key_spans, key_padding_mask, causal, scale):
             raise ValueError(f"v must have shape [B, Hkv, L, dv] = {list(k.shape[:3])} + [dv], got {tuple(v.shape)}")
     if L < 1 or d < 1:
         raise ValueError(f"q must have L >= 1 and d >= 1, got shape {tuple(q.shape)}")
-    _checks.spans("query_spans", query_spans, B, L, q.device)
-    _checks.spans("key_spans", key_spans, B, L, q.device)
+    _checks.span_meta("query_spans", query_spans, B, q.device)
+    _checks.span_meta("key_spans", key_spans, B, q.device)
     _checks.key_padding_mask(key_padding_mask, B, L, q.device)
-    return _checks.flag("causal", causal), _checks.scale(scale)
 
 
 def attention_scores(q, k, *, query_spans, key_spans, causal, key_padding_mask=None, scale=None, backend="auto"):
@@ -67,7 +78,7 @@ def attention_scores(q, k, *, query_spans, key_spans, causal, key_padding_mask=N
     torch.Size([1, 5])
     """
     causal, scale = check_qk(q, k, None, query_spans, key_spans, key_padding_mask, causal, scale)
-    impl = _backend.implementation("attention_scores", backend, q.device)
+    impl = _backend.implementation("attention_scores", backend, q)
     return impl(q, k, query_spans=query_spans, key_spans=key_spans, causal=causal,
                 key_padding_mask=key_padding_mask, scale=scale)
 
@@ -100,6 +111,6 @@ def attention_with_scores(
         raise ValueError("v must be a Tensor [B, Hkv, L, dv] (attention_with_scores returns the attention output; "
                          "use attention_scores for the scores alone), got None")
     causal, scale = check_qk(q, k, v, query_spans, key_spans, key_padding_mask, causal, scale)
-    impl = _backend.implementation("attention_with_scores", backend, q.device)
+    impl = _backend.implementation("attention_with_scores", backend, q)
     return impl(q, k, v, query_spans=query_spans, key_spans=key_spans, causal=causal,
                 key_padding_mask=key_padding_mask, scale=scale)

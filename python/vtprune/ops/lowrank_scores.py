@@ -34,6 +34,16 @@ def lowrank_scores(h, u, v, *, visual_spans, key_padding_mask=None, backend="aut
     >>> lowrank_scores(h, u, v, visual_spans=torch.tensor([[2, 6]])).shape
     torch.Size([1, 6])
     """
+    sig = _checks.signature("lowrank", tensors=(h, u, v, visual_spans, key_padding_mask))
+    if not _checks.passed(sig):
+        _check_shapes(h, u, v, visual_spans, key_padding_mask)
+        _checks.remember(sig)
+    _checks.span_values("visual_spans", visual_spans, h.shape[1])
+    impl = _backend.implementation("lowrank_scores", backend, h)
+    return impl(h, u, v, visual_spans=visual_spans, key_padding_mask=key_padding_mask)
+
+
+def _check_shapes(h, u, v, visual_spans, key_padding_mask) -> None:
     _checks.batched("h", h, ndim=3)
     B, L, D = h.shape
     for name, f in (("u", u), ("v", v)):
@@ -45,7 +55,5 @@ def lowrank_scores(h, u, v, *, visual_spans, key_padding_mask=None, backend="aut
     if L < 1 or D < 1 or u.shape[1] < 1:
         raise ValueError(f"h must have L >= 1 and D >= 1 and the factors rank R >= 1, got h {tuple(h.shape)}, "
                          f"u {tuple(u.shape)}")
-    _checks.spans("visual_spans", visual_spans, B, L, h.device)
+    _checks.span_meta("visual_spans", visual_spans, B, h.device)
     _checks.key_padding_mask(key_padding_mask, B, L, h.device)
-    impl = _backend.implementation("lowrank_scores", backend, h.device)
-    return impl(h, u, v, visual_spans=visual_spans, key_padding_mask=key_padding_mask)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import operator
-
 import torch
 
 from vtprune import _backend
 from vtprune._compat import cache_kwargs
+from vtprune._host import rows_summary
 from vtprune.ops import _checks
 
 
@@ -17,12 +16,15 @@ def _check_index(routed_idx, B: int, L: int, device: torch.device) -> None:
     if routed_idx.shape[0] != B or not 1 <= routed_idx.shape[1] <= L:
         raise ValueError(f"routed_idx must have shape [B, K] = [{B}, K] with 1 <= K <= L = {L}, "
                          f"got {tuple(routed_idx.shape)}")
-    if routed_idx.device.type == "cpu":  # values are checked where that costs no device sync
-        rows = routed_idx.tolist()
-        if any(any(map(operator.ge, row, row[1:])) for row in rows):
-            raise ValueError(f"routed_idx must be strictly ascending per row, got {rows}")
-        if any(row[0] < 0 or row[-1] >= L for row in rows):  # ascending: the ends bound the row
-            raise ValueError(f"routed_idx: every index must lie in [0, {L}), got {rows}")
+
+
+def _check_index_values(routed_idx, L: int) -> None:
+    if routed_idx.is_cpu:  # values are checked where that costs no device sync (once per tensor)
+        ascending, first, lasts = rows_summary(routed_idx)
+        if not ascending:
+            raise ValueError(f"routed_idx must be strictly ascending per row, got {routed_idx.tolist()}")
+        if first < 0 or max(lasts) >= L:  # ascending: the ends bound the row
+            raise ValueError(f"routed_idx: every index must lie in [0, {L}), got {routed_idx.tolist()}")
 
 
 def _check_position_embeddings(position_embeddings, B: int, L: int) -> None:
@@ -34,6 +36,23 @@ def _check_position_embeddings(position_embeddings, B: int, L: int) -> None:
         if t.dim() < 3 or t.shape[-2] != L or t.shape[-3] not in (1, B):
             raise ValueError(f"position_embeddings ({name}) must have shape [..., B or 1, L, d] with B = {B}, "
                              f"L = {L} (the full sequence), got {tuple(t.shape)}")
+
+
+def _check_shapes(hidden_states, routed_idx, position_embeddings, attention_mask, past_key_values) -> None:
+    _checks.tensor("hidden_states", hidden_states, ndim=3, dtypes=_checks.FLOAT_DTYPES)
+    B, L, _ = hidden_states.shape
+    _check_index(routed_idx, B, L, hidden_states.device)
+    _check_position_embeddings(position_embeddings, B, L)
+    K = routed_idx.shape[1]
+    if isinstance(attention_mask, torch.Tensor):
+        # key axis: the K routed tokens, plus whatever the layer has cached
+        kv_ok = attention_mask.shape[-1] == K if past_key_values is None else attention_mask.shape[-1] >= K
+        if attention_mask.dim() not in (2, 4) or attention_mask.shape[0] not in (1, B) or not kv_ok or \
+                (attention_mask.dim() == 4 and attention_mask.shape[-2] != K):
+            raise ValueError(
+                f"attention_mask must be the routed sequence's mask (2-D [B, Kkv] or 4-D [B, 1, K={K}, Kkv], "
+                f"Kkv = K without a cache; see routed_attention_mask), got {tuple(attention_mask.shape)}"
+            )
 
 
 def routed_layer(layer, hidden_states, routed_idx, *, position_embeddings, attention_mask=None,
@@ -49,7 +68,7 @@ def routed_layer(layer, hidden_states, routed_idx, *, position_embeddings, atten
     Inference only (no autograd through the in-place write).
 
     Backends: ``reference`` gathers, calls ``layer`` itself and scatters (any decoder layer). ``triton`` and
-    ``cuda`` (one walk, :mod:`vtprune.ops._routed_fused`, with their own row kernels) re-run the layer as
+    ``cuda`` (one walk, :mod:`vtprune._routed_fused`, with their own row kernels) re-run the layer as
     norm -> self_attn -> residual -> norm -> mlp -> residual with the gather fused into the first RMSNorm,
     residual + second RMSNorm fused, and the scatter fused into the last residual add; the attention and MLP
     are the layer's own modules on the compact ``[B, K, D]`` batch. They take LLaMA, Mistral, Qwen2 and
@@ -84,24 +103,18 @@ def routed_layer(layer, hidden_states, routed_idx, *, position_embeddings, atten
     >>> mask = routed_attention_mask(model.config, idx)
     >>> y = routed_layer(model.model.layers[5], h, idx, position_embeddings=(cos, sin), attention_mask=mask)
     """
-    _checks.tensor("hidden_states", hidden_states, ndim=3, dtypes=_checks.FLOAT_DTYPES)
-    B, L, _ = hidden_states.shape
-    _check_index(routed_idx, B, L, hidden_states.device)
-    _check_position_embeddings(position_embeddings, B, L)
-    K = routed_idx.shape[1]
-    if isinstance(attention_mask, torch.Tensor):
-        # key axis: the K routed tokens, plus whatever the layer has cached
-        kv_ok = attention_mask.shape[-1] == K if past_key_values is None else attention_mask.shape[-1] >= K
-        if attention_mask.dim() not in (2, 4) or attention_mask.shape[0] not in (1, B) or not kv_ok or \
-                (attention_mask.dim() == 4 and attention_mask.shape[-2] != K):
-            raise ValueError(
-                f"attention_mask must be the routed sequence's mask (2-D [B, Kkv] or 4-D [B, 1, K={K}, Kkv], "
-                f"Kkv = K without a cache; see routed_attention_mask), got {tuple(attention_mask.shape)}"
-            )
+    pe = position_embeddings
+    pair = isinstance(pe, (tuple, list)) and len(pe) == 2
+    sig = _checks.signature("routed", past_key_values is None,
+                            tensors=(hidden_states, routed_idx, attention_mask, *pe)) if pair else None
+    if not _checks.passed(sig):
+        _check_shapes(hidden_states, routed_idx, position_embeddings, attention_mask, past_key_values)
+        _checks.remember(sig)
+    _check_index_values(routed_idx, hidden_states.shape[1])
     position_ids = layer_kwargs.pop("position_ids", None)
     if position_ids is not None and not isinstance(position_ids, torch.Tensor):
         raise ValueError(f"position_ids must be a Tensor or None, got {type(position_ids).__name__}")
-    impl = _backend.implementation("routed_layer", backend, hidden_states.device)
+    impl = _backend.implementation("routed_layer", backend, hidden_states)
     return impl(layer, hidden_states, routed_idx, position_embeddings=position_embeddings,
                 attention_mask=attention_mask, past_key_values=past_key_values, cache_position=cache_position,
                 **layer_kwargs)

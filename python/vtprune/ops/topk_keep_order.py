@@ -41,5 +41,5 @@ def topk_keep_order(scores, k, *, lengths=None, backend="auto"):
     tensor([[1, 3]])
     """
     check_topk(scores, k, lengths)
-    impl = _backend.implementation("topk_keep_order", backend, scores.device)
+    impl = _backend.implementation("topk_keep_order", backend, scores)
     return impl(scores, k, lengths=lengths)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 
-from vtprune.ops._staging import to_device_i64
+# host_max is re-exported for kernel glue that still imports it from here (vtprune._host is its home)
+from vtprune._host import host_max, to_device_i64  # noqa: F401
 
 # Bound on the float32 logits block one (head chunk, query-row chunk) may materialise. The reference is also
 # the CPU path: a video-length call (L = 12k..20k) must not allocate [B, H, L, L], nor even one head's [L, L]
@@ -25,37 +24,6 @@ def span_index(spans: torch.Tensor, width: int, length: int, device) -> tuple[to
     pos = (spans[:, :1] + t).clamp(max=length - 1)  # [B, W]
     valid = t < spans[:, 1:2]  # [B, W]
     return pos, valid
-
-
-# Largest counts already read from CPU span tensors: id -> (weak reference, tensor version, value). The public
-# ops' checks read the spans once and remember the result, so the backends' own reads cost a dict lookup.
-_WIDTHS: dict[int, tuple] = {}
-
-
-def remember_width(spans: torch.Tensor, width: int) -> None:
-    """Record the largest count of the CPU tensor ``spans`` (valid until it is modified in place)."""
-    if len(_WIDTHS) > 256:
-        _WIDTHS.clear()
-    _WIDTHS[id(spans)] = (weakref.ref(spans), spans._version, width)
-
-
-def host_max(spans_or_counts: torch.Tensor, length: int | None = None) -> int:
-    """Width of a per-span output: the largest count of CPU spans (read as Python ints); for spans on the
-    device ``length`` (the largest a count can be: no host read, so no sync), or, when ``length`` is None,
-    the largest count read back (a sync)."""
-    if spans_or_counts.device.type == "cpu":
-        hit = _WIDTHS.get(id(spans_or_counts))
-        if hit is not None and hit[0]() is spans_or_counts and hit[1] == spans_or_counts._version:
-            return hit[2]
-        counts = spans_or_counts[:, 1] if spans_or_counts.dim() == 2 else spans_or_counts
-        width = max(counts.tolist())
-        remember_width(spans_or_counts, width)
-        return width
-    if spans_or_counts.dim() == 2:
-        spans_or_counts = spans_or_counts[:, 1]
-    if length is not None:
-        return length
-    return int(spans_or_counts.detach().cpu().max())
 
 
 def allowed_keys(

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from vtprune.ops._staging import to_device_i64
-from vtprune.reference._common import allowed_keys, blocks, host_max, masked_softmax, span_index
+from vtprune._host import host_max, to_device_i64
+from vtprune.reference._common import allowed_keys, blocks, masked_softmax, span_index
 from vtprune.reference.attention_scores import _finish, _scores_from_probs
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vtprune.ops._staging import to_device_i64
+from vtprune._host import to_device_i64
 
 
 def merge_with_targets(x, metric, keep_idx, num_contextual, lengths=None):

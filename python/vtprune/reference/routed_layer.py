@@ -11,21 +11,7 @@ from __future__ import annotations
 import torch
 
 from vtprune._compat import cache_kwargs
-
-
-def gather_position_embeddings(position_embeddings, routed_idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Gather ``(cos, sin)`` of the full sequence at the routed positions along the sequence dim (-2).
-
-    Each tensor is ``[..., B or 1, L, d]`` (Qwen2.5-VL M-RoPE variants may carry a leading 3); a batch dim of
-    1 (positions shared by the batch) is broadcast. ``routed_idx [B, K]`` -> ``[..., B, K, d]``.
-    """
-    B, K = routed_idx.shape
-    out = []
-    for t in position_embeddings:
-        *lead, _, L, d = t.shape
-        idx = routed_idx.to(t.device)[:, :, None].expand(*lead, B, K, d)
-        out.append(t.expand(*lead, B, L, d).gather(-2, idx))
-    return tuple(out)
+from vtprune._routed_fused import gather_position_embeddings
 
 
 def call_layer(layer, hidden, *, position_embeddings, attention_mask, past_key_values, cache_position,

@@ -18,7 +18,6 @@ from __future__ import annotations
 import torch
 
 from vtprune._compat import cache_kwargs
-from vtprune.reference.routed_layer import gather_position_embeddings
 
 # Decoder layers whose forward is exactly norm -> self_attn -> residual -> norm -> mlp -> residual (checked
 # against transformers 5.17-5.23). Others (Gemma's sandwich norms, (1 + w) norms, ...) would be silently
@@ -26,11 +25,38 @@ from vtprune.reference.routed_layer import gather_position_embeddings
 SUPPORTED_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen2_5_VLDecoderLayer")
 
 
+def gather_position_embeddings(position_embeddings, routed_idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Gather ``(cos, sin)`` of the full sequence at the routed positions along the sequence dim (-2).
+
+    Each tensor is ``[..., B or 1, L, d]`` (Qwen2.5-VL M-RoPE variants may carry a leading 3); a batch dim of
+    1 (positions shared by the batch) is broadcast. ``routed_idx [B, K]`` -> ``[..., B, K, d]``. Shared
+    positions take one ``index_select`` of the ``B * K`` rows (a gather over an expanded ``[B, L, d]`` view
+    costs several times more on the CPU); the values are the same either way.
+    """
+    B, K = routed_idx.shape
+    flat = None
+    out = []
+    for t in position_embeddings:
+        *lead, b, L, d = t.shape
+        if b == 1:
+            if flat is None or flat.device != t.device:
+                flat = routed_idx.reshape(-1).to(t.device)  # [B * K], shared by cos and sin
+            out.append(t.index_select(-2, flat).view(*lead, B, K, d))
+        else:
+            idx = routed_idx.to(t.device)
+            out.append(t.gather(-2, idx[:, :, None].expand(*lead, B, K, d)))
+    return tuple(out)
+
+
 def _rmsnorm_params(layer, name: str, x: torch.Tensor, backend: str) -> tuple[torch.Tensor, float]:
-    norm = getattr(layer, name, None)
-    w, eps = getattr(norm, "weight", None), getattr(norm, "variance_epsilon", None)
+    # the modules' own dicts first: nn.Module.__getattr__ costs more than the rest of this check
+    norm = layer._modules.get(name) if hasattr(layer, "_modules") else None
+    norm = getattr(layer, name, None) if norm is None else norm
+    w = norm._parameters.get("weight") if hasattr(norm, "_parameters") else None
+    w = getattr(norm, "weight", None) if w is None else w
+    eps = getattr(norm, "variance_epsilon", None)
     D = x.shape[-1]
-    if not isinstance(w, torch.Tensor) or tuple(w.shape) != (D,) or not isinstance(eps, (int, float)):
+    if not isinstance(w, torch.Tensor) or w.shape != (D,) or not isinstance(eps, (int, float)):
         raise ValueError(
             f"backend={backend!r} for routed_layer: layer.{name} must be an RMSNorm with weight [D = {D}] and "
             f"variance_epsilon (LLaMA/Qwen2 style), got {type(norm).__name__}; use backend='reference'"
@@ -40,7 +66,7 @@ def _rmsnorm_params(layer, name: str, x: torch.Tensor, backend: str) -> tuple[to
             f"backend={backend!r} for routed_layer: layer.{name}.weight must have hidden_states' dtype and "
             f"device ({x.dtype}, {x.device}), got ({w.dtype}, {w.device})"
         )
-    return w.contiguous(), float(eps)
+    return w if w.is_contiguous() else w.contiguous(), float(eps)
 
 
 def check_layer(layer, hidden_states: torch.Tensor, backend: str) -> tuple[torch.Tensor, float, torch.Tensor, float]:
