@@ -69,6 +69,15 @@ def _row_norms(metric_ptr, base, rows, ok, offs_k, DK, smn, eps, ROWS: tl.conste
 
 
 @triton.jit
+def _unit_rows(metric_ptr, base, rows, ok, offs_k, DK, smn, eps):
+    """float32 unit vectors of the metric rows ``rows`` (one tile holds the whole row), as F.normalize: the
+    norm IEEE-rounded, then a correctly rounded division, so scaled copies give identical vectors."""
+    m = _metric_tile(metric_ptr, base, rows, ok, offs_k, DK, smn)
+    norm = tl.maximum(tl.sqrt_rn(tl.sum(m * m, axis=1)), eps)
+    return tl.div_rn(m, norm[:, None])
+
+
+@triton.jit
 def _first_reaching(seen, want, NB: tl.constexpr, ITERS: tl.constexpr):
     """Per element of ``want``: the first index ``i`` with ``seen[i] >= want`` (``NB`` if none), a binary search
     of the non-decreasing register tensor ``seen [NB]`` through ``tl.gather``; ``ITERS >= log2(NB) + 1``."""
@@ -120,7 +129,10 @@ def _assign_kernel(
     member = rest & ~((rank % step == 0) & (rank // step < C))
 
     offs_k = tl.arange(0, BLOCK_K)
-    norm_m = _row_norms(metric_ptr, base, p, member, offs_k, DK, smn, eps, BLOCK_M, BLOCK_K, K_TILES)
+    if K_TILES == 1:  # the whole metric row in one tile: load once, unit vectors once
+        mu = _unit_rows(metric_ptr, base, p, member, offs_k, DK, smn, eps)
+    else:
+        norm_m = _row_norms(metric_ptr, base, p, member, offs_k, DK, smn, eps, BLOCK_M, BLOCK_K, K_TILES)
     best = tl.full([BLOCK_M], float("-inf"), tl.float32)
     best_c = tl.zeros([BLOCK_M], tl.int32)
     for c0 in tl.static_range(0, C_TILES * BLOCK_C, BLOCK_C):  # C_TILES = cdiv(C, BLOCK_C): no loop
@@ -133,13 +145,16 @@ def _assign_kernel(
             t = r + count_below(keep_row, K, r + 1, KEEP_ITERS, True)
         if pid == 0:  # one tile writes the targets (a branch, not `c_ok & (pid == 0)`: Triton >= 3.9 wants int1 masks)
             tl.store(target_ptr + b * C + c, t, mask=c_ok)
-        norm_t = _row_norms(metric_ptr, base, t, c_ok, offs_k, DK, smn, eps, BLOCK_C, BLOCK_K, K_TILES)
-        sim = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
-        for k0 in tl.static_range(0, K_TILES * BLOCK_K, BLOCK_K):
-            # unit vectors first, by correctly rounded division as F.normalize: scaled copies tie exactly
-            mk = tl.div_rn(_metric_tile(metric_ptr, base, p, member, k0 + offs_k, DK, smn), norm_m[:, None])
-            tk = tl.div_rn(_metric_tile(metric_ptr, base, t, c_ok, k0 + offs_k, DK, smn), norm_t[:, None])
-            sim += mma(mk, tl.trans(tk), True, False)  # [BLOCK_M, BLOCK_C] cosine similarities
+        if K_TILES == 1:
+            sim = mma(mu, tl.trans(_unit_rows(metric_ptr, base, t, c_ok, offs_k, DK, smn, eps)), True, False)
+        else:
+            norm_t = _row_norms(metric_ptr, base, t, c_ok, offs_k, DK, smn, eps, BLOCK_C, BLOCK_K, K_TILES)
+            sim = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
+            for k0 in tl.static_range(0, K_TILES * BLOCK_K, BLOCK_K):
+                # unit vectors first, by correctly rounded division as F.normalize: scaled copies tie exactly
+                mk = tl.div_rn(_metric_tile(metric_ptr, base, p, member, k0 + offs_k, DK, smn), norm_m[:, None])
+                tk = tl.div_rn(_metric_tile(metric_ptr, base, t, c_ok, k0 + offs_k, DK, smn), norm_t[:, None])
+                sim += mma(mk, tl.trans(tk), True, False)  # [BLOCK_M, BLOCK_C] cosine similarities
         sim = tl.where(c_ok[None, :], sim, float("-inf"))
         tile_best, tile_arg = tl.max(sim, axis=1, return_indices=True, return_indices_tie_break_left=True)
         better = tile_best > best
@@ -225,20 +240,22 @@ def assign_config(N: int, B: int, dk: int, C: int, select: bool) -> dict:
     """Position tiles of 16-64 rows, as many as fill the 132 SMs of an H100 at batch B, x 32 targets x 64
     metric columns (float32, unpipelined: larger tiles spill on sm_90), unrolled over the targets and metric
     columns (no loop). With ``SELECT`` every program holds the whole score row, so fewer programs per row at
-    larger batches (the selection is repeated per program)."""
+    larger batches (the selection is repeated per program; 64-row tiles then need 8 warps not to spill)."""
     rows = 1 << max(4, min(6, (max(1, N * B // 132)).bit_length() - 1))
     block_k = min(64, pow2(dk, 16))
     return dict(BLOCK_M=rows if select else 32, BLOCK_C=32, BLOCK_K=block_k, C_TILES=cdiv(C, 32),
-                K_TILES=cdiv(dk, block_k), num_warps=4, num_stages=1)
+                K_TILES=cdiv(dk, block_k), num_warps=8 if select and rows > 32 else 4, num_stages=1)
 
 
 def merge_rows_config(D: int, B: int, dtype: torch.dtype) -> dict:
     """Column tiles of 16-64 features (the narrowest that still gives >= 128 programs at batch B) x 128
-    positions per step; dominant rows copied 8 x 1024 per program."""
+    positions per step (64 for float32); dominant rows copied 8 x 1024 per program."""
     block_d = 64
     while block_d > 16 and B * cdiv(D, block_d) < 128:
         block_d //= 2
-    return dict(BLOCK_N=128, BLOCK_D=block_d, COPY_ROWS=8, COPY_D=min(1024, pow2(D, 16)), num_warps=4)
+    # float32 products on the CUDA cores: 128 x 32 steps spill (8 B), 64 x 16 ones too (24 B; sm_90 compiles)
+    rows = 64 if dtype == torch.float32 and block_d >= 32 else 128
+    return dict(BLOCK_N=rows, BLOCK_D=block_d, COPY_ROWS=8, COPY_D=min(1024, pow2(D, 16)), num_warps=4)
 
 
 def merge_launch(x, metric, C, lengths, keep_idx=None, scores=None, k=None):
