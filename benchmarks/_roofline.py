@@ -114,6 +114,21 @@ def attn_columns(a: dict, c: dict) -> dict:
                 **_iters(per))
 
 
+def attn_few_rows(a: dict, c: dict) -> dict:
+    """One key tile per program (no loop); the last program of each batch row reads every tile's (max, sum)
+    and the logits of the key span (at once with ONE_CHUNK, else a loop over chunks of BLOCK_KC, each charged
+    as an unpipelined iteration). Round trips: Q/K loads, the arrival atomic, the partials and logits."""
+    q, ks = a["q_ptr"], a["kspan_ptr"]
+    B, BM, BN, BD = q.shape[0], c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_D"]
+    hkv, L, NT, KM, es = a["HKV"], a["L"], a["NT"], a["KM"], q.element_size()
+    n = B * hkv * NT
+    chunks = cdiv(KM, c["BLOCK_KC"])
+    per = [0] * (n - B) + [0 if c["ONE_CHUNK"] else chunks] * B
+    return dict(flops_fp32=2 * n * BM * BN * BD, exps=n * BM * BN + B * c["ROWS_P"] * chunks * c["BLOCK_KC"],
+                bytes=B * hkv * L * a["D"] * es + 2 * B * hkv * BM * L * 4 + B * KM * 4, round_trips=3,
+                **_iters(per))
+
+
 def attn_forward(a: dict, c: dict) -> dict:
     q, k = a["q_ptr"], a["k_ptr"]
     B, H, L, d = q.shape
@@ -241,6 +256,7 @@ def routed(reads_writes: int):
 MODELS = {
     "attention_scores._row_lse_kernel": attn_row_lse,
     "attention_scores.column_scores_kernel": attn_columns,
+    "attention_scores.few_rows_scores_kernel": attn_few_rows,
     "attention_with_scores._attention_fwd_kernel": attn_forward,
     "topk_keep_order._topk_kernel": topk,
     "topk_keep_order._topk_tiles_kernel": topk_tiles,
