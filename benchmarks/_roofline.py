@@ -118,7 +118,7 @@ def attn_few_rows(a: dict, c: dict) -> dict:
     """One key tile per program (no loop); the last program of each batch row reads every tile's (max, sum)
     and the logits of the key span (at once with ONE_CHUNK, else a loop over chunks of BLOCK_KC, each charged
     as an unpipelined iteration). Round trips: Q/K loads, the arrival atomic, the partials and logits."""
-    q, ks = a["q_ptr"], a["kspan_ptr"]
+    q = a["q_ptr"]
     B, BM, BN, BD = q.shape[0], c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_D"]
     hkv, L, NT, KM, es = a["HKV"], a["L"], a["NT"], a["KM"], q.element_size()
     n = B * hkv * NT

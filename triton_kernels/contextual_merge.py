@@ -243,7 +243,7 @@ def assign_config(N: int, B: int, dk: int, C: int, select: bool) -> dict:
     larger batches (the selection is repeated per program; 64-row tiles then need 8 warps not to spill)."""
     rows = 1 << max(4, min(6, (max(1, N * B // 132)).bit_length() - 1))
     block_k = min(64, pow2(dk, 16))
-    return dict(BLOCK_M=rows if select else 32, BLOCK_C=32, BLOCK_K=block_k, C_TILES=cdiv(C, 32),
+    return dict(BLOCK_M=rows if select else min(rows, 32), BLOCK_C=32, BLOCK_K=block_k, C_TILES=cdiv(C, 32),
                 K_TILES=cdiv(dk, block_k), num_warps=8 if select and rows > 32 else 4, num_stages=1)
 
 
