@@ -135,15 +135,16 @@ def _read_back(name: str, kernel, num_warps: int) -> Build:
         smem_bytes=max(int(kernel.metadata.shared), int(fields.get("SHARED", 0))), num_warps=num_warps,
         tensor_cores=wgmma or "HMMA" in sass or "mma.sync" in ptx, wgmma=wgmma,
         async_copies=any(s in sass for s in ("LDGSTS", "UTMALDG", "UBLKCP")) or "cp.async" in ptx,
-        loop_instructions=max(_loops(sass), default=0), loops=_loops(sass), sass_instructions=len(body),
+        loop_instructions=max(_loops(sass, merge=False), default=0), loops=_loops(sass), sass_instructions=len(body),
     )
 
 
-def _loops(sass: str) -> list[int]:
-    """SASS instructions from a label to a later backward branch to it, for every such loop in SASS order.
+def _loops(sass: str, merge: bool = True) -> list[int]:
+    """SASS instructions from a label to a later backward branch to it, for every such loop in SASS order
+    (``merge``: overlapping spans, nested loops, merged into their outermost extent).
 
-    The longest is an approximation of one inner-loop tile's instruction count (the issue cost of a tile per
-    warp): nested loops are counted once, predicated and branched-over paths as if all executed.
+    The longest single span is an approximation of one inner-loop tile's instruction count (the issue cost of
+    a tile per warp): nested loops are counted once, predicated and branched-over paths as if all executed.
     """
     count, labels, spans = 0, {}, []
     for line in sass.splitlines():
@@ -155,6 +156,8 @@ def _loops(sass: str) -> list[int]:
             target = re.search(r"\bBRA\b.*`\((\.L_x_\d+)\)", line)
             if target and target.group(1) in labels and count - labels[target.group(1)] > 4:
                 spans.append((labels[target.group(1)], count - labels[target.group(1)]))
+    if not merge:
+        return [length for _, length in spans]
     # nested loops: keep the outermost span of each overlapping group
     outer = []
     for start, length in sorted(spans):

@@ -46,6 +46,7 @@ from vtprune.triton_kernels._routed_ops import call
 from vtprune.triton_kernels.topk_keep_order import SINGLE_TILE_MAX, select_row
 
 NORM_EPS = 1e-12  # F.normalize's default
+TRITON_3_9 = tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 9)
 FLAG_NEG = tl.constexpr(512.0)  # one-hot flag weight of a -inf entry (+inf: 1); > the 32 rows of a step
 FLAG_NAN = tl.constexpr(262144.0)  # of a NaN entry
 
@@ -240,11 +241,13 @@ def assign_config(N: int, B: int, dk: int, C: int, select: bool) -> dict:
     """Position tiles of 16-64 rows, as many as fill the 132 SMs of an H100 at batch B, x 32 targets x 64
     metric columns (float32, unpipelined: larger tiles spill on sm_90), unrolled over the targets and metric
     columns (no loop). With ``SELECT`` every program holds the whole score row, so fewer programs per row at
-    larger batches (the selection is repeated per program; 64-row tiles then need 8 warps not to spill)."""
+    larger batches (the selection is repeated per program): 4 warps where Triton >= 3.9 compiles it without
+    spills (fewer instructions per program), else 8 (Triton 3.6 spills the 4096-score row at 4 warps)."""
     rows = 1 << max(4, min(6, (max(1, N * B // 132)).bit_length() - 1))
     block_k = min(64, pow2(dk, 16))
     return dict(BLOCK_M=rows if select else min(rows, 32), BLOCK_C=32, BLOCK_K=block_k, C_TILES=cdiv(C, 32),
-                K_TILES=cdiv(dk, block_k), num_warps=8 if select and rows > 32 else 4, num_stages=1)
+                K_TILES=cdiv(dk, block_k), num_warps=4 if not select or (rows <= 32 and TRITON_3_9) else 8,
+                num_stages=1)
 
 
 def merge_rows_config(D: int, B: int, dtype: torch.dtype) -> dict:

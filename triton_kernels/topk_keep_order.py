@@ -178,7 +178,7 @@ def topk_keep_order_launch(scores: torch.Tensor, k: int, lengths: torch.Tensor |
         nb = pow2(N, 16)
         tile = tiles_config(N, B)
         _topk_tiles_kernel[(cdiv(N, tile), B)](scores, lengths, out, N, k, HAS_LENGTHS=lengths is not None, NB=nb,
-                                               TILE=tile, num_warps=4)
+                                               TILE=tile, num_warps=8)
         return out
     _topk_kernel[(B,)](
         scores, lengths, out, N, k, HAS_LENGTHS=lengths is not None,
