@@ -10,12 +10,13 @@ predicted time is a fixed per-launch overhead plus the largest of:
 * issue time: SASS instructions executed (loop body x iterations x warps, see ``_triton_sm90``) at 4 warp
   instructions per clock per busy SM;
 * the critical path: the longest CTA's iterations, each at least its loop body's issue time for its warps,
-  plus one memory latency per iteration when the loop has no asynchronous copies (loads not pipelined).
+  plus one memory latency per iteration when the loop has no asynchronous copies (loads not pipelined),
+  plus one memory latency per dependent round trip outside loops where a cost function counts them
+  (``round_trips``). A cost function may name the loop that runs (``loop_instructions``, one of
+  ``Build.loops``) where the longest one only runs on rare inputs.
 """
 
 from __future__ import annotations
-
-import math
 
 SMS = 132
 CLOCK = 1.83e9  # Hz, H100 SXM sustained boost
@@ -50,15 +51,17 @@ def time_us(cost: dict, build, grid_ctas: int) -> dict:
     busy = min(SMS, grid_ctas) / SMS
     mem_busy = min(1.0, min(SMS, grid_ctas) / (SMS / 2))
     w = build.num_warps
-    insts = cost["iters_total"] * build.loop_instructions * w + grid_ctas * w * build.sass_instructions
+    loop = cost.get("loop_instructions", build.loop_instructions)
+    insts = cost["iters_total"] * loop * w + grid_ctas * w * build.sass_instructions
     terms = {
         "tensor": cost.get("flops_tc", 0) / (PEAK[cost.get("tc_kind", "bf16")] * busy),
         "fp32": cost.get("flops_fp32", 0) / (PEAK["fp32"] * busy),
         "exp": cost.get("exps", 0) / (EXP_RATE * busy),
         "hbm": cost["bytes"] / (HBM * mem_busy),
         "issue": insts / (4 * CLOCK * SMS * busy),
-        "chain": (cost["iters_max"] * (build.loop_instructions * max(1.0, w / 4) / CLOCK
+        "chain": (cost["iters_max"] * (loop * max(1.0, w / 4) / CLOCK
                                        + (0 if build.async_copies else MEM_LATENCY_US * 1e-6))
+                  + cost.get("round_trips", 0) * MEM_LATENCY_US * 1e-6
                   + build.sass_instructions * max(1.0, w / 4) / CLOCK),
     }
     bound = max(terms, key=terms.get)
@@ -111,6 +114,21 @@ def attn_columns(a: dict, c: dict) -> dict:
                 **_iters(per))
 
 
+def attn_few_rows(a: dict, c: dict) -> dict:
+    """One key tile per program (no loop); the last program of each batch row reads every tile's (max, sum)
+    and the logits of the key span (at once with ONE_CHUNK, else a loop over chunks of BLOCK_KC, each charged
+    as an unpipelined iteration). Round trips: Q/K loads, the arrival atomic, the partials and logits."""
+    q = a["q_ptr"]
+    B, BM, BN, BD = q.shape[0], c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_D"]
+    hkv, L, NT, KM, es = a["HKV"], a["L"], a["NT"], a["KM"], q.element_size()
+    n = B * hkv * NT
+    chunks = cdiv(KM, c["BLOCK_KC"])
+    per = [0] * (n - B) + [0 if c["ONE_CHUNK"] else chunks] * B
+    return dict(flops_fp32=2 * n * BM * BN * BD, exps=n * BM * BN + B * c["ROWS_P"] * chunks * c["BLOCK_KC"],
+                bytes=B * hkv * L * a["D"] * es + 2 * B * hkv * BM * L * 4 + B * KM * 4, round_trips=3,
+                **_iters(per))
+
+
 def attn_forward(a: dict, c: dict) -> dict:
     q, k = a["q_ptr"], a["k_ptr"]
     B, H, L, d = q.shape
@@ -131,22 +149,43 @@ def topk(a: dict, c: dict) -> dict:
     return dict(bytes=s.numel() * s.element_size() + B * a["K"] * 8, **_iters(per))
 
 
+def topk_tiles(a: dict, c: dict) -> dict:
+    """Every program selects from the whole row (L2 after the first read); the search is unrolled (no loop)."""
+    s = a["scores_ptr"]
+    return dict(bytes=s.numel() * s.element_size() + s.shape[0] * a["K"] * 8, round_trips=1, iters_total=0,
+                iters_max=0)
+
+
 def assign(a: dict, c: dict) -> dict:
+    """No loop (targets and metric columns unrolled). Dependent round trips: the score row then the metric
+    rows with SELECT; else the binary searches of keep_idx (KEEP_ITERS loads each) then the metric rows."""
     m = a["metric_ptr"]
     B, N, DK = m.shape
-    C, BM, BC, BK = a["C"], c["BLOCK_M"], c["BLOCK_C"], c["BLOCK_K"]
-    per = [cdiv(C, BC) * cdiv(DK, BK)] * (cdiv(N, BM) * B)
-    return dict(flops_fp32=2 * sum(per) * BM * BC * BK, bytes=m.numel() * m.element_size() + B * N * 4, **_iters(per))
+    BM, BC = c["BLOCK_M"], c["BLOCK_C"]
+    ctas = cdiv(N, BM) * B
+    scores = B * N * a["scores_ptr"].element_size() if c["SELECT"] else 0
+    trips = 2 if c["SELECT"] else 2 * c["KEEP_ITERS"] + 1
+    return dict(flops_fp32=2 * ctas * c["C_TILES"] * BM * BC * c["K_TILES"] * c["BLOCK_K"],
+                bytes=m.numel() * m.element_size() + B * N * 4 + scores, round_trips=trips,
+                iters_total=0, iters_max=0)
 
 
-def pack(a: dict, c: dict) -> dict:
+def merge_rows(a: dict, c: dict, build=None) -> dict:
+    """Column programs stream every position (the one-hot products of the first loop in SASS order; the
+    exact re-run loop runs only on column tiles holding non-finite x); copy programs do no loop."""
     x = a["x_ptr"]
     B, N, D = x.shape
-    K, C = a["K"], a["C"]
-    members = max(0, N - K - C) / max(C, 1)
-    d_tiles = cdiv(D, c["BLOCK_D"])
-    per = ([1] * K + [cdiv(math.ceil(members), c["BLOCK_J"])] * C) * d_tiles * B
-    return dict(bytes=B * (N + K + C) * D * x.element_size(), **_iters(per))
+    K, C, ctx = a["K"], a["C"], a["CTX_TILES"]
+    BN, BC, BD = c["BLOCK_N"], c["BLOCK_C"], c["BLOCK_D"]
+    copies = cdiv(K, c["COPY_ROWS"]) * a["COPY_D_TILES"]
+    per = ([cdiv(N, BN)] * ctx + [0] * copies) * B
+    flops = 2 * 2 * sum(per) * BC * BN * BD
+    dot = dict(flops_fp32=flops) if c["IEEE"] else dict(flops_tc=flops)
+    out = dict(dot, bytes=B * (N + K + C) * D * x.element_size() + B * N * 4,  # x once, output, codes
+               round_trips=1, **_iters(per))  # the target rows, after the loop
+    if build is not None and build.loops:
+        out["loop_instructions"] = build.loops[0]
+    return out
 
 
 def project(a: dict, c: dict) -> dict:
@@ -217,10 +256,12 @@ def routed(reads_writes: int):
 MODELS = {
     "attention_scores._row_lse_kernel": attn_row_lse,
     "attention_scores.column_scores_kernel": attn_columns,
+    "attention_scores.few_rows_scores_kernel": attn_few_rows,
     "attention_with_scores._attention_fwd_kernel": attn_forward,
     "topk_keep_order._topk_kernel": topk,
+    "topk_keep_order._topk_tiles_kernel": topk_tiles,
     "contextual_merge._assign_kernel": assign,
-    "contextual_merge._pack_kernel": pack,
+    "contextual_merge._merge_rows_kernel": merge_rows,
     "lowrank_scores._project_kernel": project,
     "lowrank_scores._row_lse_kernel": lowrank_lse,
     "lowrank_scores._visual_columns_kernel": lowrank_columns,
@@ -239,7 +280,8 @@ def launch_cost(launch, build) -> dict:
     """Cost terms and predicted time of one recorded launch (see the module docstring)."""
     args = dict(zip([p.name for p in launch.fn.params], launch.args))
     args.update({k: v for k, v in launch.kwargs.items()})
-    cost = MODELS[kernel_key(launch.fn)](args, args)
+    model = MODELS[kernel_key(launch.fn)]
+    cost = model(args, args, build) if "build" in model.__code__.co_varnames else model(args, args)
     out = dict(flops=cost.get("flops_tc", 0) + cost.get("flops_fp32", 0), bytes=cost["bytes"],
                exps=cost.get("exps", 0), iters_max=cost["iters_max"])
     return dict(out, **time_us(cost, build, launch.grid_ctas))

@@ -95,6 +95,7 @@ class Build:
     loop_instructions: int  # SASS instructions in the longest loop body (one inner-loop tile)
     sass_instructions: int
     constexprs: dict = field(default_factory=dict)
+    loops: list = field(default_factory=list)  # instructions of every loop body, in SASS order
 
 
 _CACHE: dict = {}
@@ -134,17 +135,18 @@ def _read_back(name: str, kernel, num_warps: int) -> Build:
         smem_bytes=max(int(kernel.metadata.shared), int(fields.get("SHARED", 0))), num_warps=num_warps,
         tensor_cores=wgmma or "HMMA" in sass or "mma.sync" in ptx, wgmma=wgmma,
         async_copies=any(s in sass for s in ("LDGSTS", "UTMALDG", "UBLKCP")) or "cp.async" in ptx,
-        loop_instructions=_longest_loop(sass), sass_instructions=len(body),
+        loop_instructions=max(_loops(sass, merge=False), default=0), loops=_loops(sass), sass_instructions=len(body),
     )
 
 
-def _longest_loop(sass: str) -> int:
-    """SASS instructions from a label to a later backward branch to it: the longest such loop body.
+def _loops(sass: str, merge: bool = True) -> list[int]:
+    """SASS instructions from a label to a later backward branch to it, for every such loop in SASS order
+    (``merge``: overlapping spans, nested loops, merged into their outermost extent).
 
-    An approximation of one inner-loop tile's instruction count (the issue cost of a tile per warp):
-    nested loops are counted once, predicated and branched-over paths as if all executed.
+    The longest single span is an approximation of one inner-loop tile's instruction count (the issue cost of
+    a tile per warp): nested loops are counted once, predicated and branched-over paths as if all executed.
     """
-    count, labels, longest = 0, {}, 0
+    count, labels, spans = 0, {}, []
     for line in sass.splitlines():
         label = re.match(r"(\.L_x_\d+):", line)
         if label:
@@ -153,5 +155,15 @@ def _longest_loop(sass: str) -> int:
             count += 1
             target = re.search(r"\bBRA\b.*`\((\.L_x_\d+)\)", line)
             if target and target.group(1) in labels and count - labels[target.group(1)] > 4:
-                longest = max(longest, count - labels[target.group(1)])
-    return longest
+                spans.append((labels[target.group(1)], count - labels[target.group(1)]))
+    if not merge:
+        return [length for _, length in spans]
+    # nested loops: keep the outermost span of each overlapping group
+    outer = []
+    for start, length in sorted(spans):
+        if outer and start < outer[-1][0] + outer[-1][1]:
+            if start + length > outer[-1][0] + outer[-1][1]:
+                outer[-1] = (outer[-1][0], start + length - outer[-1][0])
+            continue
+        outer.append((start, length))
+    return [length for _, length in outer]

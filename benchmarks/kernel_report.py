@@ -97,11 +97,17 @@ def run_op(op: str, s: Shape, B: int, dtype: torch.dtype = torch.bfloat16):
     from vtprune.triton_kernels import _routed_kernels as RK
     from vtprune.triton_kernels.attention_scores import attention_scores_launch
     from vtprune.triton_kernels.attention_with_scores import attention_with_scores_launch
+    from vtprune.triton_kernels.contextual_merge import contextual_merge_launch
     from vtprune.triton_kernels.lowrank_scores import lowrank_scores_launch
     from vtprune.triton_kernels.select_and_merge import select_and_merge_launch
+    from vtprune.triton_kernels.topk_keep_order import topk_keep_order_launch
 
     e = torch.empty
-    scores = torch.rand(B, s.N)  # made outside the dispatch count: the op's input
+    from vtprune.triton_kernels.attention_scores import arrival_counters
+
+    arrival_counters(torch.device("cpu"), B)  # allocated once per device and stream: steady state excludes it
+    scores = torch.rand(B, s.N)  # made outside the dispatch count: the op's inputs
+    keep = torch.arange(s.keep).expand(B, s.keep).contiguous()
     with capture_launches() as launches, TorchOps() as mode:
         if op in ("attention_scores", "attention_with_scores"):
             q = e(B, s.H, s.L, s.d, dtype=dtype)
@@ -115,6 +121,11 @@ def run_op(op: str, s: Shape, B: int, dtype: torch.dtype = torch.bfloat16):
         elif op == "select_and_merge":
             select_and_merge_launch(scores, e(B, s.N, s.D, dtype=dtype), e(B, s.N, s.dk, dtype=dtype),
                                     s.keep, s.contextual, None)
+        elif op == "contextual_merge":  # keep_idx given: the assignment launch binary-searches it
+            contextual_merge_launch(e(B, s.N, s.D, dtype=dtype), e(B, s.N, s.dk, dtype=dtype), keep, s.contextual,
+                                    None)
+        elif op == "topk_keep_order":
+            topk_keep_order_launch(scores, s.keep, None)
         elif op == "lowrank_scores":
             L = s.kspan[0] + s.kspan[1] + 39
             lowrank_scores_launch(e(B, L, s.hidden, dtype=dtype), e(s.hidden, s.rank, dtype=dtype),
@@ -133,7 +144,7 @@ def run_op(op: str, s: Shape, B: int, dtype: torch.dtype = torch.bfloat16):
 
 
 def ops_for(s: Shape) -> list[str]:
-    ops = ["attention_scores", "attention_with_scores", "select_and_merge"]
+    ops = ["attention_scores", "attention_with_scores", "select_and_merge", "contextual_merge", "topk_keep_order"]
     return ops + (["lowrank_scores", "routed_layer_rows"] if s.hidden else [])
 
 

@@ -15,6 +15,11 @@ Exponentials are base 2 with ``log2(e)`` folded into the scale.
 
 Determinism: every column tile is owned by one program per (batch row, KV head); the KV heads' partial sums
 [B, Hkv, K] are added by one ``sum`` afterwards, so no atomics and bit-identical reruns.
+
+Few rows (up to 4 packed rows, e.g. CLIP's [CLS] row: one row per head against 577 keys) take one launch
+instead (:func:`few_rows_scores_kernel`): the keys are split over >= 132 programs, each stores its logits and
+its tile's (max, sum); the last program of each batch row to arrive (an atomic counter per batch row, reset
+by that program) combines them in a fixed order, so the result is still bit-identical across reruns.
 """
 
 from __future__ import annotations
@@ -189,6 +194,83 @@ def column_scores_kernel(
     tl.store(part_ptr + bh * KM + col, acc, mask=col < KM)
 
 
+@triton.jit
+def few_rows_scores_kernel(
+    q_ptr, k_ptr, kpm_ptr, qspan_ptr, kspan_ptr, s_ptr, part_ptr, count_ptr, out_ptr,
+    sqb, sqh, sql, skb, skh, skl,
+    L, D, HKV, NT, KM, qk_scale, inv_heads,
+    G: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, ROWS_P: tl.constexpr, NT_P: tl.constexpr,
+    BLOCK_KC: tl.constexpr, ONE_CHUNK: tl.constexpr,
+):
+    """Scores of a few packed query rows (CLIP's [CLS]) in one launch: split over key tiles, reduced by the
+    last program of the batch row.
+
+    Every program (key tile n of all L keys, batch row b, KV head) stores its logits ``s [BLOCK_M, BLOCK_N]``
+    and its tile's running max and sum; a per-row counter (atomic, acquire-release) tells the last program
+    of the row, which combines the tiles' (max, sum) into each row's LSE and sums ``exp2(s - lse)`` over the
+    rows and heads for the key span, in a fixed order (deterministic), and resets the counter to 0.
+    """
+    # grid: (NT key tiles over [0, L), B * Hkv)
+    n0 = tl.program_id(0) * BLOCK_N
+    bh = tl.program_id(1).to(tl.int64)
+    b, kvh = bh // HKV, bh % HKV
+    qstart, qcount = tl.load(qspan_ptr + 2 * b), tl.load(qspan_ptr + 2 * b + 1)
+    r = tl.arange(0, BLOCK_M)  # packed rows
+    row_ok = r < qcount * G
+    pos = qstart + r // G
+    offs_d = tl.arange(0, BLOCK_D)
+    q = load_q_rows(q_ptr, b, kvh, r, pos, row_ok, sqb, sqh, sql, offs_d, D, G)  # [BLOCK_M, BLOCK_D]
+    j = n0 + tl.arange(0, BLOCK_N)
+    kok = key_ok(kpm_ptr, b, j, L, HAS_KPM)
+    k = load_k_tile(k_ptr, b, kvh, j, j < L, skb, skh, skl, offs_d, D)  # [BLOCK_N, BLOCK_D]
+    s = data_logits(rows_dot_cols(q, k, True, IEEE, UPCAST) * qk_scale)  # [BLOCK_M, BLOCK_N], log2 units
+    s = tl.where(allowed_mask(pos, row_ok, j, kok, CAUSAL), s, float("-inf"))
+    m = tl.max(s, axis=1)
+    m_sub = tl.where(m == float("-inf"), 0.0, m)
+    l = tl.sum(tl.exp2(s - m_sub[:, None]), axis=1)
+    hr = kvh * BLOCK_M + r  # head-row of this program's rows: [Hkv * BLOCK_M] per batch row
+    tl.store(s_ptr + (b * HKV * BLOCK_M + hr)[:, None] * L + j[None, :], s, mask=(j < L)[None, :])
+    part = part_ptr + ((b * HKV * BLOCK_M + hr) * NT + tl.program_id(0)) * 2
+    tl.store(part, m)
+    tl.store(part + 1, l)
+    tl.debug_barrier()  # every thread's stores issued before the release below
+    done = tl.atomic_add(count_ptr + b, 1, sem="acq_rel", scope="gpu")
+    if done == NT * HKV - 1:  # the last program of batch row b
+        tl.store(count_ptr + b, 0)  # ready for the next launch (stream order)
+        rows = tl.arange(0, ROWS_P)  # every head-row of the batch row
+        rows_ok = rows < HKV * BLOCK_M
+        t = tl.arange(0, NT_P)
+        pp = part_ptr + ((b * HKV * BLOCK_M + rows)[:, None] * NT + t[None, :]) * 2
+        ok2 = rows_ok[:, None] & (t < NT)[None, :]
+        pm = tl.load(pp, mask=ok2, other=float("-inf"), cache_modifier=".cg")  # [ROWS_P, NT_P]
+        pl = tl.load(pp + 1, mask=ok2, other=0.0, cache_modifier=".cg")
+        mx = tl.max(pm, axis=1)
+        mx_sub = tl.where(mx == float("-inf"), 0.0, mx)
+        lse = finish_lse(mx, tl.sum(pl * tl.exp2(pm - mx_sub[:, None]), axis=1))  # [ROWS_P], +inf: no key
+        kstart, kcount = tl.load(kspan_ptr + 2 * b), tl.load(kspan_ptr + 2 * b + 1)
+        scale = inv_heads / qcount.to(tl.float32)
+        if ONE_CHUNK:  # the whole key span at once: its loads overlap the partials' (no loop)
+            _few_rows_chunk(s_ptr, out_ptr, b, 0, rows, rows_ok, lse, scale, kstart, kcount, L, KM, HKV * BLOCK_M,
+                            BLOCK_KC)
+        else:
+            for c0 in range(0, KM, BLOCK_KC):
+                _few_rows_chunk(s_ptr, out_ptr, b, c0, rows, rows_ok, lse, scale, kstart, kcount, L, KM,
+                                HKV * BLOCK_M, BLOCK_KC)
+
+
+@triton.jit
+def _few_rows_chunk(s_ptr, out_ptr, b, c0, rows, rows_ok, lse, scale, kstart, kcount, L, KM, HR,
+                    BLOCK_KC: tl.constexpr):
+    """Scores of key-span columns [c0, c0 + BLOCK_KC): sum over head-rows of exp2(s - lse), scaled."""
+    col = c0 + tl.arange(0, BLOCK_KC)
+    col_ok = col < kcount
+    sv = tl.load(s_ptr + (b * HR + rows)[:, None] * L + (kstart + col)[None, :],
+                 mask=rows_ok[:, None] & col_ok[None, :], other=float("-inf"), cache_modifier=".cg")
+    p = tl.exp2(sv - lse[:, None])  # 0 for masked logits and for rows without a valid key
+    tl.store(out_ptr + b * KM + col, tl.where(col_ok, tl.sum(p, axis=0) * scale, 0.0), mask=col < KM)
+
+
 def tile_config(rows: int, d: int, dtype: torch.dtype) -> dict:
     """Block sizes and launch options of both passes for ``rows`` packed query rows, head dim ``d``.
 
@@ -257,6 +339,52 @@ def column_scores(q, k, kpm, qspans, kspans, lse, lse_absolute, max_query, max_k
     return part.sum(1) if hkv > 1 else part.view(B, max_key)
 
 
+FEW_ROWS_PARTIALS = 16384  # the last program holds (max, sum) of every head-row x key tile in registers
+_COUNTERS: dict = {}
+
+
+def arrival_counters(device: torch.device, B: int) -> torch.Tensor:
+    """int32 [>= B] zeros for the last-program reductions, one buffer per device and stream, allocated once
+    (each launch leaves it at zero again); stream order keeps launches on one stream from sharing a count."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < B:
+        buf = _COUNTERS[key] = torch.zeros(max(B, 64), dtype=torch.int32, device=device)
+    return buf
+
+
+def takes_few_rows(cfg: dict, hkv: int, L: int) -> bool:
+    """Whether the one-launch path serves these rows: the CUDA-core tile (<= 4 packed rows) and the last
+    program's partials (every head-row x 16-key tile) within FEW_ROWS_PARTIALS."""
+    return cfg["SMALL_M"] and pow2(hkv * cfg["BLOCK_M"]) * pow2(cdiv(L, 16)) <= FEW_ROWS_PARTIALS
+
+
+def few_rows_scores(q, k, kpm, qspans, kspans, causal, qk_scale, max_key, cfg):
+    """One launch for up to 4 packed query rows (:func:`few_rows_scores_kernel`): float32 [B, max_key]."""
+    B, H, L, d = q.shape
+    hkv = k.shape[1]
+    bm = cfg["BLOCK_M"]
+    bn = 128  # the widest key tile that still gives >= 132 programs (at least 16 keys)
+    while bn > 16 and cdiv(L, bn) * B * hkv < 132:
+        bn //= 2
+    nt = cdiv(L, bn)
+    logits = torch.empty(B, hkv * bm, L, dtype=torch.float32, device=q.device)  # [B, Hkv * BM, L]
+    part = torch.empty(B, hkv * bm, nt, 2, dtype=torch.float32, device=q.device)  # per key tile (max, sum)
+    out = torch.empty(B, max_key, dtype=torch.float32, device=q.device)  # [B, max_key]
+    rows_p = pow2(hkv * bm)
+    kc = max(16, min(pow2(max_key), 16384 // rows_p))
+    few_rows_scores_kernel[(nt, B * hkv)](
+        q, k, kpm, qspans, kspans, logits, part, arrival_counters(q.device, B), out,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        L, d, hkv, nt, max_key, qk_scale, 1.0 / H,
+        G=H // hkv, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=cfg["BLOCK_D"], ROWS_P=rows_p, NT_P=pow2(nt),
+        BLOCK_KC=kc, ONE_CHUNK=kc >= max_key, num_warps=4,
+        **{k_: v for k_, v in kernel_flags(q, causal, kpm).items()},
+    )
+    return out
+
+
 def attention_scores_launch(q, k, query_spans, key_spans, causal, key_padding_mask, scale, max_query, max_key):
     """Both passes on prepared arguments (the body of the custom op ``vtprune::attention_scores``)."""
     B, H, L, d = q.shape
@@ -270,6 +398,8 @@ def attention_scores_launch(q, k, query_spans, key_spans, causal, key_padding_ma
     check_max_counts(query_spans, key_spans, max_query, max_key)
     rows = G * max_query
     cfg = tile_config(rows, d, q.dtype)
+    if takes_few_rows(cfg, hkv, L):
+        return few_rows_scores(q, k, kpm, qspans, kspans, causal, qk_scale, max_key, cfg)
     row_tiles = cdiv(rows, cfg["BLOCK_M"])
     # few row tiles over a long key range (CLIP's [CLS] row: 16 CTAs x 19 key tiles): split the keys
     split = split_for(row_tiles * hkv, B, 16) if cdiv(L, cfg["BLOCK_N"]) >= 4 else 1

@@ -2,7 +2,9 @@
 
 A flash-attention forward (online softmax, never ``L x L``) writes the layer's output for every row and the
 base-2 log-sum-exp of every row; the column scores then reuse that LSE in the second pass of
-:mod:`attention_scores` (only the query span's rows are re-read, each K tile once per KV group). The forward
+:mod:`attention_scores` (only the query span's rows are re-read, each K tile once per KV group). Up to 4
+packed query rows (CLIP's [CLS] row) take attention_scores' one-launch path instead (it recomputes the few
+rows' LSE inside its split, cheaper than a second pass over 16 heads plus their sum). The forward
 runs one query head per program: packing a GQA group's heads into the rows, as the score passes do, makes
 every Q/O address a gather, and the 128 x 128 accumulator then spills (sm_90 compile, G = 7). A row with no
 valid key outputs zeros (its running sum stays 0), not NaN; a row
@@ -33,6 +35,7 @@ from vtprune.triton_kernels.attention_scores import (
     check_head_dim,
     check_max_counts,
     column_scores,
+    few_rows_scores,
     kernel_flags,
     key_ok,
     kpm_bytes,
@@ -40,6 +43,8 @@ from vtprune.triton_kernels.attention_scores import (
     load_k_tile,
     load_q_rows,
     online_softmax_step,
+    takes_few_rows,
+    tile_config,
 )
 
 
@@ -125,6 +130,9 @@ def attention_with_scores_launch(q, k, v, query_spans, key_spans, causal, key_pa
         L, d, dv, hkv, qk_scale,
         G=G, **kernel_flags(q, causal, kpm), **cfg,
     )
+    cfg = tile_config(G * max_query, d, q.dtype)
+    if takes_few_rows(cfg, hkv, L):  # CLIP's [CLS] row: one launch, no KV-head sum (see attention_scores)
+        return out, few_rows_scores(q, k, kpm, qspans, kspans, causal, qk_scale, max_key, cfg)
     scores = column_scores(q, k, kpm, qspans, kspans, lse, True, max_query, max_key, qk_scale, causal)
     return out, scores
 

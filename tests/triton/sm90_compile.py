@@ -43,11 +43,23 @@ def jobs():
                     yield name, s, batch, dtype, op
 
 
+def long_row_topk():
+    """Rows longer than one register tile take the streaming top-k kernel (no benchmark shape has them)."""
+    from benchmarks._triton_sm90 import capture_launches
+    from vtprune.triton_kernels.topk_keep_order import topk_keep_order_launch
+
+    with capture_launches() as launches:
+        topk_keep_order_launch(torch.rand(1, 16384), 1024, None)
+    return launches
+
+
 def main() -> None:
     arch = int(sys.argv[1]) if len(sys.argv) > 1 else 90
     seen = set()
-    for name, s, batch, dtype, op in jobs():
-        launches, _ = run_op(op, s, batch, dtype)
+    work = [(name, s, batch, dtype, op) for name, s, batch, dtype, op in jobs()]
+    work.append(("long_row", None, 1, torch.float32, "topk_keep_order"))
+    for name, s, batch, dtype, op in work:
+        launches = long_row_topk() if s is None else run_op(op, s, batch, dtype)[0]
         for launch in launches:
             b = compile_launch(launch, arch)
             key = (b.kernel, json.dumps(b.constexprs, sort_keys=True, default=str), TL[dtype], b.num_warps)
