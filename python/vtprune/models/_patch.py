@@ -156,8 +156,9 @@ def place_images(placeholders: torch.Tensor, mask: torch.Tensor | None, counts_i
 class ModelPatch:
     """Base of the family patches. Subclasses set ``self.decoder`` and implement :meth:`_prefill`."""
 
-    def __init__(self, model, plan, restore):
-        self.model, self.plan = model, plan
+    def __init__(self, model, method, hooks, restore):
+        self.model, self.method, self.hooks = model, method, hooks
+        self.backend = method.backend
         self.mm = model.model
         self.lm = self.mm.language_model
         self.config = model.config
@@ -195,17 +196,17 @@ class ModelPatch:
 
     @property
     def _reads_spans(self) -> bool:
-        """Whether the method reads each row's image span in the language model (LLM stages rank it, a layer
-        hook such as ALVTS routes it): one contiguous span per row is then required."""
-        return bool(self.plan.stages) or self.decoder.hooked
+        """Whether the method reads each row's image span in the language model (a decoder hook ranks it, a layer
+        hook may route it): one contiguous span per row is then required."""
+        return bool(self.hooks.prune_after) or self.decoder.hooked
 
     def _check_images_per_row(self, per_row: list) -> None:
-        # One visual span per row: LLM stages and ALVTS rank the image tokens of a row as one span, and a second
+        # One visual span per row: decoder and layer hooks see the image tokens of a row as one span, and a second
         # image would put the text between the images inside it. Encoder-only methods prune each image alone.
         if self._reads_spans and any(n > 1 for n in per_row):
-            raise ValueError(f"{type(self.plan.method).__name__} ranks one image per prompt in the language model; "
+            raise ValueError(f"{type(self.method).__name__} ranks one image per prompt in the language model; "
                              f"batch rows hold {per_row} images (use one image per prompt, or an encoder-only "
-                             "method such as VisionZip)")
+                             "method)")
 
     @staticmethod
     def _check_prefill(a):

@@ -32,11 +32,9 @@ Retention maps (``handle.stats.selections``) are not recorded: they assume one s
 
 from __future__ import annotations
 
-import math
 import sys
 
 import torch
-import torch.nn.functional as F
 
 from vtprune.models._sequence import staged_to
 from vtprune.models.llava import Encoded, LlavaPatch
@@ -64,8 +62,8 @@ def image_tokens(model, image_size) -> int:
 class LlavaNextPatch(LlavaPatch):
     _extra_per_image = 1
 
-    def __init__(self, model, plan, restore):
-        super().__init__(model, plan, restore)
+    def __init__(self, model, method, hooks, restore):
+        super().__init__(model, method, hooks, restore)
         self.hf = _hf(model)
 
     def _encode(self, a, layer, strategy) -> Encoded:
@@ -87,34 +85,27 @@ class LlavaNextPatch(LlavaPatch):
         if pv.shape[0] != sum(tiles):
             raise ValueError(f"pixel_values hold {pv.shape[0]} tiles but image_sizes {sizes} need {sum(tiles)}")
         counts_in = [image_tokens(self.model, s) for s in sizes]
-        enc = self.plan.encoder
+        enc = self.hooks.encoder
         out = self._tower(pv)
-        if enc is not None and not isinstance(layer, int):
+        if enc and not isinstance(layer, int):
             raise ValueError(f"encoder stages need a single int vision_feature_layer, got {layer!r}")
-        if enc is None or (enc.kind == "select" and enc.dominant is None):
-            if isinstance(layer, int):
-                feats = out.hidden_states[layer]
-            else:
-                feats = torch.cat([out.hidden_states[i] for i in layer], dim=-1)
-            if enc is not None:  # keep-all: the selection path returns every patch, in order
-                feats = torch.cat([feats[:, :1], self._select(feats)[0]], 1)
+        feats = out.hidden_states[layer] if isinstance(layer, int) else \
+            torch.cat([out.hidden_states[i] for i in layer], dim=-1)  # [N tiles, 1 + P, Dv]
+        sel = self._select(feats, "full") if enc else None
+        if sel is None or sel.keep_all:
+            # no encoder hook, or one that keeps every patch in order: the unpatched packing (newlines, unpadding)
+            if sel is not None:
+                feats = sel.tokens
             feats = feats[:, 1:] if strategy == "default" else feats
             proj = self.mm.multi_modal_projector(feats)
             packed, lens = self.mm.pack_image_features(torch.split(proj, tiles), torch.tensor(sizes), strategy,
                                                        image_newline=self.mm.image_newline)
             return Encoded(torch.cat(packed), counts_in, lens.tolist(), per=tiles)
-        feats = out.hidden_states[layer]  # [N tiles, 1 + P, Dv]
-        if enc.kind == "pool":
-            side = math.isqrt(enc.dominant)
-            g = self.grid
-            grid = feats[:, 1:].reshape(feats.shape[0], g, g, -1).permute(0, 3, 1, 2)
-            tokens = F.adaptive_avg_pool2d(grid.float(), side).to(feats.dtype).flatten(2).transpose(1, 2)
-            rows, lead, dominant, side_of = self.mm.multi_modal_projector(tokens), 0, side * side, side
-            positions = torch.arange(dominant).expand(tokens.shape[0], -1)
-        else:
-            tokens, keep_idx, _, cls = self._select(feats)
-            rows = self.mm.multi_modal_projector(torch.cat([cls, tokens], 1))  # [N, 1 + d + c, D]
-            lead, dominant, side_of, positions = 1, keep_idx.shape[1], self.grid, keep_idx.cpu()
+        rows = self.mm.multi_modal_projector(sel.tokens)  # [N, lead + d + c, D]
+        lead = 1 if sel.cls else 0
+        dominant = sel.keep_idx.shape[1]
+        side_of = self.grid if sel.grid is None else sel.grid
+        positions = sel.keep_idx.cpu()
         images, start = [], 0
         for s, n in zip(sizes, tiles):
             images.append(self._layout(rows[start:start + n], positions[start + 1:start + n], s, lead, dominant,

@@ -33,7 +33,7 @@ import sys
 import torch
 
 from vtprune import ops
-from vtprune.methods.schedule import resolve_count
+from vtprune.methods.base import EncoderContext, ModelInfo
 from vtprune.models._decoder import DecoderPatch, llama_qk
 from vtprune.models._patch import ModelPatch, place_images
 from vtprune.models._sequence import Sequence
@@ -78,19 +78,15 @@ class VisionScores:
 
 
 class Qwen2_5_VLPatch(ModelPatch):
-    def __init__(self, model, plan, restore):
-        super().__init__(model, plan, restore)
-        enc = plan.encoder
-        if enc is not None and enc.kind == "pool":
-            raise ValueError(f"{type(plan.method).__name__}: uniform pooling to a square grid does not apply to "
-                             "Qwen2.5-VL's dynamic-resolution images; use a ratio-based method (e.g. "
-                             "VisionDrop(ratio=...), VisionZip with fractions)")
+    def __init__(self, model, method, hooks, restore):
+        super().__init__(model, method, hooks, restore)
+        method.check_model(ModelInfo(type(model).__name__, self.config.get_text_config().num_hidden_layers))
         visual = self.mm.visual
         self.scores = None
         self.window_index = None
-        if enc is not None:
+        if hooks.encoder and hooks.encoder_scores:
             block = visual.blocks[visual.fullatt_block_indexes[-1]]
-            self.scores = VisionScores(block.attn, plan.backend, restore)
+            self.scores = VisionScores(block.attn, self.backend, restore)
             permute = visual.permute_input_for_window_attn
 
             def record_window(x, window_index, *args, **kwargs):  # the tower's window order, to undo it
@@ -98,12 +94,12 @@ class Qwen2_5_VLPatch(ModelPatch):
                 return permute(x, window_index, *args, **kwargs)
 
             restore.set_attr(visual, "permute_input_for_window_attn", record_window)
-        self.decoder = DecoderPatch(self.lm, plan, llama_qk, restore)
+        self.decoder = DecoderPatch(self.lm, method, hooks, llama_qk, restore)
         self.install(restore)
 
-    # ------------------------------------------------------------------ vision tower + encoder stage
+    # ------------------------------------------------------------------ vision tower + encoder hook
     def _encode(self, pixel_values, grid_thw):
-        """Merged image tokens per image (raster order) and, with an encoder stage, the kept indices."""
+        """Merged image tokens per image (raster order) and, with an encoder hook, each new token's source index."""
         visual = self.mm.visual
         if self.scores is not None:
             self.scores.enabled = True
@@ -114,26 +110,24 @@ class Qwen2_5_VLPatch(ModelPatch):
                 self.scores.enabled = False
         unit = visual.spatial_merge_size**2
         sizes = (grid_thw.prod(-1) // unit).tolist()
-        enc = self.plan.encoder
-        if enc is None:
+        if not self.hooks.encoder:
             return list(torch.split(merged, sizes)), None
-        reverse = torch.argsort(self.window_index.to(merged.device))
-        # patch level (window order) -> merged-token level (raster order): mean over each 2x2 group
-        scores = self.scores.scores.view(-1, unit).mean(1)[reverse]
-        metric = self.scores.metric.view(-1, unit, self.scores.metric.shape[-1]).mean(1)[reverse]
+        if self.scores is not None:
+            reverse = torch.argsort(self.window_index.to(merged.device))
+            # patch level (window order) -> merged-token level (raster order): mean over each 2x2 group
+            scores = self.scores.scores.view(-1, unit).mean(1)[reverse]
+            metric = self.scores.metric.view(-1, unit, self.scores.metric.shape[-1]).mean(1)[reverse]
+            scores, metric = torch.split(scores, sizes), torch.split(metric, sizes)
+        else:
+            scores = metric = [None] * len(sizes)
         images, kept = [], []
-        for i, (x, s, m) in enumerate(zip(torch.split(merged, sizes), torch.split(scores, sizes),
-                                          torch.split(metric, sizes))):
-            n = x.shape[0]
-            d = resolve_count(enc.dominant, n, n)
-            c = resolve_count(enc.contextual, n, n) if enc.dominant is not None else 0
-            if d + c > n:
-                raise ValueError(f"{type(self.plan.method).__name__}: the encoder stage keeps {d} dominant + {c} "
-                                 f"contextual tokens but image {i} has only {n} merged tokens")
-            tokens, keep_idx, target_idx = ops.select_and_merge(s[None], x[None], m[None].to(x.dtype), d, c,
-                                                                backend=self.plan.backend)
-            images.append(tokens[0])
-            kept.append(torch.cat([keep_idx[0], target_idx[0]]))
+        for i, (x, s, m) in enumerate(zip(torch.split(merged, sizes), scores, metric)):
+            ctx = EncoderContext(x[None], None if s is None else s[None], None if m is None else m[None],
+                                 num_layers=len(self.decoder.layers),
+                                 describe=f"image {i} has only {x.shape[0]} merged tokens")
+            sel = self.method.select_encoder(ctx)
+            images.append(sel.tokens[0])
+            kept.append(sel.origin[0])
         return images, kept
 
     # ------------------------------------------------------------------ prefill
