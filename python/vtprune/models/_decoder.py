@@ -306,8 +306,8 @@ def _layer_positions(positions):
 
 
 def llama_qk(layer, hidden, position_embeddings):
-    """Post-RoPE q, k of a LLaMA/Qwen2-style layer, recomputed from its input (the official VisionDrop /
-    PyramidDrop scoring: input norm, q/k projections, RoPE at the current positions)."""
+    """Post-RoPE q, k of a LLaMA/Qwen2-style layer, recomputed from its input (the official scoring of the
+    token-pruning papers: input norm, q/k projections, RoPE at the current positions)."""
     attn = layer.self_attn
     h = layer.input_layernorm(hidden)
     B, L, _ = h.shape

@@ -7,20 +7,20 @@ Patched on the instance:
   ``inputs_embeds`` with matching ``attention_mask`` / ``position_ids``; on decoding calls it maps the incoming
   mask and positions onto the pruned KV cache.
 * the CLIP attention of the feature layer (``vision_feature_layer``, -2 in LLaVA-1.5) when the method has an
-  encoder stage: it runs :func:`vtprune.ops.attention_with_scores` (the layer's output and the [CLS] row's
-  head-averaged attention over the patches in one call) and keeps the layer's keys averaged over heads as
-  the merge metric, as the official VisionZip/VisionDrop code does.
+  encoder hook that needs scores: it runs :func:`vtprune.ops.attention_with_scores` (the layer's output and the
+  [CLS] row's head-averaged attention over the patches in one call) and keeps the layer's keys averaged over
+  heads as the merge metric, as the official token-merging codes do. The method's encoder hook
+  (:meth:`vtprune.methods.Method.select_encoder`) then picks each image's tokens.
 * every decoder layer (:mod:`vtprune.models._decoder`).
 * ``model.forward``: only to refuse ``labels`` (a pruned sequence has no per-position labels).
 
 The forward wrappers and decode continuation are shared with the other families (:mod:`vtprune.models._patch`);
 LLaVA-NeXT subclasses this patch and replaces :meth:`LlavaPatch._encode` (anyres tiles).
 
-[CLS]: LLaVA-1.5 drops [CLS] before the projector (``vision_feature_select_strategy="default"``). The official
-VisionDrop/VisionZip code keeps [CLS] as one of the ``dominant`` tokens and feeds [CLS] + dominant-1 patches +
-contextual tokens to the projector; we do the same whenever the encoder stage prunes. A keep-all encoder stage
-(``dominant=None``) selects every patch and keeps [CLS] only under the "full" strategy, i.e. exactly the
-unpatched model's tokens.
+[CLS]: LLaVA-1.5 drops [CLS] before the projector (``vision_feature_select_strategy="default"``). The encoder
+hook gets it (``EncoderContext.cls``) and decides whether it goes to the projector (``Selection.cls``): the
+official token-merging codes keep it as one of the ``dominant`` tokens whenever they prune, and a keep-all
+selection feeds it only under the "full" strategy (``EncoderContext.cls_fed``), exactly the unpatched tokens.
 """
 
 from __future__ import annotations

@@ -8,24 +8,21 @@ then the crops' patch grid stitched into one high-resolution grid, cropped back 
 
 What the patch does (the CLIP, projector and decoder machinery is LLaVA-1.5's, :mod:`vtprune.models.llava`):
 
-* **Encoder stage per tile**, as the official VisionDrop code (``restore_image_features_sorted``): every tile
-  keeps [CLS] + ``dominant - 1`` patches by its [CLS] attention at CLIP layer -2 and merges the rest into
-  ``contextual`` tokens. The image's tokens are then: the base tile's ``[CLS, dominant, contextual]``, the
-  crops' dominant patches in raster order over the whole high-resolution grid, the crops' [CLS] tokens, the
-  crops' contextual tokens.
-* **Newlines and unpadding.** A pruned grid has no rows left to terminate, so a pruning encoder stage inserts
+* **Encoder hook per tile**, as the official token-merging code (``restore_image_features_sorted``): every tile
+  is one row of the encoder hook (its [CLS] attention at CLIP layer -2, its patches, [CLS]). The image's tokens
+  are then: the base tile's ``[CLS, dominant, contextual]``, the crops' kept patches (``Selection.keep_idx``) in
+  raster order over the whole high-resolution grid, the crops' [CLS] tokens, the crops' merged tokens.
+* **Newlines and unpadding.** A pruned grid has no rows left to terminate, so a pruning encoder hook inserts
   no ``image_newline`` tokens and does not unpad (the official code does the same in the multi-crop case;
   the padding area is plain background that the [CLS] ranking rarely keeps). Only a single-tile image keeps its
-  one trailing newline, again as the official code. A keep-all encoder stage, or a method without one
-  (FastV, PyramidDrop), feeds the unpatched packing; the newline tokens are then image tokens like the others
-  (they sit inside the image span) and LLM stages may drop or merge them.
-* **Budgets are per tile.** An int count means "per 336 px tile": the encoder stage applies it to each tile,
-  LLM stages multiply it by the tiles of the row's image. One schedule therefore gives LLaVA-1.5's budget per
-  tile: ``VisionDrop(tokens=64)`` averages 64 x 5 = 320 tokens on a 5-tile image (docs/methods.md#visiondrop's "320 of
-  2880"), fewer on smaller images. Fractions (``ratio=``) are of each tile's patches (encoder) and of the
-  row's unpatched image tokens (LLM stages, newlines included).
-* ``UniformPool`` pools every tile to the same square grid (base tile, then the crops' pooled grids in raster
-  order over the whole image). Batch rows may hold images of different sizes (different token counts).
+  one trailing newline, again as the official code. A keep-all selection (``Selection.keep_all``), or a method
+  without an encoder hook, feeds the unpatched packing; the newline tokens are then image tokens like the others
+  (they sit inside the image span) and decoder hooks may drop or merge them.
+* **Budgets are per tile.** The encoder hook sees one tile per row; decoder hooks get the tiles of the row's
+  image as ``PruneContext.per``, the multiplier of int budgets, so that one schedule gives LLaVA-1.5's budget
+  per tile (docs/methods.md: 64 per tile averages 64 x 5 = 320 tokens on a 5-tile image, "320 of 2880").
+* A pooling selection (``Selection.grid``) pools every tile to the same square grid (base tile, then the crops'
+  pooled grids in raster order over the whole image). Batch rows may hold images of different sizes.
 
 Retention maps (``handle.stats.selections``) are not recorded: they assume one square grid.
 """

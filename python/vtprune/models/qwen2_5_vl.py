@@ -1,24 +1,23 @@
 """Qwen2.5-VL (``Qwen2_5_VLForConditionalGeneration``): window-attention ViT with a 2x2 patch merger, Qwen2 LLM
 (grouped-query attention) with 3-D M-RoPE positions.
 
-Encoder stage (VisionDrop, VisionZip). The ViT has no [CLS] token, so, as docs/methods.md#visiondrop says for such
-encoders, each patch is scored by the **visual-to-visual mean** of :func:`vtprune.ops.attention_with_scores` at
-the last full-attention block (``fullatt_block_indexes[-1]``; its attention runs through the op, which returns the
-block's own output too): the attention every patch receives, averaged over the heads and over all patches of
-its image. The language model sees *merged* tokens (one per 2x2 patch group), so the stage runs after the
-patch merger and a merged token's score is the **mean of its 2x2 group's scores** (the attention mass the group
-receives, per patch); the merge metric is the block's pre-RoPE keys averaged over heads, also averaged over the
+Encoder hook. The ViT has no [CLS] token, so, as docs/methods.md#visiondrop says for such encoders, each patch is
+scored by the **visual-to-visual mean** of :func:`vtprune.ops.attention_with_scores` at the last full-attention block
+(``fullatt_block_indexes[-1]``; its attention runs through the op, which returns the block's own output too): the
+attention every patch receives, averaged over the heads and over all patches of its image. The language model sees
+*merged* tokens (one per 2x2 patch group), so the hook runs after the patch merger and a merged token's score is the
+**mean of its 2x2 group's scores** (the attention mass the group receives, per patch); the merge metric is the block's
+pre-RoPE keys averaged over heads, also averaged over the
 group (pre-RoPE: the 2-D rotary phase would make cosine similarity prefer spatial neighbours over similar
-content). ``dominant`` / ``contextual`` are merged-token counts per image (ints) or fractions of the image's
-merged tokens (``ratio=``, the natural budget for dynamic resolutions). ``UniformPool`` does not apply (a fixed
-square grid does not fit Qwen's arbitrary aspect ratios) and is refused.
+content). The hook is called once per image (images differ in size), without a square grid
+(``EncoderContext.grid`` is None: pooling to a fixed grid does not fit Qwen's arbitrary aspect ratios).
 
 Positions (3-D M-RoPE). A Qwen image does not occupy one position per token: its tokens carry (t, h, w) grid
 coordinates starting at the image's offset, and the text after it continues at ``offset + max(h, w)``, with
-``rope_deltas`` (``max position + 1 - length``) continuing the count while decoding. Re-compacting, as VisionDrop
-does for 1-D positions in LLaVA, would shift the kept tokens' h and w by the number of tokens dropped before
+``rope_deltas`` (``max position + 1 - length``) continuing the count while decoding. Re-compacting, as the
+1-D positions of LLaVA are, would shift the kept tokens' h and w by the number of tokens dropped before
 them and bend the image grid. We therefore **keep every kept token's original 3-D position** (a contextual token
-takes its target's), in the encoder stage and in the LLM stages. Nothing needs moving: the image's extent in
+takes its target's), at the encoder hook and at the decoder hooks. Nothing needs moving: the image's extent in
 position space is unchanged, the text after it keeps its positions, and ``rope_deltas`` and the positions
 ``generate()`` computes while decoding stay exactly the unpruned model's; only the KV cache is shorter, which
 the per-group masks of :mod:`vtprune.models._decoder` handle. Token order in the sequence (and so the causal
