@@ -305,20 +305,6 @@ def _layer_positions(positions):
     return positions if positions.dim() == 2 else None
 
 
-def llama_qk(layer, hidden, position_embeddings):
-    """Post-RoPE q, k of a LLaMA/Qwen2-style layer, recomputed from its input (the official scoring of the
-    token-pruning papers: input norm, q/k projections, RoPE at the current positions)."""
-    attn = layer.self_attn
-    h = layer.input_layernorm(hidden)
-    B, L, _ = h.shape
-    q = attn.q_proj(h).view(B, L, -1, attn.head_dim).transpose(1, 2)  # [B, H, L, d]
-    k = attn.k_proj(h).view(B, L, -1, attn.head_dim).transpose(1, 2)  # [B, Hkv, L, d]
-    cos, sin = position_embeddings
-    rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
-    q, k = rope(q, k, cos, sin)
-    return q, k, float(attn.scaling)
-
-
 def _padded(seq: Sequence) -> bool | None:
     """Whether ``seq``'s mask holds padding, when the host knows it from the last compaction (else None)."""
     return None if seq.pad_host is None else bool(seq.pad_host.max() > 0)

@@ -15,7 +15,7 @@ Patched on the instance:
 * ``model.forward``: only to refuse ``labels`` (a pruned sequence has no per-position labels).
 
 The forward wrappers and decode continuation are shared with the other families (:mod:`vtprune.models._patch`);
-LLaVA-NeXT subclasses this patch and replaces :meth:`LlavaPatch._encode` (anyres tiles).
+LLaVA-NeXT subclasses this patch and replaces :meth:`LlavaPatch.encode` (anyres tiles).
 
 [CLS]: LLaVA-1.5 drops [CLS] before the projector (``vision_feature_select_strategy="default"``). The encoder
 hook gets it (``EncoderContext.cls``) and decides whether it goes to the projector (``Selection.cls``): the
@@ -26,37 +26,15 @@ selection feeds it only under the "full" strategy (``EncoderContext.cls_fed``), 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import torch
 
 from vtprune import ops
 from vtprune._compat import vision_encoder_layers, with_image_features
 from vtprune.methods.base import EncoderContext, ModelInfo, Selection
-from vtprune.models._decoder import DecoderPatch, llama_qk
-from vtprune.models._patch import ModelPatch, place_images
-from vtprune.models._sequence import Sequence
+from vtprune.models._patch import Encoded, ModelPatch
 
 CLASS_NAME = "LlavaForConditionalGeneration"
-
-
-@dataclass
-class Encoded:
-    """The image tokens an encoder path produced, image after image (in order of appearance in the prompts).
-
-    features : [S, D] every image's tokens, after the projector
-    counts_in : placeholder tokens per image in ``input_ids`` (what the unpatched model feeds)
-    counts_out : tokens per image after the encoder stage
-    per : multiplier of int stage counts per image (crops for LLaVA-NeXT), or None
-    origin, record : image 0's original patch indices and encoder selection (retention maps), or None
-    """
-
-    features: torch.Tensor
-    counts_in: list
-    counts_out: list
-    per: list | None = None
-    origin: list | None = None
-    record: dict | None = None
 
 
 class ClipScores:
@@ -96,24 +74,25 @@ class LlavaPatch(ModelPatch):
     _extra_per_image = 0  # image tokens beyond the tiles' (LLaVA-NeXT: a single-tile image's newline)
 
     def __init__(self, model, method, hooks, restore):
-        super().__init__(model, method, hooks, restore)
-        vcfg = self.config.vision_config
+        vcfg = model.config.vision_config
         self.grid = vcfg.image_size // vcfg.patch_size
         self.num_patches = self.grid**2
         self.clip = None
-        if hooks.encoder and hooks.encoder_scores:
-            tower = self.mm.vision_tower
-            layers = vision_encoder_layers(tower)
-            f = self.config.vision_feature_layer
-            if not isinstance(f, int) or f == 0:
-                raise ValueError(f"{type(method).__name__}'s encoder stage needs a single int "
-                                 f"vision_feature_layer != 0, got {f!r}")
-            self.clip = ClipScores(layers[f if f < 0 else f - 1].self_attn, self.backend, restore)
-        method.check_model(ModelInfo(type(model).__name__, self.config.get_text_config().num_hidden_layers,
-                                     patches=self.num_patches, grid=self.grid, has_cls=True,
-                                     extra_per_image=self._extra_per_image))
-        self.decoder = DecoderPatch(self.lm, method, hooks, llama_qk, restore)
-        self.install(restore)
+        super().__init__(model, method, hooks, restore)
+
+    def model_info(self) -> ModelInfo:
+        return ModelInfo(type(self.model).__name__, self.num_layers, patches=self.num_patches, grid=self.grid,
+                         has_cls=True, extra_per_image=self._extra_per_image)
+
+    def install_scores(self, restore) -> None:
+        if not (self.hooks.encoder and self.hooks.encoder_scores):
+            return
+        layers = vision_encoder_layers(self.mm.vision_tower)
+        f = self.config.vision_feature_layer
+        if not isinstance(f, int) or f == 0:
+            raise ValueError(f"{type(self.method).__name__}'s encoder stage needs a single int "
+                             f"vision_feature_layer != 0, got {f!r}")
+        self.clip = ClipScores(layers[f if f < 0 else f - 1].self_attn, self.backend, restore)
 
     def _tower(self, pixel_values):
         """The vision tower's outputs (all hidden states), with the feature layer's scores recorded."""
@@ -132,15 +111,27 @@ class LlavaPatch(ModelPatch):
         clip = self.clip
         ctx = EncoderContext(feats[:, 1:], None if clip is None else clip.scores,
                              None if clip is None else clip.metric[:, 1:], cls=feats[:, :1],
-                             cls_fed=strategy != "default", grid=self.grid, num_layers=len(self.decoder.layers),
+                             cls_fed=strategy != "default", grid=self.grid, num_layers=self.num_layers,
                              describe=f"the image has {P} patches + [CLS]")
         sel = self.method.select_encoder(ctx)
         if sel.cls:
             sel.tokens = torch.cat([feats[:, :1], sel.tokens], 1)
         return sel
 
-    def _encode(self, a, layer, strategy) -> Encoded:
-        """Vision tower -> encoder stage -> projector, one 336 px image per image."""
+    def _feature_layer(self, a):
+        """The vision feature layer and select strategy of this call (the arguments, else the config)."""
+        cfg = self.config
+        layer = a.get("vision_feature_layer") if a.get("vision_feature_layer") is not None \
+            else cfg.vision_feature_layer
+        strategy = a.get("vision_feature_select_strategy") or cfg.vision_feature_select_strategy
+        if self.hooks.encoder and layer != cfg.vision_feature_layer:
+            raise ValueError(f"vision_feature_layer={layer} differs from the config's ({cfg.vision_feature_layer}) "
+                             "that the encoder stage was patched into")
+        return layer, strategy
+
+    def encode(self, a) -> Encoded:
+        """Vision tower -> encoder hook -> projector, one 336 px image per image."""
+        layer, strategy = self._feature_layer(a)
         if a.get("image_sizes") is not None:
             raise ValueError("vtprune: image_sizes is not supported for LLaVA-1.5")
         enc = self.hooks.encoder
@@ -177,42 +168,5 @@ class LlavaPatch(ModelPatch):
         return Encoded(features.reshape(-1, features.shape[-1]), [unpruned] * images, [m] * images,
                        origin=origin, record=record)
 
-    def _prefill(self, original, a):
-        input_ids, cache, mask_in = self._check_prefill(a)
-        cfg = self.config
-        layer = a.get("vision_feature_layer") if a.get("vision_feature_layer") is not None \
-            else cfg.vision_feature_layer
-        strategy = a.get("vision_feature_select_strategy") or cfg.vision_feature_select_strategy
-        if self.hooks.encoder and layer != cfg.vision_feature_layer:
-            raise ValueError(f"vision_feature_layer={layer} differs from the config's ({cfg.vision_feature_layer}) "
-                             "that the encoder stage was patched into")
-        enc = self._encode(a, layer, strategy)
-        placeholders = input_ids == cfg.image_token_id  # [B, L]
-        place = place_images(placeholders, mask_in, enc.counts_in, enc.counts_out)
-        images_of_row = place.images_of_row
-        per_row = [len(i) for i in images_of_row]
-        self._check_images_per_row(per_row)
-        B, L = input_ids.shape
-        embeds = self.mm.get_input_embeddings()(input_ids)
-        mask = mask_in if mask_in is not None else torch.ones(B, L, dtype=torch.long, device=input_ids.device)
-        positions = a.get("position_ids")
-        past = cache.get_seq_length() if cache is not None else 0
-        if positions is None:  # what LlamaModel.forward would use
-            positions = torch.arange(L, device=input_ids.device) + past
-        positions = positions.expand(B, L)
-        seq = Sequence(mask, positions, torch.zeros(B, 2, dtype=torch.int64), torch.zeros(B, dtype=torch.int64),
-                       pad_host=place.padding, tail_real=place.tail_real,
-                       left_padded=place.left_padded)
-        embeds, _ = seq.compact(embeds, place.keep, place.slots, enc.features, kept=place.kept,
-                                  dropped_padding=place.dropped)
-        place.set_spans(seq, strict=self._reads_spans)
-        original_visual = place.visual
-        row0_single = per_row[0] == 1 and images_of_row[0] == [0]
-        call = self.decoder.prefill_call(seq, original_visual, enc.origin if row0_single else None)
-        call.orig_len = L
-        if enc.per is not None:
-            call.count_per = [enc.per[i[0]] if i else 1 for i in images_of_row]
-        if enc.record is not None and row0_single:
-            call.selections.append(enc.record)
-        out = self._run_prefill(original, a, call, embeds, cache)
+    def prefill_output(self, out, enc: Encoded):
         return with_image_features(out, enc.features)

@@ -33,8 +33,9 @@ import sys
 
 import torch
 
+from vtprune.models._patch import Encoded
 from vtprune.models._sequence import staged_to
-from vtprune.models.llava import Encoded, LlavaPatch
+from vtprune.models.llava import LlavaPatch
 
 CLASS_NAME = "LlavaNextForConditionalGeneration"
 
@@ -60,10 +61,11 @@ class LlavaNextPatch(LlavaPatch):
     _extra_per_image = 1
 
     def __init__(self, model, method, hooks, restore):
-        super().__init__(model, method, hooks, restore)
         self.hf = _hf(model)
+        super().__init__(model, method, hooks, restore)
 
-    def _encode(self, a, layer, strategy) -> Encoded:
+    def encode(self, a) -> Encoded:
+        layer, strategy = self._feature_layer(a)
         sizes = a.get("image_sizes")
         if sizes is None:
             raise ValueError("vtprune: LLaVA-NeXT needs image_sizes (height, width per image) with pixel_values")

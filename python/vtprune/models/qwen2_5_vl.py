@@ -32,10 +32,8 @@ import sys
 import torch
 
 from vtprune import ops
-from vtprune.methods.base import EncoderContext, ModelInfo
-from vtprune.models._decoder import DecoderPatch, llama_qk
-from vtprune.models._patch import ModelPatch, place_images
-from vtprune.models._sequence import Sequence
+from vtprune.methods.base import EncoderContext
+from vtprune.models._patch import Encoded, ModelPatch
 
 CLASS_NAME = "Qwen2_5_VLForConditionalGeneration"
 
@@ -77,28 +75,31 @@ class VisionScores:
 
 
 class Qwen2_5_VLPatch(ModelPatch):
+    recompact = False  # 3-D M-RoPE: kept tokens keep their positions (module docstring)
+
     def __init__(self, model, method, hooks, restore):
-        super().__init__(model, method, hooks, restore)
-        method.check_model(ModelInfo(type(model).__name__, self.config.get_text_config().num_hidden_layers))
-        visual = self.mm.visual
         self.scores = None
         self.window_index = None
-        if hooks.encoder and hooks.encoder_scores:
-            block = visual.blocks[visual.fullatt_block_indexes[-1]]
-            self.scores = VisionScores(block.attn, self.backend, restore)
-            permute = visual.permute_input_for_window_attn
+        super().__init__(model, method, hooks, restore)
 
-            def record_window(x, window_index, *args, **kwargs):  # the tower's window order, to undo it
-                self.window_index = window_index
-                return permute(x, window_index, *args, **kwargs)
+    def install_scores(self, restore) -> None:
+        if not (self.hooks.encoder and self.hooks.encoder_scores):
+            return
+        visual = self.mm.visual
+        block = visual.blocks[visual.fullatt_block_indexes[-1]]
+        self.scores = VisionScores(block.attn, self.backend, restore)
+        permute = visual.permute_input_for_window_attn
 
-            restore.set_attr(visual, "permute_input_for_window_attn", record_window)
-        self.decoder = DecoderPatch(self.lm, method, hooks, llama_qk, restore)
-        self.install(restore)
+        def record_window(x, window_index, *args, **kwargs):  # the tower's window order, to undo it
+            self.window_index = window_index
+            return permute(x, window_index, *args, **kwargs)
+
+        restore.set_attr(visual, "permute_input_for_window_attn", record_window)
 
     # ------------------------------------------------------------------ vision tower + encoder hook
-    def _encode(self, pixel_values, grid_thw):
+    def encode(self, a) -> Encoded:
         """Merged image tokens per image (raster order) and, with an encoder hook, each new token's source index."""
+        pixel_values, grid_thw = a["pixel_values"], a["image_grid_thw"]
         visual = self.mm.visual
         if self.scores is not None:
             self.scores.enabled = True
@@ -110,7 +111,7 @@ class Qwen2_5_VLPatch(ModelPatch):
         unit = visual.spatial_merge_size**2
         sizes = (grid_thw.prod(-1) // unit).tolist()
         if not self.hooks.encoder:
-            return list(torch.split(merged, sizes)), None
+            return Encoded(merged, sizes, sizes)
         if self.scores is not None:
             reverse = torch.argsort(self.window_index.to(merged.device))
             # patch level (window order) -> merged-token level (raster order): mean over each 2x2 group
@@ -122,57 +123,26 @@ class Qwen2_5_VLPatch(ModelPatch):
         images, kept = [], []
         for i, (x, s, m) in enumerate(zip(torch.split(merged, sizes), scores, metric)):
             ctx = EncoderContext(x[None], None if s is None else s[None], None if m is None else m[None],
-                                 num_layers=len(self.decoder.layers),
+                                 num_layers=self.num_layers,
                                  describe=f"image {i} has only {x.shape[0]} merged tokens")
             sel = self.method.select_encoder(ctx)
             images.append(sel.tokens[0])
             kept.append(sel.origin[0])
-        return images, kept
+        return Encoded(torch.cat(images), sizes, [x.shape[0] for x in images], sources=kept)
 
     # ------------------------------------------------------------------ prefill
-    def _prefill(self, original, a):
-        input_ids, cache, mask_in = self._check_prefill(a)
-        if a.get("pixel_values_videos") is not None:
-            raise ValueError("vtprune: Qwen2.5-VL videos (pixel_values_videos) are not supported")
-        grid = a.get("image_grid_thw")
-        if grid is None:
-            raise ValueError("vtprune: Qwen2.5-VL needs image_grid_thw with pixel_values")
-        cfg = self.config
-        B, L = input_ids.shape
-        dev = input_ids.device
-        placeholders = input_ids == cfg.image_token_id
-        mask = mask_in if mask_in is not None else torch.ones(B, L, dtype=torch.long, device=dev)
-        positions = self._positions(a, input_ids, mask, placeholders)  # [3, B, L]
-
-        images, kept = self._encode(a["pixel_values"], grid)
-        counts_in = (grid.prod(-1) // self.mm.visual.spatial_merge_size**2).tolist()
-        counts_out = [x.shape[0] for x in images]
-        place = place_images(placeholders, mask_in, counts_in, counts_out)
-        images_of_row = place.images_of_row
-        per_row = [len(i) for i in images_of_row]
-        self._check_images_per_row(per_row)
-        # each new token's original 3-D position: kept tokens their own, contextual tokens their target's
-        image_pos = torch.split(positions.permute(1, 2, 0)[placeholders].T, counts_in, dim=1)  # [3, n_i] each
-        value_pos = torch.cat([p if k is None else p[:, k.to(p.device)]
-                               for p, k in zip(image_pos, kept or [None] * len(images))], 1)
-        seq = Sequence(mask, positions, torch.zeros(B, 2, dtype=torch.int64), torch.zeros(B, dtype=torch.int64),
-                       recompact=False, pad_host=place.padding, tail_real=place.tail_real,
-                       left_padded=place.left_padded)
-        embeds = self.mm.get_input_embeddings()(input_ids)
-        features = torch.cat(images).to(embeds.dtype)
-        embeds, _ = seq.compact(embeds, place.keep, place.slots, features, value_pos, kept=place.kept,
-                                  dropped_padding=place.dropped)
-        place.set_spans(seq, strict=self._reads_spans)
-        call = self.decoder.prefill_call(seq, place.visual, None)
-        call.orig_len = L
+    def prefill_arguments(self, a) -> None:
         a.pop("image_grid_thw", None)
         a.pop("mm_token_type_ids", None)
-        return self._run_prefill(original, a, call, embeds, cache)
 
-    def _positions(self, a, input_ids, mask, placeholders):
+    def positions(self, a, input_ids, mask, placeholders):
         """3-D positions [3, B, L] of the unpruned prompt: the given ones (generate passes [4, B, L], text
         positions first) or ``get_rope_index`` as the unpatched forward computes them (also setting
         ``rope_deltas`` for decoding)."""
+        if a.get("pixel_values_videos") is not None:
+            raise ValueError("vtprune: Qwen2.5-VL videos (pixel_values_videos) are not supported")
+        if a.get("image_grid_thw") is None:
+            raise ValueError("vtprune: Qwen2.5-VL needs image_grid_thw with pixel_values")
         positions = a.get("position_ids")
         if positions is not None:
             if positions.dim() == 3 and positions.shape[0] == 4:
