@@ -35,12 +35,11 @@ class NormMerge(Method):
 
     def select_visual(self, ctx: PruneContext) -> Selection:
         kept, merged = self.budget(ctx.count)
-        x = ctx.visual(ctx.hidden)  # [R, n, D] the rows' image tokens
-        scores = x.float().norm(dim=-1)  # [R, n] importance: the hidden-state norm
+        scores = ctx.visual(ctx.hidden).float().norm(dim=-1)  # [R, n] the image tokens' hidden-state norms
         _, k, _ = ctx.qk("next")  # [R, Hkv, L, d] post-RoPE keys of the next layer
         metric = ctx.visual(k.mean(1))  # [R, n, d] merge metric: keys averaged over heads
-        tokens, keep_idx, target_idx = vtprune.ops.select_and_merge(scores, x, metric, kept, merged,
-                                                                    backend=self.backend)
+        tokens, keep_idx, target_idx = vtprune.ops.select_and_merge(scores, ctx.visual(ctx.tokens), metric, kept,
+                                                                    merged, backend=self.backend)
         return Selection(tokens, keep_idx, target_idx)
 
 

@@ -76,7 +76,8 @@ class ModelInfo:
 class Selection:
     """A method's answer at an encoder or decoder hook: the new image tokens of each row, in sequence order.
 
-    tokens : Tensor [R, m, D]  the row's new image tokens (the same ``m`` for every row of one call)
+    tokens : Tensor [R, m, D']  the rows' new image tokens (the same ``m`` for every row of one call), made of the
+        context's ``tokens``
     keep_idx : int64 Tensor [R, k]  index (into the row's image tokens) of the token each of the first ``k`` new
         tokens stands for, ascending; a new token takes that token's position
     target_idx : int64 Tensor [R, m - k] or None  for merged tokens, the token each stands for (its position)
@@ -104,7 +105,8 @@ class Selection:
 class EncoderContext:
     """One encoder hook call: ``I`` images (tiles) of ``P`` patches each, at the vision tower's scoring layer.
 
-    tokens : Tensor [I, P, Dv]  the patch tokens ([CLS] excluded) that go to the projector
+    tokens : Tensor [I, P, Dv]  the patch tokens ([CLS] excluded) to select from and merge (with any per-token
+        channels the family carries along, e.g. Qwen3-VL's deepstack features)
     scores : Tensor [I, P] float32 or None  attention each patch receives ([CLS] attention where the tower has
         one, else the mean visual-to-visual attention); None when ``Hooks.encoder_scores`` is False
     metric : Tensor [I, P, dm] or None  merge metric: the scoring layer's keys averaged over heads
@@ -134,7 +136,10 @@ class PruneContext:
     """One decoder hook call, after ``layer`` decoder layers of a prefill: ``R`` batch rows that each hold ``count``
     image tokens (the integration calls once per group of rows with the same counts).
 
-    hidden : Tensor [R, L, D]  the rows' hidden states after the layer
+    hidden : Tensor [R, L, D]  the rows' hidden states after the layer (what scores are computed from)
+    tokens : Tensor [R, L, D']  what the selection is made of: ``hidden``, with any per-token channels the family
+        carries along appended (Qwen3-VL: the deepstack levels still to be added; ``D' = D`` elsewhere). A merged
+        token merges them all alike
     spans : int64 Tensor [R, 2] on the CPU  ``(start, count)`` of each row's image tokens in ``hidden``
     key_padding_mask : bool Tensor [R, L]  True for a real token
     layer : int  the hook's place: after that many decoder layers
@@ -146,6 +151,7 @@ class PruneContext:
     """
 
     hidden: torch.Tensor
+    tokens: torch.Tensor
     spans: torch.Tensor
     key_padding_mask: torch.Tensor
     layer: int

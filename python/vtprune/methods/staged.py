@@ -132,6 +132,6 @@ class StagedMethod(Method):
         scores = ops.attention_scores(q, k, query_spans=queries, key_spans=ctx.spans, causal=True,
                                       key_padding_mask=ctx.key_padding_mask, scale=scale, backend=self.backend)
         metric = ctx.visual(k.mean(1))  # post-RoPE keys averaged over heads
-        tokens, keep_idx, target_idx = ops.select_and_merge(scores, ctx.visual(ctx.hidden), metric, d, c,
+        tokens, keep_idx, target_idx = ops.select_and_merge(scores, ctx.visual(ctx.tokens), metric, d, c,
                                                             backend=self.backend)
         return Selection(tokens, keep_idx, target_idx)

@@ -166,14 +166,20 @@ class DecoderPatch:
         return call.built[g]
 
     # ------------------------------------------------------------------ decoder hook
-    def _prune(self, call: Call, after: int, g: int, hidden, layer_in, kwargs):
-        """Run the method's decoder hook after ``after`` layers and compact the sequence to its selection."""
+    def _prune(self, call: Call, after: int, g: int, hidden, layer_in, kwargs, tokens=None):
+        """Run the method's decoder hook after ``after`` layers and compact the sequence to its selection.
+
+        ``hidden`` [B, L, D]: the layer's output (what the next layer's q/k are recomputed from); ``tokens``
+        [B, L, D'] (default ``hidden``): what is selected, merged and compacted, the hidden states with any
+        per-token channels a family carries along (e.g. Qwen3-VL's deepstack levels). Returns the compacted
+        ``tokens``."""
         seq = call.seq
+        values_in = hidden if tokens is None else tokens
         B, L, _ = hidden.shape
         counts = seq.spans[:, 1]
         if bool((seq.spans[:, 1] == 0).all()):
             self._next_group(call, g)
-            return hidden
+            return values_in
         kpm = call.group_masks[g].bool().to(hidden.device)
         # a compaction only adds left padding: the host knows whether the last column is real
         tail_real = seq.tail_real if seq.tail_real is not None else bool(kpm[:, -1].all())
@@ -202,8 +208,9 @@ class DecoderPatch:
                 q, k, scale = qk(which)
                 return q[dev_rows], k[dev_rows], scale
 
-            ctx = PruneContext(hidden[dev_rows], spans, kpm[dev_rows], after, n, original, per, rows.tolist(),
-                               tail_real, len(self.layers), rows_qk)
+            rows_hidden = hidden[dev_rows]
+            ctx = PruneContext(rows_hidden, rows_hidden if tokens is None else tokens[dev_rows], spans, kpm[dev_rows],
+                               after, n, original, per, rows.tolist(), tail_real, len(self.layers), rows_qk)
             sel = self.method.select_visual(ctx)
             m = sel.tokens.shape[1]
             if m > n:
@@ -221,7 +228,7 @@ class DecoderPatch:
                                  sel.keep_idx[0, :0] if sel.target_idx is None else sel.target_idx[0])
         keep = torch.ones(B, L, dtype=torch.bool)
         slots = torch.zeros(B, L, dtype=torch.bool)
-        values = torch.empty(0, hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
+        values = torch.empty(0, values_in.shape[-1], dtype=values_in.dtype, device=values_in.device)
         order = [b for b in range(B) if b in pieces]
         if order:
             values = torch.cat([pieces[b] for b in order])
@@ -240,7 +247,7 @@ class DecoderPatch:
         if not seq.recompact and order:  # kept tokens keep their positions, merged ones their target's
             value_positions = torch.cat([seq.positions[..., b, kept_at[b].to(seq.positions.device)] for b in order],
                                         -1)
-        out, _ = seq.compact(hidden, keep, slots, values, value_positions, dropped_padding=torch.tensor(drop))
+        out, _ = seq.compact(values_in, keep, slots, values, value_positions, dropped_padding=torch.tensor(drop))
         # only left padding is dropped before a row's span: the span moves by that and the added padding (host)
         added = seq.added_host.tolist()
         seq.spans = torch.tensor([[int(seq.spans[b, 0]) - drop[b] + added[b], m] if n else [0, 0]

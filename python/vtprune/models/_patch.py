@@ -184,7 +184,8 @@ class ModelPatch:
     A family sets :attr:`recompact` and :attr:`qk` and implements :meth:`encode` (where the image features come
     from, with the method's encoder hook); it may override :meth:`model_info`, :meth:`install_scores` (patch the
     vision tower's scoring layer), :meth:`placeholders` (the placeholder layout), :meth:`positions` and
-    :meth:`_decode_positions` (position ids), :meth:`prefill_arguments` and :meth:`prefill_output`. The adapter
+    :meth:`_decode_positions` (position ids), :meth:`is_prefill`, :meth:`prefill_embeds`, :meth:`prefill_arguments`
+    and :meth:`prefill_output`. The adapter
     is registered in :data:`vtprune.models.FAMILIES` (docs/integration.md, "Adding a family").
     """
 
@@ -229,6 +230,16 @@ class ModelPatch:
             positions = torch.arange(L, device=input_ids.device)
         return positions.expand(B, L)
 
+    def is_prefill(self, a: dict) -> bool:
+        """Whether a call of the multimodal body with arguments ``a`` is a visual prefill (it carries pixels)."""
+        return a.get("pixel_values") is not None
+
+    def prefill_embeds(self, call: Call, embeds: torch.Tensor) -> torch.Tensor:
+        """The language model's ``inputs_embeds`` from the compacted prompt ``embeds`` [B, L', D'] (the token
+        embeddings with the image tokens written in). A family whose image tokens carry extra channels along
+        (``Encoded.features`` wider than the embeddings; zero on text) takes them off here, into ``call.scratch``."""
+        return embeds
+
     def prefill_arguments(self, a: dict) -> None:
         """Drop from ``a`` what the language model's forward must not see once the image is encoded."""
 
@@ -255,7 +266,7 @@ class ModelPatch:
 
     def forward(self, original, args, kwargs):
         a = bound_arguments(original, args, kwargs)
-        if a.get("pixel_values") is not None:
+        if self.is_prefill(a):
             return self._prefill(original, a)
         cache = cache_from(a)
         record = self.decoder.records.get(cache) if cache is not None else None
@@ -276,6 +287,9 @@ class ModelPatch:
         per_row = [len(i) for i in images_of_row]
         self._check_images_per_row(per_row)
         embeds = self.mm.get_input_embeddings()(input_ids)
+        extra = enc.features.shape[-1] - embeds.shape[-1]
+        if extra > 0:  # channels the image tokens carry along (zero on text), compacted with them
+            embeds = torch.cat([embeds, embeds.new_zeros(*embeds.shape[:2], extra)], -1)
         value_pos = None if self.recompact else _source_positions(positions, placeholders, enc)
         seq = Sequence(mask, positions, torch.zeros(B, 2, dtype=torch.int64), torch.zeros(B, dtype=torch.int64),
                        recompact=self.recompact, pad_host=place.padding, tail_real=place.tail_real,
@@ -290,6 +304,7 @@ class ModelPatch:
             call.count_per = [enc.per[i[0]] if i else 1 for i in images_of_row]
         if enc.record is not None and row0_single:
             call.selections.append(enc.record)
+        embeds = self.prefill_embeds(call, embeds)
         self.prefill_arguments(a)
         out = self._run_prefill(original, a, call, embeds, cache)
         return self.prefill_output(out, enc)

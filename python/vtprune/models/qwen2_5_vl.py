@@ -74,6 +74,21 @@ class VisionScores:
         return attn.proj(torch.cat(outs).to(hidden_states.dtype))
 
 
+def select_per_unit(patch: ModelPatch, tokens, scores, metric, sizes: list, noun: str) -> Encoded:
+    """The method's encoder hook on each unit (an image; a video's frame group) alone, as a dynamic-resolution
+    family calls it: ``tokens`` [M, D'], ``scores`` [M] and ``metric`` [M, dm] (or None) of all units, ``sizes``
+    their token counts. Returns the units' new tokens, with each new token's position source."""
+    split = (lambda t: [None] * len(sizes)) if scores is None else (lambda t: torch.split(t, sizes))
+    units, sources = [], []
+    for i, (x, s, m) in enumerate(zip(torch.split(tokens, sizes), split(scores), split(metric))):
+        ctx = EncoderContext(x[None], None if s is None else s[None], None if m is None else m[None],
+                             num_layers=patch.num_layers, describe=f"{noun} {i} has only {x.shape[0]} merged tokens")
+        sel = patch.method.select_encoder(ctx)
+        units.append(sel.tokens[0])
+        sources.append(sel.origin[0])
+    return Encoded(torch.cat(units), list(sizes), [x.shape[0] for x in units], sources=sources)
+
+
 class Qwen2_5_VLPatch(ModelPatch):
     recompact = False  # 3-D M-RoPE: kept tokens keep their positions (module docstring)
 
@@ -112,23 +127,13 @@ class Qwen2_5_VLPatch(ModelPatch):
         sizes = (grid_thw.prod(-1) // unit).tolist()
         if not self.hooks.encoder:
             return Encoded(merged, sizes, sizes)
+        scores = metric = None
         if self.scores is not None:
             reverse = torch.argsort(self.window_index.to(merged.device))
             # patch level (window order) -> merged-token level (raster order): mean over each 2x2 group
             scores = self.scores.scores.view(-1, unit).mean(1)[reverse]
             metric = self.scores.metric.view(-1, unit, self.scores.metric.shape[-1]).mean(1)[reverse]
-            scores, metric = torch.split(scores, sizes), torch.split(metric, sizes)
-        else:
-            scores = metric = [None] * len(sizes)
-        images, kept = [], []
-        for i, (x, s, m) in enumerate(zip(torch.split(merged, sizes), scores, metric)):
-            ctx = EncoderContext(x[None], None if s is None else s[None], None if m is None else m[None],
-                                 num_layers=self.num_layers,
-                                 describe=f"image {i} has only {x.shape[0]} merged tokens")
-            sel = self.method.select_encoder(ctx)
-            images.append(sel.tokens[0])
-            kept.append(sel.origin[0])
-        return Encoded(torch.cat(images), sizes, [x.shape[0] for x in images], sources=kept)
+        return select_per_unit(self, merged, scores, metric, sizes, "image")
 
     # ------------------------------------------------------------------ prefill
     def prefill_arguments(self, a) -> None:
