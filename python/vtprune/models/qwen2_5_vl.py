@@ -90,6 +90,7 @@ def select_per_unit(patch: ModelPatch, tokens, scores, metric, sizes: list, noun
 
 
 class Qwen2_5_VLPatch(ModelPatch):
+    family = "Qwen2.5-VL"  # in messages (a subclassing family keeps them true)
     recompact = False  # 3-D M-RoPE: kept tokens keep their positions (module docstring)
 
     def __init__(self, model, method, hooks, restore):
@@ -145,16 +146,16 @@ class Qwen2_5_VLPatch(ModelPatch):
         positions first) or ``get_rope_index`` as the unpatched forward computes them (also setting
         ``rope_deltas`` for decoding)."""
         if a.get("pixel_values_videos") is not None:
-            raise ValueError("vtprune: Qwen2.5-VL videos (pixel_values_videos) are not supported")
+            raise ValueError(f"vtprune: {self.family} videos (pixel_values_videos) are not supported")
         if a.get("image_grid_thw") is None:
-            raise ValueError("vtprune: Qwen2.5-VL needs image_grid_thw with pixel_values")
+            raise ValueError(f"vtprune: {self.family} needs image_grid_thw with pixel_values")
         positions = a.get("position_ids")
         if positions is not None:
             if positions.dim() == 3 and positions.shape[0] == 4:
                 return positions[1:]
             if positions.dim() == 3 and positions.shape[0] == 3:
                 return positions
-            raise ValueError(f"vtprune: Qwen2.5-VL position_ids must be [3, B, L] or [4, B, L] with an image, got "
+            raise ValueError(f"vtprune: {self.family} position_ids must be [3, B, L] or [4, B, L] with an image, got "
                              f"shape {tuple(positions.shape)}")
         types = a.get("mm_token_type_ids")
         if types is None:
@@ -171,7 +172,7 @@ class Qwen2_5_VLPatch(ModelPatch):
                 return positions[1:]
             if positions.dim() == 3:
                 return positions
-            raise ValueError(f"vtprune: Qwen2.5-VL decoding needs [3, B, q] or [4, B, q] position_ids, got shape "
+            raise ValueError(f"vtprune: {self.family} decoding needs [3, B, q] or [4, B, q] position_ids, got shape "
                              f"{tuple(positions.shape)}")
         deltas = self.mm.rope_deltas
         if deltas is None:
