@@ -18,6 +18,7 @@ SUPPORTED = {
     "LlavaForConditionalGeneration": "vtprune.models.llava:LlavaPatch",
     "LlavaNextForConditionalGeneration": "vtprune.models.llava_next:LlavaNextPatch",
     "Qwen2_5_VLForConditionalGeneration": "vtprune.models.qwen2_5_vl:Qwen2_5_VLPatch",
+    "Qwen3VLForConditionalGeneration": "vtprune.models.qwen3_vl:Qwen3VLPatch",
 }
 _ATTR = "_vtprune_handle"
 
@@ -155,7 +156,8 @@ def apply(model, method) -> Handle:
     Parameters
     ----------
     model : a supported ``transformers`` model instance (``LlavaForConditionalGeneration``,
-        ``LlavaNextForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``)
+        ``LlavaNextForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``,
+        ``Qwen3VLForConditionalGeneration``)
     method : VisionDrop, FastV, VisionZip, PyramidDrop, UniformPool or ALVTS instance
 
     Example

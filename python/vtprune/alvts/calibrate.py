@@ -2,10 +2,11 @@
 
 Objective (paper, "importance consistency alignment"): per layer, minimise the mean squared error between the
 selector score ``S = S_V2V * S_T2V`` of :func:`vtprune.ops.lowrank_scores` and the same score ``S*`` computed
-from the layer's **own** attention: its q/k projections (biases included), its RoPE at the true positions,
-the causal/padding mask, one softmax per query head, then the mean over query heads. RoPE and biases are in
-``S*`` on purpose: they are what the selector should emulate and what the bias-free, position-free SVD
-initialisation cannot express. The model is frozen; only ``U, V`` of the current layer are optimised.
+from the layer's **own** attention: its q/k projections (biases included, and q/k norms where the layer has
+them), its RoPE at the true positions, the causal/padding mask, one softmax per query head, then the mean over
+query heads. RoPE and biases are in ``S*`` on purpose: they are what the selector should emulate and what the
+bias-free, position-free SVD initialisation cannot express. The model is frozen; only ``U, V`` of the current
+layer are optimised.
 
 Layer by layer, as in post-training quantisation: the calibration batches are run up to the first decoder
 layer once, then each layer's inputs are the unpruned outputs of the previous layer, so no layer's fit
@@ -183,9 +184,10 @@ def full_rank_scores(layer, h, position_embeddings, visual_spans, key_padding_ma
     attn = layer.self_attn
     B, L, _ = h.shape
     d = attn.head_dim
-    q = attn.q_proj(h).view(B, L, -1, d).transpose(1, 2)  # [B, H, L, d]
-    k = attn.k_proj(h).view(B, L, -1, d).transpose(1, 2)  # [B, Hkv, L, d]
-    q, k = _rope(attn)(q, k, *position_embeddings)
+    q, k = attn.q_proj(h).view(B, L, -1, d), attn.k_proj(h).view(B, L, -1, d)
+    if getattr(attn, "q_norm", None) is not None:  # Qwen3: per-head RMS norms of q and k before RoPE
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = _rope(attn)(q.transpose(1, 2), k.transpose(1, 2), *position_embeddings)  # [B, H | Hkv, L, d]
     H, group = q.shape[1], q.shape[1] // k.shape[1]
     scaling = float(getattr(attn, "scaling", d**-0.5))
     allowed = _allowed(L, key_padding_mask, h.device)[:, None]  # [B, 1, L, L]

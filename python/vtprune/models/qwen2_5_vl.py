@@ -78,6 +78,8 @@ class VisionScores:
 
 
 class Qwen2_5_VLPatch(ModelPatch):
+    family = "Qwen2.5-VL"  # in messages; Qwen3-VL shares the decode positions
+
     def __init__(self, model, plan, restore):
         super().__init__(model, plan, restore)
         enc = plan.encoder
@@ -203,7 +205,7 @@ class Qwen2_5_VLPatch(ModelPatch):
                 return positions[1:]
             if positions.dim() == 3:
                 return positions
-            raise ValueError(f"vtprune: Qwen2.5-VL decoding needs [3, B, q] or [4, B, q] position_ids, got shape "
+            raise ValueError(f"vtprune: {self.family} decoding needs [3, B, q] or [4, B, q] position_ids, got shape "
                              f"{tuple(positions.shape)}")
         deltas = self.mm.rope_deltas
         if deltas is None:

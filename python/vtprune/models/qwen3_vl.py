@@ -1,0 +1,246 @@
+"""Qwen3-VL (``Qwen3VLForConditionalGeneration``): full-attention ViT with a 2x2 patch merger and deepstack
+mergers, Qwen3 LLM (grouped-query attention with q/k RMS norms) with interleaved 3-D M-RoPE.
+
+What it shares with Qwen2.5-VL (:mod:`vtprune.models.qwen2_5_vl`, whose docstring explains the choices): the
+visual-to-visual score of a ViT without [CLS] (:class:`~vtprune.models.qwen2_5_vl.VisionScores`, the 2x2-group
+mean of the patches' scores and keys), the ratio budgets of dynamic resolutions, no ``UniformPool``, and the
+positions: every kept token keeps its original 3-D position (a contextual token takes its target's), so
+``rope_deltas`` and decoding are the unpruned model's. The interleaving of the M-RoPE frequencies happens in the
+rotary embedding, from the same ``[3, B, L]`` positions.
+
+What differs:
+
+* **Vision tower.** Every block is full attention (no windows, so no window order to undo): the encoder stage
+  scores at the **last block**, whose output the merger turns into the language model's tokens; ``cu_seqlens``
+  chunks are single images or single frame groups of a video.
+* **q/k norms.** The decoder's q and k pass a per-head RMS norm before RoPE; the q/k recompute of the LLM stages
+  (:func:`normed_qk`) applies them, and so do ALVTS's factors (:mod:`vtprune.alvts.factors`) and calibration.
+* **Deepstack.** The ViT blocks ``deepstack_visual_indexes`` feed extra mergers; their outputs (one ``[M, D]``
+  per level) are added to the image positions after decoder layers ``0, 1, ...``. Pruning carries them with
+  the tokens: the encoder stage selects and merges ``[features | deepstack levels]`` as one wide token, so a
+  dropped token's deepstack features are dropped with it and a merged token gets the merged features with the
+  same merge weights. In the language model every level is kept aligned with the current sequence as a
+  ``[B, L, D]`` tensor (zero off the image tokens) and added to the input of the layer after its own
+  (:class:`DeepstackDecoder`); an LLM stage that prunes before a level has been added prunes and merges the
+  pending levels together with the hidden states, again as one wide token. A stage after layer ``j`` scores
+  the hidden states *with* level ``j`` added, as the next layer sees them.
+* **Videos.** ``pixel_values_videos`` are supported: Qwen3-VL's prompt puts a timestamp before each frame group,
+  so every frame group is its own visual span and unit of the encoder stage (budgets per frame group). Methods
+  that rank one span per row in the language model (LLM stages, ALVTS) therefore take a one-frame-group video
+  only and refuse more with an error; encoder-only methods (VisionZip, an encoder-only VisionDrop) take any
+  number of images or frame groups. Images and videos in the same call are refused.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from vtprune import ops
+from vtprune.methods.schedule import resolve_count
+from vtprune.models._decoder import DecoderPatch
+from vtprune.models._patch import ModelPatch, bound_arguments, place_images
+from vtprune.models._sequence import Sequence
+from vtprune.models.qwen2_5_vl import Qwen2_5_VLPatch, VisionScores
+
+CLASS_NAME = "Qwen3VLForConditionalGeneration"
+_DEEPSTACK = "qwen3_vl_deepstack"  # key of the prefill call's Deepstack in Call.scratch
+
+
+def normed_qk(layer, hidden, position_embeddings):
+    """Post-RoPE q, k of a decoder layer with per-head q/k norms (Qwen3), recomputed from its input: input norm,
+    q/k projections, q/k RMS norms, RoPE at the current positions. Returns ``(q [B, H, L, d], k [B, Hkv, L, d],
+    scale)``."""
+    attn = layer.self_attn
+    h = layer.input_layernorm(hidden)
+    B, L, _ = h.shape
+    q = attn.q_norm(attn.q_proj(h).view(B, L, -1, attn.head_dim)).transpose(1, 2)
+    k = attn.k_norm(attn.k_proj(h).view(B, L, -1, attn.head_dim)).transpose(1, 2)
+    rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+    q, k = rope(q, k, *position_embeddings)
+    return q, k, float(attn.scaling)
+
+
+class Deepstack:
+    """The deepstack levels of one prefill not yet added, each ``[B, L, D]`` aligned with the current sequence
+    (zero off the image tokens); level ``j`` belongs after decoder layer ``j``."""
+
+    def __init__(self, levels: list):
+        self.pending = dict(enumerate(levels))
+
+    def add(self, level: int, hidden: torch.Tensor) -> torch.Tensor:
+        f = self.pending.pop(level, None)
+        return hidden if f is None else hidden + f.to(hidden.dtype)
+
+
+class DeepstackDecoder(DecoderPatch):
+    """The shared decoder patch plus Qwen3-VL's deepstack: level ``j`` is added to the input of layer ``j + 1``
+    (the output of the last layer for the last one), and an LLM stage prunes the pending levels with the hidden
+    states (see the module docstring). Decode calls carry no deepstack (as in the unpatched model)."""
+
+    def _wrap(self, i, layer, original):
+        inner = super()._wrap(i, layer, original)
+        last = i == len(self.layers) - 1
+
+        def forward(hidden_states, *args, **kwargs):
+            call = self.active
+            ds = None if call is None or self._in_hook else call.scratch.get(_DEEPSTACK)
+            if ds is None:
+                return inner(hidden_states, *args, **kwargs)
+            out = inner(ds.add(i - 1, hidden_states), *args, **kwargs)
+            if last:
+                out = (ds.add(i, out[0]), *out[1:]) if isinstance(out, tuple) else ds.add(i, out)
+            return out
+
+        return forward
+
+    def _prune(self, call, stage, g, hidden, score_in, score_layer, kwargs):
+        ds = call.scratch.get(_DEEPSTACK)
+        if ds is None or not ds.pending:
+            return super()._prune(call, stage, g, hidden, score_in, score_layer, kwargs)
+        added = ds.add(stage.layer - 1, hidden)  # the level of the layer that just ran, before it is scored
+        score_in = added if score_in is hidden else score_in
+        levels = sorted(ds.pending)
+        if not levels:
+            return super()._prune(call, stage, g, added, score_in, score_layer, kwargs)
+        D = hidden.shape[-1]
+        wide = torch.cat([added, *(ds.pending[j].to(hidden.dtype) for j in levels)], -1)
+        out = super()._prune(call, stage, g, wide, score_in, score_layer, kwargs)
+        for n, j in enumerate(levels, 1):
+            ds.pending[j] = out[..., n * D:(n + 1) * D]
+        return out[..., :D]
+
+
+class Qwen3VLPatch(ModelPatch):
+    family = "Qwen3-VL"
+
+    def __init__(self, model, plan, restore):
+        super().__init__(model, plan, restore)
+        enc = plan.encoder
+        if enc is not None and enc.kind == "pool":
+            raise ValueError(f"{type(plan.method).__name__}: uniform pooling to a square grid does not apply to "
+                             "Qwen3-VL's dynamic-resolution images; use a ratio-based method (e.g. "
+                             "VisionDrop(ratio=...), VisionZip with fractions)")
+        visual = self.mm.visual
+        self.scores = None if enc is None else VisionScores(visual.blocks[-1].attn, plan.backend, restore)
+        self.decoder = DeepstackDecoder(self.lm, plan, normed_qk, restore)
+        self.install(restore)
+
+    def forward(self, original, args, kwargs):
+        a = bound_arguments(original, args, kwargs)
+        if a.get("pixel_values_videos") is not None:  # a video prefill (its pixel_values are None)
+            return self._prefill(original, a)
+        return super().forward(original, args, kwargs)
+
+    # ------------------------------------------------------------------ vision tower + encoder stage
+    def _encode(self, pixel_values, grid_thw):
+        """Per unit (an image, or one frame group of a video), in prompt order: its tokens with the deepstack
+        levels appended along the channels ``[n_i, D * (1 + levels)]``, and with an encoder stage the kept
+        indices (``None`` without)."""
+        visual = self.mm.visual
+        if self.scores is not None:
+            self.scores.enabled = True
+        try:
+            out = visual(pixel_values.type(visual.dtype), grid_thw=grid_thw)
+        finally:
+            if self.scores is not None:
+                self.scores.enabled = False
+        wide = torch.cat([out.pooler_output, *out.deepstack_features], -1)  # [M, D * (1 + levels)]
+        unit = visual.spatial_merge_size**2
+        sizes = (grid_thw[:, 1:].prod(-1) // unit).repeat_interleave(grid_thw[:, 0]).tolist()  # per frame group
+        enc = self.plan.encoder
+        if enc is None:
+            return list(torch.split(wide, sizes)), None
+        # patch level -> merged-token level: mean over each 2x2 group (consecutive patches, no window order)
+        scores = self.scores.scores.view(-1, unit).mean(1)
+        metric = self.scores.metric.view(-1, unit, self.scores.metric.shape[-1]).mean(1)
+        units, kept = [], []
+        for i, (x, s, m) in enumerate(zip(torch.split(wide, sizes), torch.split(scores, sizes),
+                                          torch.split(metric, sizes))):
+            n = x.shape[0]
+            d = resolve_count(enc.dominant, n, n)
+            c = resolve_count(enc.contextual, n, n) if enc.dominant is not None else 0
+            if d + c > n:
+                raise ValueError(f"{type(self.plan.method).__name__}: the encoder stage keeps {d} dominant + {c} "
+                                 f"contextual tokens but image or frame group {i} has only {n} merged tokens")
+            tokens, keep_idx, target_idx = ops.select_and_merge(s[None], x[None], m[None].to(x.dtype), d, c,
+                                                                backend=self.plan.backend)
+            units.append(tokens[0])
+            kept.append(torch.cat([keep_idx[0], target_idx[0]]))
+        return units, kept
+
+    # ------------------------------------------------------------------ prefill
+    def _prefill(self, original, a):
+        input_ids, cache, mask_in = self._check_prefill(a)
+        image, video = a.get("pixel_values") is not None, a.get("pixel_values_videos") is not None
+        if image and video:
+            raise ValueError("vtprune: Qwen3-VL takes images (pixel_values) or videos (pixel_values_videos) in one "
+                             "call, not both")
+        grid_key = "image_grid_thw" if image else "video_grid_thw"
+        grid = a.get(grid_key)
+        if grid is None:
+            raise ValueError(f"vtprune: Qwen3-VL needs {grid_key} with "
+                             f"{'pixel_values' if image else 'pixel_values_videos'}")
+        cfg = self.config
+        B, L = input_ids.shape
+        dev = input_ids.device
+        placeholders = input_ids == (cfg.image_token_id if image else cfg.video_token_id)
+        mask = mask_in if mask_in is not None else torch.ones(B, L, dtype=torch.long, device=dev)
+        positions = self._positions(a, input_ids, mask, placeholders, image)  # [3, B, L]
+
+        units, kept = self._encode(a["pixel_values" if image else "pixel_values_videos"], grid)
+        unit = self.mm.visual.spatial_merge_size**2
+        counts_in = (grid[:, 1:].prod(-1) // unit).repeat_interleave(grid[:, 0]).tolist()
+        counts_out = [x.shape[0] for x in units]
+        place = place_images(placeholders, mask_in, counts_in, counts_out)
+        per_row = [len(i) for i in place.images_of_row]
+        if video and self._reads_spans and any(n > 1 for n in per_row):
+            raise ValueError(f"{type(self.plan.method).__name__} ranks one visual span per prompt in the language "
+                             f"model, and each frame group of a Qwen3-VL video is its own span (a timestamp "
+                             f"separates them): batch rows hold {per_row} frame groups (use a one-frame-group "
+                             "video, or an encoder-only method such as VisionZip)")
+        self._check_images_per_row(per_row)
+        # each new token's original 3-D position: kept tokens their own, contextual tokens their target's
+        unit_pos = torch.split(positions.permute(1, 2, 0)[placeholders].T, counts_in, dim=1)  # [3, n_i] each
+        value_pos = torch.cat([p if k is None else p[:, k.to(p.device)]
+                               for p, k in zip(unit_pos, kept or [None] * len(units))], 1)
+        seq = Sequence(mask, positions, torch.zeros(B, 2, dtype=torch.int64), torch.zeros(B, dtype=torch.int64),
+                       recompact=False, pad_host=place.padding, tail_real=place.tail_real,
+                       left_padded=place.left_padded)
+        embeds = self.mm.get_input_embeddings()(input_ids)
+        features = torch.cat(units).to(embeds.dtype)  # [S, D * (1 + levels)]
+        D = embeds.shape[-1]
+        # the deepstack levels ride along as extra channels (zero on text), so they are compacted with the tokens
+        wide = torch.cat([embeds, embeds.new_zeros(B, L, features.shape[-1] - D)], -1)
+        wide, _ = seq.compact(wide, place.keep, place.slots, features, value_pos, kept=place.kept,
+                              dropped_padding=place.dropped)
+        place.set_spans(seq, strict=self._reads_spans)
+        call = self.decoder.prefill_call(seq, place.visual, None)
+        call.orig_len = L
+        call.scratch[_DEEPSTACK] = Deepstack(list(wide[..., D:].split(D, -1)))
+        for key in ("image_grid_thw", "video_grid_thw", "mm_token_type_ids", "pixel_values_videos"):
+            a.pop(key, None)
+        return self._run_prefill(original, a, call, wide[..., :D], cache)
+
+    def _positions(self, a, input_ids, mask, placeholders, image: bool):
+        """3-D positions [3, B, L] of the unpruned prompt: the given ones (generate passes [4, B, L], text
+        positions first) or ``get_rope_index`` as the unpatched forward computes them (also setting
+        ``rope_deltas`` for decoding)."""
+        positions = a.get("position_ids")
+        if positions is not None:
+            if positions.dim() == 3 and positions.shape[0] in (3, 4):
+                return positions[-3:]
+            raise ValueError(f"vtprune: Qwen3-VL position_ids must be [3, B, L] or [4, B, L] with an image or "
+                             f"video, got shape {tuple(positions.shape)}")
+        types = a.get("mm_token_type_ids")
+        if types is None:
+            types = placeholders.int() * (1 if image else 2)
+        positions, deltas = self.mm.get_rope_index(input_ids, mm_token_type_ids=types,
+                                                   image_grid_thw=a.get("image_grid_thw"),
+                                                   video_grid_thw=a.get("video_grid_thw"), attention_mask=mask)
+        self.mm.rope_deltas = deltas
+        return positions
+
+    # decoding continues the unpruned model's 3-D positions exactly as for Qwen2.5-VL
+    _decode_positions = Qwen2_5_VLPatch._decode_positions
