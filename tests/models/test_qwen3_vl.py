@@ -17,6 +17,7 @@ from models_common import SCHEDULE, check_batch_equals_rows
 from test_qwen2_5_vl import GRIDS, row
 
 import vtprune
+from utils import triton_installed
 from vtprune.alvts.calibrate import full_rank_scores
 from vtprune.alvts.factors import bilinear_form
 from vtprune.models._tiny import IMAGE_TOKEN, VIDEO_TOKEN, tiny_qwen_inputs
@@ -404,3 +405,33 @@ def test_alvts_svd_form_accounts_for_qk_norms(q3, qbatch):
         return float((h @ m @ h.T - truth).norm() / truth.norm())
 
     assert err(folded) < 0.5 * err(plain)
+
+
+@pytest.mark.skipif(not triton_installed(), reason="Triton is not installed (pip install 'vtprune[triton]')")
+def test_alvts_triton_routed_layer_matches_reference(q3, qbatch):
+    """The fused routed layer re-runs Qwen3's decoder layer (q/k norms inside its self_attn) as the reference does."""
+    with vtprune.apply(q3, vtprune.ALVTS(keep=8, backend="reference")):
+        ref = q3(**qbatch).logits
+    with vtprune.apply(q3, vtprune.ALVTS(keep=8, backend="triton")):
+        out = q3(**qbatch).logits
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_alvts_calibration_walk_adds_deepstack(q3, qbatch):
+    """Calibration replays the decoder layer by layer from the first layer's inputs; with Qwen3-VL it must add the
+    deepstack levels after layers 0 and 1 as the model does, or layers 1 and 2 would be fitted on other inputs."""
+    from vtprune.alvts.calibrate import _walk, capture_layer_inputs
+
+    x = row(qbatch, 0)
+    lm = q3.model.language_model
+    truth = {}
+    hooks = [lm.layers[i].input_layernorm.register_forward_pre_hook(lambda m, a, i=i: truth.update({i: a[0]}))
+             for i in range(4)]
+    q3(**x)
+    for h in hooks:
+        h.remove()
+    s = int((x["input_ids"][0] == IMAGE_TOKEN).nonzero()[0])
+    records = capture_layer_inputs(q3, [dict(x, visual_spans=torch.tensor([[s, 24]]))])
+    assert len(records[0]["deepstack"][1]) == 2
+    for i, items in _walk(lm.layers, records, "", False):
+        torch.testing.assert_close(items[0][0], lm.layers[i].input_layernorm(truth[i]), atol=1e-5, rtol=1e-5)

@@ -9,10 +9,10 @@ bias-free, position-free SVD initialisation cannot express. The model is frozen;
 layer are optimised.
 
 Layer by layer, as in post-training quantisation: the calibration batches are run up to the first decoder
-layer once, then each layer's inputs are the unpruned outputs of the previous layer, so no layer's fit
-depends on another's factors. The loss is divided by the batch's mean square of ``S*`` (a constant per batch:
-same minimiser as the MSE) because raw scores are ~1/L^2 and Adam's epsilon would otherwise swamp the
-gradients.
+layer once, then each layer's inputs are the unpruned outputs of the previous layer (plus Qwen3-VL's deepstack
+features where the model adds them), so no layer's fit depends on another's factors. The loss is divided by
+the batch's mean square of ``S*`` (a constant per batch: same minimiser as the MSE) because raw scores are
+~1/L^2 and Adam's epsilon would otherwise swamp the gradients.
 """
 
 from __future__ import annotations
@@ -56,7 +56,9 @@ def capture_layer_inputs(model: torch.nn.Module, batches: Iterable[dict], *,
     Returns
     -------
     list of records ``{"hidden_states": [B, L, D], "layer_kwargs": dict, "visual_spans", "key_padding_mask"}``,
-    the format :func:`calibrate` and :func:`selector_loss` also accept directly.
+    the format :func:`calibrate` and :func:`selector_loss` also accept directly. A model with deepstack features
+    (Qwen3-VL) adds ``"deepstack": (visual_pos_masks [B, L], [levels [S, D]])``, which the layer-by-layer walk
+    adds after the first layers as the model does.
     """
     first = (decoder_layers(model) if layers is None else list(layers))[0]
     if not any(m is first for m in model.modules()):
@@ -86,14 +88,22 @@ def capture_layer_inputs(model: torch.nn.Module, batches: Iterable[dict], *,
             seen["layer_kwargs"] = {k: v for k, v in kwargs.items() if k not in _DROP_KWARGS and k != "hidden_states"}
             raise _Captured
 
-        handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+        def stack_hook(module, args, kwargs, seen=seen):  # Qwen3-VL: levels added after the first layers
+            if kwargs.get("deepstack_visual_embeds") is not None:
+                seen["deepstack"] = (kwargs["visual_pos_masks"], list(kwargs["deepstack_visual_embeds"]))
+
+        handles = [first.register_forward_pre_hook(hook, with_kwargs=True)]
+        owners = [m for m in model.modules()  # the language model whose layer list holds the first layer
+                  if isinstance(getattr(m, "layers", None), torch.nn.ModuleList) and any(x is first for x in m.layers)]
+        handles += [m.register_forward_pre_hook(stack_hook, with_kwargs=True) for m in owners]
         try:
             with torch.no_grad():
                 model(**batch, use_cache=False)
         except _Captured:
             pass
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
         if "hidden_states" not in seen:
             raise ValueError("model: its forward never reached the first decoder layer")
         records.append({**seen, "visual_spans": spans, "key_padding_mask": kpm})
@@ -217,7 +227,19 @@ def _walk(layers: Sequence[torch.nn.Module], records: list[dict], desc: str, pro
         yield l, items
         with torch.no_grad():
             outs = [layer(x, **r["layer_kwargs"]) for x, r in zip(xs, records)]
-        xs = [o[0] if isinstance(o, tuple) else o for o in outs]
+        xs = [_deepstack(o[0] if isinstance(o, tuple) else o, r, l) for o, r in zip(outs, records)]
+
+
+def _deepstack(x: torch.Tensor, record: dict, l: int) -> torch.Tensor:
+    """``x`` with deepstack level ``l`` added to the image positions, as Qwen3-VL's language model does after
+    decoder layer ``l`` (records without ``deepstack``: unchanged)."""
+    stack = record.get("deepstack")
+    if stack is None or l >= len(stack[1]):
+        return x
+    mask, levels = stack
+    x = x.clone()
+    x[mask.to(x.device)] += levels[l].to(x.device, x.dtype)
+    return x
 
 
 def selector_loss(model_or_layers, batches, factors: SelectorFactors, *, progress: bool = False) -> list[float]:

@@ -23,7 +23,8 @@ from vtprune.reference.routed_layer import gather_position_embeddings
 # Decoder layers whose forward is exactly norm -> self_attn -> residual -> norm -> mlp -> residual (checked
 # against transformers 5.17-5.23). Others (Gemma's sandwich norms, (1 + w) norms, ...) would be silently
 # wrong if re-implemented this way, so they are refused.
-SUPPORTED_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen2_5_VLDecoderLayer")
+SUPPORTED_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen2_5_VLDecoderLayer",
+                   "Qwen3VLTextDecoderLayer")  # Qwen3-VL: the same layer, its q/k norms inside self_attn
 
 
 def _rmsnorm_params(layer, name: str, x: torch.Tensor, backend: str) -> tuple[torch.Tensor, float]:
