@@ -77,6 +77,26 @@ class VisionScores:
         return attn.proj(torch.cat(outs).to(hidden_states.dtype))
 
 
+def select_per_unit(plan, tokens, scores, metric, noun: str):
+    """The encoder stage on each unit (an image; Qwen3-VL: or a video's frame group) alone: per unit ``[n_i, D]``
+    tokens, ``[n_i]`` scores and ``[n_i, dk]`` merge metric -> (the ``d + c`` new tokens of each unit, the kept
+    and target indices of each, concatenated)."""
+    enc = plan.encoder
+    units, kept = [], []
+    for i, (x, s, m) in enumerate(zip(tokens, scores, metric)):
+        n = x.shape[0]
+        d = resolve_count(enc.dominant, n, n)
+        c = resolve_count(enc.contextual, n, n) if enc.dominant is not None else 0
+        if d + c > n:
+            raise ValueError(f"{type(plan.method).__name__}: the encoder stage keeps {d} dominant + {c} contextual "
+                             f"tokens but {noun} {i} has only {n} merged tokens")
+        out, keep_idx, target_idx = ops.select_and_merge(s[None], x[None], m[None].to(x.dtype), d, c,
+                                                         backend=plan.backend)
+        units.append(out[0])
+        kept.append(torch.cat([keep_idx[0], target_idx[0]]))
+    return units, kept
+
+
 class Qwen2_5_VLPatch(ModelPatch):
     family = "Qwen2.5-VL"  # in messages; Qwen3-VL shares the decode positions
 
@@ -123,20 +143,8 @@ class Qwen2_5_VLPatch(ModelPatch):
         # patch level (window order) -> merged-token level (raster order): mean over each 2x2 group
         scores = self.scores.scores.view(-1, unit).mean(1)[reverse]
         metric = self.scores.metric.view(-1, unit, self.scores.metric.shape[-1]).mean(1)[reverse]
-        images, kept = [], []
-        for i, (x, s, m) in enumerate(zip(torch.split(merged, sizes), torch.split(scores, sizes),
-                                          torch.split(metric, sizes))):
-            n = x.shape[0]
-            d = resolve_count(enc.dominant, n, n)
-            c = resolve_count(enc.contextual, n, n) if enc.dominant is not None else 0
-            if d + c > n:
-                raise ValueError(f"{type(self.plan.method).__name__}: the encoder stage keeps {d} dominant + {c} "
-                                 f"contextual tokens but image {i} has only {n} merged tokens")
-            tokens, keep_idx, target_idx = ops.select_and_merge(s[None], x[None], m[None].to(x.dtype), d, c,
-                                                                backend=self.plan.backend)
-            images.append(tokens[0])
-            kept.append(torch.cat([keep_idx[0], target_idx[0]]))
-        return images, kept
+        return select_per_unit(self.plan, torch.split(merged, sizes), torch.split(scores, sizes),
+                               torch.split(metric, sizes), "image")
 
     # ------------------------------------------------------------------ prefill
     def _prefill(self, original, a):

@@ -37,12 +37,10 @@ import sys
 
 import torch
 
-from vtprune import ops
-from vtprune.methods.schedule import resolve_count
 from vtprune.models._decoder import DecoderPatch
 from vtprune.models._patch import ModelPatch, bound_arguments, place_images
 from vtprune.models._sequence import Sequence
-from vtprune.models.qwen2_5_vl import Qwen2_5_VLPatch, VisionScores
+from vtprune.models.qwen2_5_vl import Qwen2_5_VLPatch, VisionScores, select_per_unit
 
 CLASS_NAME = "Qwen3VLForConditionalGeneration"
 _DEEPSTACK = "qwen3_vl_deepstack"  # key of the prefill call's Deepstack in Call.scratch
@@ -155,20 +153,8 @@ class Qwen3VLPatch(ModelPatch):
         # patch level -> merged-token level: mean over each 2x2 group (consecutive patches, no window order)
         scores = self.scores.scores.view(-1, unit).mean(1)
         metric = self.scores.metric.view(-1, unit, self.scores.metric.shape[-1]).mean(1)
-        units, kept = [], []
-        for i, (x, s, m) in enumerate(zip(torch.split(wide, sizes), torch.split(scores, sizes),
-                                          torch.split(metric, sizes))):
-            n = x.shape[0]
-            d = resolve_count(enc.dominant, n, n)
-            c = resolve_count(enc.contextual, n, n) if enc.dominant is not None else 0
-            if d + c > n:
-                raise ValueError(f"{type(self.plan.method).__name__}: the encoder stage keeps {d} dominant + {c} "
-                                 f"contextual tokens but image or frame group {i} has only {n} merged tokens")
-            tokens, keep_idx, target_idx = ops.select_and_merge(s[None], x[None], m[None].to(x.dtype), d, c,
-                                                                backend=self.plan.backend)
-            units.append(tokens[0])
-            kept.append(torch.cat([keep_idx[0], target_idx[0]]))
-        return units, kept
+        return select_per_unit(self.plan, torch.split(wide, sizes), torch.split(scores, sizes),
+                               torch.split(metric, sizes), "image or frame group")
 
     # ------------------------------------------------------------------ prefill
     def _prefill(self, original, a):
