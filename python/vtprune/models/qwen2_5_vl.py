@@ -97,16 +97,34 @@ def select_per_unit(plan, tokens, scores, metric, noun: str):
     return units, kept
 
 
+def refuse_square_pool(plan, family: str) -> None:
+    """UniformPool pools a fixed square grid, which does not fit images of any aspect ratio."""
+    if plan.encoder is not None and plan.encoder.kind == "pool":
+        raise ValueError(f"{type(plan.method).__name__}: uniform pooling to a square grid does not apply to "
+                         f"{family}'s dynamic-resolution images; use a ratio-based method (e.g. "
+                         "VisionDrop(ratio=...), VisionZip with fractions)")
+
+
+def kept_positions(positions, mask, placeholders, counts_in: list, kept, place):
+    """The prefill's :class:`Sequence` over the unpruned prompt (3-D positions ``[3, B, L]``, not re-compacted) and
+    each new visual token's original position ``[3, S]``: a kept token its own, a contextual token its target's
+    (``kept``: per unit the kept then target indices, or None without an encoder stage)."""
+    B = mask.shape[0]
+    unit_pos = torch.split(positions.permute(1, 2, 0)[placeholders].T, counts_in, dim=1)  # [3, n_i] each
+    value_pos = torch.cat([p if k is None else p[:, k.to(p.device)]
+                           for p, k in zip(unit_pos, kept or [None] * len(counts_in))], 1)
+    seq = Sequence(mask, positions, torch.zeros(B, 2, dtype=torch.int64), torch.zeros(B, dtype=torch.int64),
+                   recompact=False, pad_host=place.padding, tail_real=place.tail_real, left_padded=place.left_padded)
+    return seq, value_pos
+
+
 class Qwen2_5_VLPatch(ModelPatch):
     family = "Qwen2.5-VL"  # in messages; Qwen3-VL shares the decode positions
 
     def __init__(self, model, plan, restore):
         super().__init__(model, plan, restore)
         enc = plan.encoder
-        if enc is not None and enc.kind == "pool":
-            raise ValueError(f"{type(plan.method).__name__}: uniform pooling to a square grid does not apply to "
-                             "Qwen2.5-VL's dynamic-resolution images; use a ratio-based method (e.g. "
-                             "VisionDrop(ratio=...), VisionZip with fractions)")
+        refuse_square_pool(plan, self.family)
         visual = self.mm.visual
         self.scores = None
         self.window_index = None
@@ -168,13 +186,7 @@ class Qwen2_5_VLPatch(ModelPatch):
         images_of_row = place.images_of_row
         per_row = [len(i) for i in images_of_row]
         self._check_images_per_row(per_row)
-        # each new token's original 3-D position: kept tokens their own, contextual tokens their target's
-        image_pos = torch.split(positions.permute(1, 2, 0)[placeholders].T, counts_in, dim=1)  # [3, n_i] each
-        value_pos = torch.cat([p if k is None else p[:, k.to(p.device)]
-                               for p, k in zip(image_pos, kept or [None] * len(images))], 1)
-        seq = Sequence(mask, positions, torch.zeros(B, 2, dtype=torch.int64), torch.zeros(B, dtype=torch.int64),
-                       recompact=False, pad_host=place.padding, tail_real=place.tail_real,
-                       left_padded=place.left_padded)
+        seq, value_pos = kept_positions(positions, mask, placeholders, counts_in, kept, place)
         embeds = self.mm.get_input_embeddings()(input_ids)
         features = torch.cat(images).to(embeds.dtype)
         embeds, _ = seq.compact(embeds, place.keep, place.slots, features, value_pos, kept=place.kept,

@@ -39,8 +39,7 @@ import torch
 
 from vtprune.models._decoder import DecoderPatch
 from vtprune.models._patch import ModelPatch, bound_arguments, place_images
-from vtprune.models._sequence import Sequence
-from vtprune.models.qwen2_5_vl import Qwen2_5_VLPatch, VisionScores, select_per_unit
+from vtprune.models.qwen2_5_vl import Qwen2_5_VLPatch, VisionScores, kept_positions, refuse_square_pool, select_per_unit
 
 CLASS_NAME = "Qwen3VLForConditionalGeneration"
 _DEEPSTACK = "qwen3_vl_deepstack"  # key of the prefill call's Deepstack in Call.scratch
@@ -116,10 +115,7 @@ class Qwen3VLPatch(ModelPatch):
     def __init__(self, model, plan, restore):
         super().__init__(model, plan, restore)
         enc = plan.encoder
-        if enc is not None and enc.kind == "pool":
-            raise ValueError(f"{type(plan.method).__name__}: uniform pooling to a square grid does not apply to "
-                             "Qwen3-VL's dynamic-resolution images; use a ratio-based method (e.g. "
-                             "VisionDrop(ratio=...), VisionZip with fractions)")
+        refuse_square_pool(plan, self.family)
         visual = self.mm.visual
         self.scores = None if enc is None else VisionScores(visual.blocks[-1].attn, plan.backend, restore)
         self.decoder = DeepstackDecoder(self.lm, plan, normed_qk, restore)
@@ -187,13 +183,7 @@ class Qwen3VLPatch(ModelPatch):
                              f"separates them): batch rows hold {per_row} frame groups (use a one-frame-group "
                              "video, or an encoder-only method such as VisionZip)")
         self._check_images_per_row(per_row)
-        # each new token's original 3-D position: kept tokens their own, contextual tokens their target's
-        unit_pos = torch.split(positions.permute(1, 2, 0)[placeholders].T, counts_in, dim=1)  # [3, n_i] each
-        value_pos = torch.cat([p if k is None else p[:, k.to(p.device)]
-                               for p, k in zip(unit_pos, kept or [None] * len(units))], 1)
-        seq = Sequence(mask, positions, torch.zeros(B, 2, dtype=torch.int64), torch.zeros(B, dtype=torch.int64),
-                       recompact=False, pad_host=place.padding, tail_real=place.tail_real,
-                       left_padded=place.left_padded)
+        seq, value_pos = kept_positions(positions, mask, placeholders, counts_in, kept, place)
         embeds = self.mm.get_input_embeddings()(input_ids)
         features = torch.cat(units).to(embeds.dtype)  # [S, D * (1 + levels)]
         D = embeds.shape[-1]
