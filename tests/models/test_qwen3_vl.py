@@ -256,7 +256,7 @@ def test_bad_input(q3, qbatch):
         with pytest.raises(ValueError, match="image_grid_thw"):
             q3(**{k: v for k, v in qbatch.items() if k != "image_grid_thw"})
         video = tiny_qwen3_video_inputs(q3, frames=1)
-        with pytest.raises(ValueError, match="not both"):
+        with pytest.raises(ValueError, match="1 frame groups left over"):  # a video but no video placeholders
             q3(**qbatch, pixel_values_videos=video["pixel_values_videos"], video_grid_thw=video["video_grid_thw"])
 
 
@@ -435,3 +435,21 @@ def test_alvts_calibration_walk_adds_deepstack(q3, qbatch):
     assert len(records[0]["deepstack"][1]) == 2
     for i, items in _walk(lm.layers, records, "", False):
         torch.testing.assert_close(items[0][0], lm.layers[i].input_layernorm(truth[i]), atol=1e-5, rtol=1e-5)
+
+
+def test_images_and_video_in_one_prompt(q3):
+    """An image, a 2-frame-group video and another image in one prompt (and a video-only row): the units are placed
+    in prompt order, so a keep-all encoder stage reproduces the unpatched model; a pruning one keeps each unit's
+    budget in its own span."""
+    x = tiny_qwen3_multi_inputs(q3, [[3, (8, 8), 2, (2, 8, 12), 2, (8, 12), 4], [5, (1, 8, 8), 3]], seed=4)
+    ref = q3(**x).logits
+    with vtprune.apply(q3, vtprune.VisionZip(None, 0)):
+        torch.testing.assert_close(q3(**x).logits, ref, atol=1e-5, rtol=1e-5)
+    with vtprune.apply(q3, vtprune.VisionZip(0.5, 0)) as h:
+        out = q3(**x)
+        assert h.stats.visual_tokens_per_row[0] == [8 + 12 + 12 + 12] * 4
+        assert h.stats.visual_tokens_per_row[1] == [8] * 4
+    assert out.logits.shape[1] == ref.shape[1] - (16 + 24 + 24 + 24) // 2
+    with vtprune.apply(q3, METHODS["fastv"]()):
+        with pytest.raises(ValueError, match="frame group"):
+            q3(**x)

@@ -52,51 +52,47 @@ def tiny_qwen3_vl(*, attn_implementation: str = "sdpa", dtype=torch.float32, see
     return model
 
 
-def _patch_width(model) -> int:
-    v = model.config.vision_config
-    return 3 * v.temporal_patch_size * v.patch_size**2
-
-
 def tiny_qwen3_multi_inputs(model, rows, *, seed: int = 0):
-    """Left-padded inputs with several images per prompt.
+    """Left-padded inputs with any number of images and videos per prompt.
 
-    rows : per batch row, a list of text lengths and image grids in prompt order, e.g. ``[3, (8, 8), 2, (8, 12),
-        4]``: an int is that many random text tokens, a ``(h, w)`` patch grid (even numbers) is an image of
-        ``h*w/4`` merged tokens wrapped in vision start / end tokens.
+    rows : per batch row, its parts in prompt order, e.g. ``[3, (8, 8), 2, (3, 8, 12), 4]``: an int is that many
+        random text tokens; ``(h, w)`` an image of an ``h x w`` patch grid (even numbers; ``h*w/4`` merged tokens)
+        in vision start / end tokens; ``(t, h, w)`` a video of ``t`` frame groups laid out as Qwen3-VL's processor
+        does: per frame group a timestamp (2 text tokens here), vision start, ``h*w/4`` video tokens, vision end.
     """
     g = torch.Generator().manual_seed(seed)
     m = model.config.vision_config.spatial_merge_size
-    ids, grids = [], []
+    width = 3 * model.config.vision_config.temporal_patch_size * model.config.vision_config.patch_size**2
+
+    def text(n):
+        return torch.randint(1, VISION_END - 1, (n,), generator=g)
+
+    ids, grids = [], {"image": [], "video": []}
     for parts in rows:
         row = []
         for p in parts:
             if isinstance(p, int):
-                row.append(torch.randint(1, VISION_END - 1, (p,), generator=g))
-            else:
-                h, w = p
-                grids.append([1, h, w])
-                row.append(torch.tensor([VISION_START] + [IMAGE_TOKEN] * (h * w // m**2) + [VISION_END]))
+                row.append(text(p))
+                continue
+            t, h, w = (1, *p) if len(p) == 2 else p
+            token = IMAGE_TOKEN if len(p) == 2 else VIDEO_TOKEN
+            grids["image" if len(p) == 2 else "video"].append([t, h, w])
+            for _ in range(t):
+                row += [] if len(p) == 2 else [text(2)]
+                row.append(torch.tensor([VISION_START] + [token] * (h * w // m**2) + [VISION_END]))
         ids.append(torch.cat(row))
     ids, mask = _left_pad(ids)
-    pixels = torch.randn(sum(h * w for _, h, w in grids), _patch_width(model), generator=g).to(model.dtype)
-    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels,
-            "image_grid_thw": torch.tensor(grids), "mm_token_type_ids": (ids == IMAGE_TOKEN).int()}
+    out = {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": (ids == IMAGE_TOKEN).int()
+           + 2 * (ids == VIDEO_TOKEN).int()}
+    for kind, key in (("image", "pixel_values"), ("video", "pixel_values_videos")):
+        if grids[kind]:
+            n = sum(t * h * w for t, h, w in grids[kind])
+            out[key] = torch.randn(n, width, generator=g).to(model.dtype)
+            out[f"{kind}_grid_thw"] = torch.tensor(grids[kind])
+    return out
 
 
 def tiny_qwen3_video_inputs(model, frames: int = 3, grid=(8, 8), prefix: int = 3, suffix: int = 4, *,
                             seed: int = 0):
-    """One prompt with a video of ``frames`` frame groups (each ``temporal_patch_size`` frames) of a ``grid``
-    patch grid, laid out as Qwen3-VL's processor does: per frame group a timestamp (2 text tokens here), then
-    vision start, ``h*w/4`` video tokens, vision end."""
-    g = torch.Generator().manual_seed(seed)
-    h, w = grid
-    m = model.config.vision_config.spatial_merge_size
-    row = [torch.randint(1, VISION_END - 1, (prefix,), generator=g)]
-    for _ in range(frames):
-        row.append(torch.randint(1, VISION_END - 1, (2,), generator=g))
-        row.append(torch.tensor([VISION_START] + [VIDEO_TOKEN] * (h * w // m**2) + [VISION_END]))
-    row.append(torch.randint(1, VISION_END - 1, (suffix,), generator=g))
-    ids = torch.cat(row)[None]
-    pixels = torch.randn(frames * h * w, _patch_width(model), generator=g).to(model.dtype)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values_videos": pixels,
-            "video_grid_thw": torch.tensor([[frames, h, w]]), "mm_token_type_ids": 2 * (ids == VIDEO_TOKEN).int()}
+    """One prompt ``[text, video of frames x grid, text]`` (see :func:`tiny_qwen3_multi_inputs`)."""
+    return tiny_qwen3_multi_inputs(model, [[prefix, (frames, *grid), suffix]], seed=seed)

@@ -28,7 +28,8 @@ What differs:
   so every frame group is its own visual span and unit of the encoder stage (budgets per frame group). Methods
   that rank one span per row in the language model (LLM stages, ALVTS) therefore take a one-frame-group video
   only and refuse more with an error; encoder-only methods (VisionZip, an encoder-only VisionDrop) take any
-  number of images or frame groups. Images and videos in the same call are refused.
+  number of images and frame groups, also mixed in one prompt (one vision-tower call; the units are put back
+  in prompt order from the placeholder runs).
 """
 
 from __future__ import annotations
@@ -155,33 +156,42 @@ class Qwen3VLPatch(ModelPatch):
     # ------------------------------------------------------------------ prefill
     def _prefill(self, original, a):
         input_ids, cache, mask_in = self._check_prefill(a)
-        image, video = a.get("pixel_values") is not None, a.get("pixel_values_videos") is not None
-        if image and video:
-            raise ValueError("vtprune: Qwen3-VL takes images (pixel_values) or videos (pixel_values_videos) in one "
-                             "call, not both")
-        grid_key = "image_grid_thw" if image else "video_grid_thw"
-        grid = a.get(grid_key)
-        if grid is None:
-            raise ValueError(f"vtprune: Qwen3-VL needs {grid_key} with "
-                             f"{'pixel_values' if image else 'pixel_values_videos'}")
         cfg = self.config
+        kinds = [k for k in ("image", "video") if a.get("pixel_values" if k == "image" else "pixel_values_videos")
+                 is not None]
+        for k in kinds:
+            if a.get(f"{k}_grid_thw") is None:
+                raise ValueError(f"vtprune: Qwen3-VL needs {k}_grid_thw with "
+                                 f"{'pixel_values' if k == 'image' else 'pixel_values_videos'}")
         B, L = input_ids.shape
         dev = input_ids.device
-        placeholders = input_ids == (cfg.image_token_id if image else cfg.video_token_id)
+        image_ph, video_ph = input_ids == cfg.image_token_id, input_ids == cfg.video_token_id
+        placeholders = (image_ph & ("image" in kinds)) | (video_ph & ("video" in kinds))
         mask = mask_in if mask_in is not None else torch.ones(B, L, dtype=torch.long, device=dev)
-        positions = self._positions(a, input_ids, mask, placeholders, image)  # [3, B, L]
+        types = a.get("mm_token_type_ids")
+        if types is None:
+            types = image_ph.int() + 2 * video_ph.int()
+        positions = self._positions(a, input_ids, mask, types)  # [3, B, L]
 
-        units, kept = self._encode(a["pixel_values" if image else "pixel_values_videos"], grid)
+        # one tower call for every image and video; units (images, frame groups) then put in prompt order
+        grid = torch.cat([a[f"{k}_grid_thw"] for k in kinds])
+        pixels = torch.cat([a["pixel_values" if k == "image" else "pixel_values_videos"] for k in kinds])
+        units, kept = self._encode(pixels, grid)
         unit = self.mm.visual.spatial_merge_size**2
         counts_in = (grid[:, 1:].prod(-1) // unit).repeat_interleave(grid[:, 0]).tolist()
+        if len(kinds) == 2:
+            n_image = int(a["image_grid_thw"][:, 0].sum())
+            order = _prompt_order(placeholders, video_ph, counts_in[:n_image], counts_in[n_image:])
+            units, counts_in = [units[i] for i in order], [counts_in[i] for i in order]
+            kept = None if kept is None else [kept[i] for i in order]
         counts_out = [x.shape[0] for x in units]
         place = place_images(placeholders, mask_in, counts_in, counts_out)
         per_row = [len(i) for i in place.images_of_row]
-        if video and self._reads_spans and any(n > 1 for n in per_row):
+        if "video" in kinds and self._reads_spans and any(n > 1 for n in per_row):
             raise ValueError(f"{type(self.plan.method).__name__} ranks one visual span per prompt in the language "
                              f"model, and each frame group of a Qwen3-VL video is its own span (a timestamp "
-                             f"separates them): batch rows hold {per_row} frame groups (use a one-frame-group "
-                             "video, or an encoder-only method such as VisionZip)")
+                             f"separates them): batch rows hold {per_row} images and frame groups (use one image "
+                             "or a one-frame-group video per prompt, or an encoder-only method such as VisionZip)")
         self._check_images_per_row(per_row)
         seq, value_pos = kept_positions(positions, mask, placeholders, counts_in, kept, place)
         embeds = self.mm.get_input_embeddings()(input_ids)
@@ -199,7 +209,7 @@ class Qwen3VLPatch(ModelPatch):
             a.pop(key, None)
         return self._run_prefill(original, a, call, wide[..., :D], cache)
 
-    def _positions(self, a, input_ids, mask, placeholders, image: bool):
+    def _positions(self, a, input_ids, mask, types):
         """3-D positions [3, B, L] of the unpruned prompt: the given ones (generate passes [4, B, L], text
         positions first) or ``get_rope_index`` as the unpatched forward computes them (also setting
         ``rope_deltas`` for decoding)."""
@@ -209,9 +219,6 @@ class Qwen3VLPatch(ModelPatch):
                 return positions[-3:]
             raise ValueError(f"vtprune: Qwen3-VL position_ids must be [3, B, L] or [4, B, L] with an image or "
                              f"video, got shape {tuple(positions.shape)}")
-        types = a.get("mm_token_type_ids")
-        if types is None:
-            types = placeholders.int() * (1 if image else 2)
         positions, deltas = self.mm.get_rope_index(input_ids, mm_token_type_ids=types,
                                                    image_grid_thw=a.get("image_grid_thw"),
                                                    video_grid_thw=a.get("video_grid_thw"), attention_mask=mask)
@@ -220,3 +227,34 @@ class Qwen3VLPatch(ModelPatch):
 
     # decoding continues the unpruned model's 3-D positions exactly as for Qwen2.5-VL
     _decode_positions = Qwen2_5_VLPatch._decode_positions
+
+
+def _prompt_order(placeholders, video, image_counts: list, video_counts: list) -> list:
+    """Images and videos in one call: the order of the units (images ``0..I-1``, then frame groups) in the
+    prompts, row-major. Each run of same-kind placeholders in a row takes the next units of its kind until its
+    length is used up; one host read of the runs' kinds and lengths."""
+    B, L = placeholders.shape
+    kind = video.long()
+    prev_ph = torch.nn.functional.pad(placeholders[:, :-1], (1, 0), value=False)
+    prev_kind = torch.nn.functional.pad(kind[:, :-1], (1, 0))
+    starts = placeholders & (~prev_ph | (prev_kind != kind))
+    run = starts.flatten().long().cumsum(0) - 1  # run index of every position (row-major)
+    ph = placeholders.flatten()
+    n_runs = int(starts.sum())
+    lengths = torch.zeros(n_runs, dtype=torch.long, device=run.device).index_add_(0, run[ph], torch.ones_like(run[ph]))
+    run_kinds = kind.flatten()[starts.flatten()]
+    queues = [list(range(len(image_counts))), [len(image_counts) + i for i in range(len(video_counts))]]
+    counts = list(image_counts) + list(video_counts)
+    order = []
+    for k, n in zip(run_kinds.tolist(), lengths.tolist()):
+        while n > 0 and queues[k]:
+            i = queues[k].pop(0)
+            order.append(i)
+            n -= counts[i]
+        if n != 0:
+            raise ValueError(f"the prompts' {'video' if k else 'image'} placeholder runs do not match the "
+                             f"{'videos (frame groups)' if k else 'images'} given (their sizes or count)")
+    if any(queues):
+        raise ValueError(f"the prompts hold placeholders for fewer images / frame groups than given "
+                         f"({len(queues[0])} images and {len(queues[1])} frame groups left over)")
+    return order
