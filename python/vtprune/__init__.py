@@ -7,19 +7,15 @@ backend that needs them is asked for.
 from vtprune import ops
 from vtprune._backend import BackendUnavailableError
 from vtprune.api import Handle, apply
-from vtprune.methods import FastV, PyramidDrop, UniformPool, VisionDrop, VisionZip
+from vtprune.methods import ALVTS, FastV, Method, PyramidDrop, UniformPool, VisionDrop, VisionZip
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "BackendUnavailableError", "__version__", "apply", "Handle", "VisionDrop", "ALVTS", "FastV",
+__all__ = ["ops", "BackendUnavailableError", "__version__", "apply", "Handle", "Method", "VisionDrop", "ALVTS", "FastV",
            "VisionZip", "PyramidDrop", "UniformPool", "load_method", "to_config"]
 
 
 def __getattr__(name):
-    if name == "ALVTS":  # lazily, see vtprune.methods.__getattr__
-        from vtprune import methods
-
-        return methods.ALVTS
     if name in ("load_method", "to_config"):  # method configs as data (vtprune.config)
         from vtprune import config
 

@@ -12,14 +12,9 @@ from dataclasses import dataclass
 
 from vtprune.flops import prefill_flops
 from vtprune.methods.base import Method
+from vtprune.models import FAMILIES
 from vtprune.models._restore import Restorer
 
-SUPPORTED = {
-    "LlavaForConditionalGeneration": "vtprune.models.llava:LlavaPatch",
-    "LlavaNextForConditionalGeneration": "vtprune.models.llava_next:LlavaNextPatch",
-    "Qwen2_5_VLForConditionalGeneration": "vtprune.models.qwen2_5_vl:Qwen2_5_VLPatch",
-    "Qwen3VLForConditionalGeneration": "vtprune.models.qwen3_vl:Qwen3VLPatch",
-}
 _ATTR = "_vtprune_handle"
 
 
@@ -126,28 +121,16 @@ def _family(model):
     import transformers
 
     name = type(model).__name__
-    if name not in SUPPORTED:
-        raise TypeError(f"vtprune.apply: unsupported model class {name}; supported: {', '.join(SUPPORTED)}")
+    if name not in FAMILIES:
+        raise TypeError(f"vtprune.apply: unsupported model class {name}; supported: {', '.join(FAMILIES)}")
     # a subclass or a class of the same name from elsewhere may change forward, layers or caches: the patches
     # mirror transformers' own classes only
     expected = getattr(transformers, name, None)
     if type(model) is not expected:
         raise TypeError(f"vtprune.apply: model is a {type(model).__module__}.{name}, not transformers' {name} "
                         f"(subclasses and look-alike classes are not supported; the patch mirrors that class)")
-    module, cls = SUPPORTED[name].split(":")
+    module, cls = FAMILIES[name].split(":")
     return getattr(importlib.import_module(module), cls)
-
-
-def _as_method(method):
-    if isinstance(method, Method):
-        return method
-    # ALVTS from vtprune.methods.alvts exposes prepare/route/layers_routed; adapt it to the layer hook
-    if all(hasattr(method, a) for a in ("prepare", "route", "layers_routed")):
-        from vtprune.methods.routing import RoutedMethod
-
-        return RoutedMethod(method)
-    raise TypeError(f"vtprune.apply: method must be a vtprune method object (VisionDrop(), FastV(), ...), "
-                    f"got {type(method).__name__}")
 
 
 def apply(model, method) -> Handle:
@@ -156,9 +139,9 @@ def apply(model, method) -> Handle:
     Parameters
     ----------
     model : a supported ``transformers`` model instance (``LlavaForConditionalGeneration``,
-        ``LlavaNextForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``,
-        ``Qwen3VLForConditionalGeneration``)
-    method : VisionDrop, FastV, VisionZip, PyramidDrop, UniformPool or ALVTS instance
+        ``LlavaNextForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``)
+    method : a :class:`vtprune.methods.Method`: VisionDrop, FastV, VisionZip, PyramidDrop, UniformPool, ALVTS, or a
+        subclass of your own (docs/methods.md, "Writing a method")
 
     Example
     -------
@@ -170,21 +153,24 @@ def apply(model, method) -> Handle:
     if getattr(model, _ATTR, None) is not None:
         raise RuntimeError(f"vtprune.apply: this {type(model).__name__} is already patched "
                            f"({model.__dict__[_ATTR].method!r}); call handle.remove() first")
-    given = method
-    method = _as_method(method)
-    text_config = model.config.get_text_config()
-    plan = method.plan(text_config.num_hidden_layers)
+    if not isinstance(method, Method):
+        raise TypeError(f"vtprune.apply: method must be a vtprune.methods.Method (VisionDrop(), FastV(), ALVTS(), or "
+                        f"a subclass of your own), got {type(method).__name__}")
+    num_layers = model.config.get_text_config().num_hidden_layers
+    hooks = method.hooks(num_layers)
+    if hooks.prune_after and hooks.prune_after[-1] >= num_layers:
+        raise ValueError(f"{type(method).__name__}: a hook after layer {hooks.prune_after[-1]} leaves no decoder "
+                         f"layer to prune for; the language model has {num_layers} layers")
     restorer = Restorer()
     try:
         method.prepare(model.model.language_model, vlm=model)
-        patch = family(model, plan, restorer)
+        patch = family(model, method, hooks, restorer)
         restorer.set_attr(model, "__deepcopy__", lambda memo: _deepcopy(model, memo))
         restorer.set_attr(model, "__reduce_ex__", _refuse_pickle)
     except BaseException:
         restorer.restore()
         raise
     handle = Handle(model, method, patch, restorer)
-    handle._given = given
     model.__dict__[_ATTR] = handle
     return handle
 
@@ -202,10 +188,9 @@ def _deepcopy(model, memo):
     finally:
         model.__dict__[_ATTR] = handle
         handle._restorer.put_back(lifted)
-    share = getattr(handle.method, "prepare_copy", None)
-    if share is not None:  # e.g. ALVTS: the copy uses the same (possibly calibrated) selector factors
-        share(model.model.language_model, clone.model.language_model)
-    apply(clone, handle._given)
+    # e.g. ALVTS: the copy uses the same (possibly calibrated) selector factors
+    handle.method.prepare_copy(model.model.language_model, clone.model.language_model)
+    apply(clone, handle.method)
     return clone
 
 

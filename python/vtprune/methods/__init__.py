@@ -1,23 +1,16 @@
-"""Token-reduction methods: VisionDrop, the baselines, and (from :mod:`vtprune.methods.alvts`) ALVTS."""
+"""Token-reduction methods, all written against one interface (:class:`Method`, docs/methods.md).
 
-from vtprune.methods.base import Method
+:class:`Method` and the hook contexts (:class:`EncoderContext`, :class:`PruneContext`, :class:`LayerCall`) are
+what a method of your own subclasses and receives; :class:`Selection` is what its hooks return.
+"""
+
+from vtprune.methods.alvts import ALVTS
+from vtprune.methods.base import EncoderContext, Hooks, LayerCall, Method, ModelInfo, PruneContext, Selection
 from vtprune.methods.baselines import FastV, PyramidDrop, UniformPool, VisionZip
 from vtprune.methods.schedule import EncoderStage, Stage
+from vtprune.methods.staged import Plan, StagedMethod
 from vtprune.methods.visiondrop import VisionDrop
 
-__all__ = ["Method", "VisionDrop", "FastV", "PyramidDrop", "VisionZip", "UniformPool", "ALVTS", "EncoderStage",
-           "Stage"]
-
-
-def __getattr__(name):
-    # ALVTS lives in its own module, written separately; import it lazily so a missing or broken ALVTS never
-    # breaks the other methods, and say so clearly when it is asked for.
-    if name == "ALVTS":
-        try:
-            from vtprune.methods.alvts import ALVTS
-        except ModuleNotFoundError as e:
-            if e.name != "vtprune.methods.alvts":
-                raise
-            raise ImportError("ALVTS is not available in this build: vtprune.methods.alvts is missing") from e
-        return ALVTS
-    raise AttributeError(f"module 'vtprune.methods' has no attribute {name!r}")
+__all__ = ["Method", "Hooks", "ModelInfo", "Selection", "EncoderContext", "PruneContext", "LayerCall",
+           "StagedMethod", "Plan", "VisionDrop", "FastV", "PyramidDrop", "VisionZip", "UniformPool", "ALVTS",
+           "EncoderStage", "Stage"]

@@ -17,6 +17,8 @@ import torch
 from vtprune._backend import BACKENDS
 from vtprune.alvts.calibrate import calibrate, capture_layer_inputs
 from vtprune.alvts.factors import SelectorFactors, decoder_layers, init_factors
+from vtprune.methods.base import Hooks, LayerCall, Method
+from vtprune.methods.routing import run_routed_layer
 from vtprune.ops._staging import to_device_i64
 from vtprune.ops.lowrank_scores import lowrank_scores
 from vtprune.ops.routed_layer import routed_attention_mask, routed_layer
@@ -34,7 +36,7 @@ _KEEP_DEFAULT = _DefaultKeep(64)
 _TEXT, _PICKED, _PADDING = 4.0, 3.0, 2.0
 
 
-class ALVTS:
+class ALVTS(Method):
     """ALVTS token routing with a fixed per-layer budget.
 
     Parameters
@@ -129,8 +131,9 @@ class ALVTS:
                              "layer's own attention module; only skipped_as_keys=False (the paper's routing) exists")
         if backend not in BACKENDS:
             raise ValueError(f"ALVTS backend must be one of {BACKENDS}, got {backend!r}")
+        super().__init__(backend)
         self.keep, self.ratio, self.rank, self.first_layer = keep, ratio, rank, first_layer
-        self.factors, self.calibration, self.backend = factors, calibration, backend
+        self.factors, self.calibration = factors, calibration
         self.skipped_as_keys = False
         # language model -> its factors (one entry per prepared model; dropped with the model)
         self._prepared: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -142,6 +145,17 @@ class ALVTS:
     def __repr__(self) -> str:
         budget = f"ratio={self.ratio}" if self.ratio is not None else f"keep={self.keep}"
         return f"ALVTS({budget}, rank={self.rank}, first_layer={self.first_layer}, backend={self.backend!r})"
+
+    # ------------------------------------------------------------------ the method's hooks
+    def hooks(self, num_layers: int) -> Hooks:
+        """ALVTS uses only the layer hook (:meth:`run_layer`): no encoder stage, nothing is dropped."""
+        return Hooks()
+
+    def run_layer(self, call: LayerCall):
+        """A routed layer's call: in prefill the routed tokens run the layer (:meth:`forward_layer`) and the others
+        pass through; while decoding every new token runs against the layer's own (routed) cache
+        (:mod:`vtprune.methods.routing`). Layers before ``first_layer`` run unchanged."""
+        return run_routed_layer(self, call)
 
     # ------------------------------------------------------------------ model-facing API
     def prepare(self, language_model, vlm=None) -> SelectorFactors:

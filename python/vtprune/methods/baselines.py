@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import math
 
-from vtprune.methods.base import Method, Plan
 from vtprune.methods.schedule import EncoderStage, Stage, check_count, depth_scaled
+from vtprune.methods.staged import Plan, StagedMethod
 
 _UNSET = object()  # an argument not given (its default applies unless a conflicting one is given)
 
@@ -19,7 +19,7 @@ def _ratio(name: str, value) -> float:
     return float(value)
 
 
-class FastV(Method):
+class FastV(StagedMethod):
     """FastV (Chen et al., 2024): after ``layer`` decoder layers, keep the image tokens that the last prompt
     token attends to most in the layer that just ran (layer ``K - 1``'s attention, head-averaged, as in the
     official code), for the rest of the prefill.
@@ -56,7 +56,7 @@ class FastV(Method):
         return f"layer={self.layer}, " + (f"tokens={self.tokens}" if self.tokens is not None else f"ratio={self.ratio}")
 
 
-class PyramidDrop(Method):
+class PyramidDrop(StagedMethod):
     """PyramidDrop (Xing et al., 2024): at 1/4, 2/4, 3/4 of the depth (8/16/24 of 32), keep ``ratio`` of the
     remaining image tokens ranked by the last instruction token's attention in the next layer (recomputed q/k,
     as in the official code).
@@ -84,7 +84,7 @@ class PyramidDrop(Method):
         return f"ratio={self.ratio}, layers={self.layers}"
 
 
-class VisionZip(Method):
+class VisionZip(StagedMethod):
     """VisionZip (Yang et al., CVPR 2025): encoder stage only ([CLS] attention at the feature layer; keep
     [CLS] + ``dominant - 1`` patches and merge the rest into ``contextual`` tokens). Default 54 + 10 = 64."""
 
@@ -101,7 +101,7 @@ class VisionZip(Method):
         return f"dominant={self.encoder.dominant}, contextual={self.encoder.contextual}"
 
 
-class UniformPool(Method):
+class UniformPool(StagedMethod):
     """Uniform pooling baseline: average-pool the encoder's patch grid to ``tokens`` tokens (a square number,
     e.g. 64 = 8x8 of LLaVA-1.5's 24x24) before the projector; [CLS] is dropped."""
 

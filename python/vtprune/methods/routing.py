@@ -1,6 +1,6 @@
-"""Adapter from a per-layer router (ALVTS, :mod:`vtprune.methods.alvts`) to the decoder-layer hook.
+"""The layer hook of ALVTS (:mod:`vtprune.methods.alvts`): a per-layer selection whose skipped tokens pass through.
 
-The router exposes ``prepare(language_model, vlm)``, ``layers_routed(num_layers) -> list[bool]``,
+The router (an :class:`~vtprune.methods.alvts.ALVTS`) gives ``layers_routed(num_layers) -> list[bool]``,
 ``visual_budget(counts)`` and ``forward_layer(...)`` (input norm, selector, top-k, routed mask and
 :func:`vtprune.ops.routed_layer` in one call): only the routed tokens (all text + the top-k image tokens) pass
 through a routed layer, the others skip it unchanged, every token keeps its original position.
@@ -24,7 +24,7 @@ patch read the sequence length from layer 0's cache, which must therefore hold e
 Statistics: per layer and batch row, the image tokens routed through the layer: the row's ``k`` (fill tokens,
 which leave the layer unchanged, do not count; see :class:`vtprune.methods.alvts.ALVTS`), computed on the host.
 
-Nothing of a call is kept on this object or the router (which may serve several models and threads): the
+Nothing of a call is kept on the router (which may serve several models and threads): the
 prefill's per-layer cache records go in the call's ``state`` (kept with its KV cache by the decoder patch), what
 one forward computes once for all its layers in the call's ``scratch``.
 """
@@ -36,127 +36,97 @@ import copy
 import torch
 
 from vtprune._compat import cache_from
-from vtprune.methods.base import LayerCall, Method, Plan
+from vtprune.methods.base import LayerCall
 from vtprune.ops.routed_layer import routed_attention_mask
 
 # arguments of the decoder-layer call that the routed call replaces or takes by name
 _OWN = ("attention_mask", "position_embeddings", "past_key_values", "cache")
 
 
-class RoutedMethod(Method):
-    name = "alvts"
+def run_routed_layer(router, call: LayerCall):
+    """The layer hook of a per-layer router (:meth:`vtprune.methods.alvts.ALVTS.run_layer`): route a routed
+    layer's prefill call, run its decode calls against its own cache; ``None`` (run the layer unchanged) for a
+    layer the router does not route."""
+    if not router.layers_routed(call.num_layers)[call.layer_idx]:
+        return None
+    cache = cache_from(call.kwargs)
+    if not call.prefill:
+        return _decode(call, cache)
+    # {layer index: (P, key padding mask [B, P] of the tokens that layer cached, or None: all keys)}
+    records = call.state.setdefault("alvts_cached", {})
+    if not bool((call.visual_spans[:, 1] > 0).any()):
+        return None  # no image in the batch: nothing to route, the layer runs (and caches) in full
+    if cache is not None and call.layer_idx == 0:
+        raise ValueError(
+            f"{router!r}: routing decoder layer 0 with a KV cache is not supported (transformers' generate "
+            "and mask code read the sequence length from layer 0's cache); use first_layer >= 1 (the default) "
+            "or use_cache=False"
+        )
+    kw = {k: v for k, v in call.kwargs.items() if k not in _OWN}
+    hidden, idx, routed_kpm = router.forward_layer(
+        call.layer_idx, _unhooked(call.layer, call.call), call.hidden_states, visual_spans=call.visual_spans,
+        key_padding_mask=call.key_padding_mask, position_embeddings=call.kwargs["position_embeddings"],
+        config=call.layer.self_attn.config, past_key_values=cache, scratch=call.scratch, **kw)
+    if cache is not None:
+        records[call.layer_idx] = (idx.shape[1], routed_kpm)
+    call.visual_tokens = _visual_k(router, call.visual_spans, call.scratch)
+    return hidden
 
-    def __init__(self, router):
-        missing = [a for a in ("prepare", "layers_routed", "visual_budget", "forward_layer") if not hasattr(router, a)]
-        if missing:
-            raise TypeError(f"vtprune: a router needs {', '.join(missing)} (see vtprune.methods.alvts.ALVTS), "
-                            f"{type(router).__name__} lacks them")
-        super().__init__(getattr(router, "backend", "auto"))
-        self.router = router
-        self._routed: dict = {}  # decoder depth -> frozenset of routed layer indices (immutable values)
 
-    def _routed_layers(self, num_layers: int) -> frozenset:
-        routed = self._routed.get(num_layers)
-        if routed is None:
-            routed = self._routed[num_layers] = frozenset(
-                i for i, r in enumerate(self.router.layers_routed(num_layers)) if r)
-        return routed
+def _decode(call: LayerCall, cache):
+    """One decoding call at a routed layer: every new token runs, against this layer's own cache."""
+    records = call.state.get("alvts_cached")
+    record = None if records is None or cache is None else records.get(call.layer_idx)
+    if record is None:  # the prefill did not route (no image): the layer cached everything
+        return None
+    i = call.layer_idx
+    B, q = call.hidden_states.shape[:2]
+    cached = int(cache.get_seq_length(i))
+    length, past = record
+    if length != cached:
+        raise RuntimeError(f"vtprune ALVTS: layer {i} cached {cached} tokens but its record covers "
+                           f"{length}; the cache was changed outside the patched model (cropped, reordered, "
+                           "reused?)")
+    # Once per decoding call, not per routed layer: every routed layer caches the same number of tokens, so
+    # the layers whose cached keys hold no padding share one mask. The entry holds the tensors it was built
+    # from and is used only for those very objects (a layer with routed padding has its own ``past``).
+    masks = call.scratch.setdefault("alvts_decode_masks", {})
+    hit = masks.get((cached, q, call.hidden_states.dtype))
+    if hit is not None and hit[0] is past and hit[1] is call.key_padding_mask:
+        kpm, mask = hit[2], hit[3]
+    else:
+        kpm = None  # [B, cached + q], None: every key is real (the plain causal mask, no device read)
+        new_cols = call.key_padding_mask[:, -q:]
+        if past is not None or _new_columns_padded(call.key_padding_mask, q, call.scratch):
+            ones = torch.ones(B, cached, dtype=torch.bool, device=new_cols.device) if past is None else past
+            kpm = torch.cat([ones, new_cols.to(ones.device)], 1)
+        new = torch.arange(q, device=call.hidden_states.device).expand(B, q)
+        mask = routed_attention_mask(call.layer.self_attn.config, new, kpm, cache, layer_idx=i,
+                                     dtype=call.hidden_states.dtype, materialize=kpm is not None)
+        masks[(cached, q, call.hidden_states.dtype)] = (past, call.key_padding_mask, kpm, mask)
+    out = call.call(call.hidden_states, **dict(call.kwargs, attention_mask=mask))
+    records[i] = (cached + q, kpm)
+    return out
 
-    def plan(self, num_layers: int) -> Plan:
-        self._routed_layers(num_layers)
-        return self._plan(None, (), num_layers)
 
-    def prepare(self, language_model, vlm=None) -> None:
-        self.router.prepare(language_model, vlm)
+def _visual_k(router, spans, scratch: dict) -> torch.Tensor:
+    """Image tokens each row routes through a routed layer: its ``k`` [B] on the CPU (fill tokens do not
+    count); once per forward."""
+    seen = scratch.get("alvts_k")
+    if seen is None or seen[0] is not spans:
+        seen = scratch["alvts_k"] = (spans, router.visual_budget(spans[:, 1].cpu()))
+    return seen[1]
 
-    def prepare_copy(self, source, copy) -> None:
-        """Let the deep copy ``copy`` of the prepared language model ``source`` use the same selector factors."""
-        share = getattr(self.router, "prepare_copy", None)
-        if share is not None:
-            share(source, copy)
 
-    def run_layer(self, call: LayerCall):
-        if call.layer_idx not in self._routed_layers(call.num_layers):
-            return None
-        cache = cache_from(call.kwargs)
-        if not call.prefill:
-            return self._decode(call, cache)
-        # {layer index: (P, key padding mask [B, P] of the tokens that layer cached, or None: all keys)}
-        records = call.state.setdefault("alvts_cached", {})
-        if not bool((call.visual_spans[:, 1] > 0).any()):
-            return None  # no image in the batch: nothing to route, the layer runs (and caches) in full
-        if cache is not None and call.layer_idx == 0:
-            raise ValueError(
-                f"{self.router!r}: routing decoder layer 0 with a KV cache is not supported (transformers' generate "
-                "and mask code read the sequence length from layer 0's cache); use first_layer >= 1 (the default) "
-                "or use_cache=False"
-            )
-        kw = {k: v for k, v in call.kwargs.items() if k not in _OWN}
-        hidden, idx, routed_kpm = self.router.forward_layer(
-            call.layer_idx, _unhooked(call.layer, call.call), call.hidden_states, visual_spans=call.visual_spans,
-            key_padding_mask=call.key_padding_mask, position_embeddings=call.kwargs["position_embeddings"],
-            config=call.layer.self_attn.config, past_key_values=cache, scratch=call.scratch, **kw)
-        if cache is not None:
-            records[call.layer_idx] = (idx.shape[1], routed_kpm)
-        call.visual_tokens = self._visual_k(call.visual_spans, call.scratch)
-        return hidden
-
-    def _decode(self, call: LayerCall, cache):
-        """One decoding call at a routed layer: every new token runs, against this layer's own cache."""
-        records = call.state.get("alvts_cached")
-        record = None if records is None or cache is None else records.get(call.layer_idx)
-        if record is None:  # the prefill did not route (no image): the layer cached everything
-            return None
-        i = call.layer_idx
-        B, q = call.hidden_states.shape[:2]
-        cached = int(cache.get_seq_length(i))
-        length, past = record
-        if length != cached:
-            raise RuntimeError(f"vtprune ALVTS: layer {i} cached {cached} tokens but its record covers "
-                               f"{length}; the cache was changed outside the patched model (cropped, reordered, "
-                               "reused?)")
-        # Once per decoding call, not per routed layer: every routed layer caches the same number of tokens, so
-        # the layers whose cached keys hold no padding share one mask. The entry holds the tensors it was built
-        # from and is used only for those very objects (a layer with routed padding has its own ``past``).
-        masks = call.scratch.setdefault("alvts_decode_masks", {})
-        hit = masks.get((cached, q, call.hidden_states.dtype))
-        if hit is not None and hit[0] is past and hit[1] is call.key_padding_mask:
-            kpm, mask = hit[2], hit[3]
-        else:
-            kpm = None  # [B, cached + q], None: every key is real (the plain causal mask, no device read)
-            new_cols = call.key_padding_mask[:, -q:]
-            if past is not None or self._new_columns_padded(call.key_padding_mask, q, call.scratch):
-                ones = torch.ones(B, cached, dtype=torch.bool, device=new_cols.device) if past is None else past
-                kpm = torch.cat([ones, new_cols.to(ones.device)], 1)
-            new = torch.arange(q, device=call.hidden_states.device).expand(B, q)
-            mask = routed_attention_mask(call.layer.self_attn.config, new, kpm, cache, layer_idx=i,
-                                         dtype=call.hidden_states.dtype, materialize=kpm is not None)
-            masks[(cached, q, call.hidden_states.dtype)] = (past, call.key_padding_mask, kpm, mask)
-        out = call.call(call.hidden_states, **dict(call.kwargs, attention_mask=mask))
-        records[i] = (cached + q, kpm)
-        return out
-
-    def _visual_k(self, spans, scratch: dict) -> torch.Tensor:
-        """Image tokens each row routes through a routed layer: its ``k`` [B] on the CPU (fill tokens do not
-        count); once per forward."""
-        seen = scratch.get("alvts_k")
-        if seen is None or seen[0] is not spans:
-            seen = scratch["alvts_k"] = (spans, self.router.visual_budget(spans[:, 1].cpu()))
-        return seen[1]
-
-    @staticmethod
-    def _new_columns_padded(key_padding_mask, q: int, scratch: dict) -> bool:
-        """Whether the new tokens' columns hold padding: one host read per decoding call (the patch passes the
-        same mask tensor to every layer of a call)."""
-        if scratch.get("new_columns_real"):  # the decoder patch already knows: no read
-            return False
-        seen = scratch.get("alvts_new_cols")
-        if seen is None or seen[0] is not key_padding_mask or seen[1] != q:
-            seen = scratch["alvts_new_cols"] = (key_padding_mask, q, not bool(key_padding_mask[:, -q:].all()))
-        return seen[2]
-
-    def _describe(self):
-        return repr(self.router)
+def _new_columns_padded(key_padding_mask, q: int, scratch: dict) -> bool:
+    """Whether the new tokens' columns hold padding: one host read per decoding call (the patch passes the
+    same mask tensor to every layer of a call)."""
+    if scratch.get("new_columns_real"):  # the decoder patch already knows: no read
+        return False
+    seen = scratch.get("alvts_new_cols")
+    if seen is None or seen[0] is not key_padding_mask or seen[1] != q:
+        seen = scratch["alvts_new_cols"] = (key_padding_mask, q, not bool(key_padding_mask[:, -q:].all()))
+    return seen[2]
 
 
 def _unhooked(layer: torch.nn.Module, forward) -> torch.nn.Module:

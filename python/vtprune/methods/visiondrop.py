@@ -34,8 +34,8 @@ from __future__ import annotations
 
 import math
 
-from vtprune.methods.base import Method, Plan
 from vtprune.methods.schedule import EncoderStage, Stage, depth_scaled
+from vtprune.methods.staged import Plan, StagedMethod
 
 # Official LLaVA-1.5 totals at average 32 (encoder, after 8, 16, 24 layers) and their depth fractions.
 OFFICIAL_TOTALS = (48, 35, 26, 19)
@@ -73,7 +73,7 @@ def preset(tokens: int) -> tuple[tuple[int, int], ...]:
     return tuple(split(t) for t in totals)
 
 
-class VisionDrop(Method):
+class VisionDrop(StagedMethod):
     """VisionDrop with a preset budget, a ratio, or an explicit schedule.
 
     Parameters

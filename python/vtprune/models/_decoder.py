@@ -1,16 +1,17 @@
-"""The patched decoder loop shared by every family: per-layer wrappers, LLM stages, and decode bookkeeping.
+"""The patched decoder loop shared by every family: per-layer wrappers, decoder hooks, and decode bookkeeping.
 
 The language model's own ``forward`` is left alone (so output capture, masks and caches keep working across
 ``transformers`` versions). Instead each decoder layer of the instance gets a wrapper. During a call that the
 family patch opened (:meth:`DecoderPatch.activate`), the wrapper
 
 1. swaps in the attention mask, position ids and position embeddings of the layer's *group* (the layers
-   between two stages run on the same, shorter sequence and share a KV-cache length);
-2. lets the method replace the layer call (:meth:`vtprune.methods.base.Method.run_layer`, ALVTS's hook), in
-   prefill and decode calls. Inside ``run_layer`` the layer is not wrapped again: a call to it runs the original
-   forward (re-entrance guard). ``run_layer`` may overwrite the hidden states in place (ALVTS's routed layer
-   does); when the forward records hidden states (``output_hidden_states``) it gets a copy;
-3. after the last layer before a stage, prunes the hidden states (prefill only).
+   between two decoder hooks run on the same, shorter sequence and share a KV-cache length);
+2. lets the method replace the layer call (:meth:`vtprune.methods.base.Method.run_layer`), in prefill and decode
+   calls. Inside ``run_layer`` the layer is not wrapped again: a call to it runs the original forward
+   (re-entrance guard). ``run_layer`` may overwrite the hidden states in place (a routed layer does); when the
+   forward records hidden states (``output_hidden_states``) it gets a copy;
+3. after a layer listed in the method's ``Hooks.prune_after``, asks the method which image tokens stay
+   (:meth:`vtprune.methods.base.Method.select_visual`) and compacts the sequence to them (prefill only).
 
 The span and key-padding tensors handed to ``run_layer`` are the same objects for every layer of a group in one
 forward call (a method may cache per-forward work on their identity).
@@ -26,11 +27,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vtprune import ops
 from vtprune._compat import cache_from, cache_kwargs
-from vtprune.methods.base import LayerCall, Method, Plan
-from vtprune.methods.schedule import Stage, resolve_count
-from vtprune.models._sequence import Sequence, gather_span, padding_to_drop, staged_to
+from vtprune.methods.base import Hooks, LayerCall, Method, PruneContext
+from vtprune.models._sequence import Sequence, padding_to_drop, staged_to
 
 
 @dataclass
@@ -80,17 +79,17 @@ class DecoderPatch:
     """Wraps the decoder layers of one language-model instance. ``qk(layer, hidden, position_embeddings)``
     returns post-RoPE ``(q [B,H,L,d], k [B,Hkv,L,d], scale)`` of a layer, family-specific."""
 
-    def __init__(self, language_model, plan: Plan, qk, restore):
+    def __init__(self, language_model, method: Method, hooks: Hooks, qk, restore):
         self.lm = language_model
-        self.plan = plan
+        self.method, self.hooks = method, hooks
         self.qk = qk
         self.active: Call | None = None
         self._in_hook = False  # a method's run_layer is running: a layer called inside it runs unwrapped
-        self.hooked = type(plan.method).run_layer is not Method.run_layer
+        self.hooked = type(method).run_layer is not Method.run_layer
         self.records: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.layers = list(language_model.layers)
-        self.stage_after = {s.layer - 1: s for s in plan.stages}  # index of the layer a stage follows
-        bounds = [0] + [s.layer for s in plan.stages]
+        self.stage_after = {n - 1: n for n in hooks.prune_after}  # index of the layer a decoder hook follows
+        bounds = [0, *hooks.prune_after]
         self.first_layer = bounds
         self.group_of = [sum(i >= b for b in bounds) - 1 for i in range(len(self.layers))]
         module = sys.modules[type(language_model).__module__]
@@ -126,7 +125,7 @@ class DecoderPatch:
                                scratch=call.scratch, state=call.state)
                 self._in_hook = True
                 try:
-                    out = self.plan.method.run_layer(lc)
+                    out = self.method.run_layer(lc)
                 finally:
                     self._in_hook = False
             if out is None:
@@ -136,12 +135,10 @@ class DecoderPatch:
                 call.span_per_layer.append(span)  # a hook's skipped image tokens (span - visual) do not run
                 call.visual_per_layer.append(span if lc is None or lc.visual_tokens is None else lc.visual_tokens)
                 call.real_per_layer.append(real)
-                stage = self.stage_after.get(i)
-                if stage is not None:
+                after = self.stage_after.get(i)
+                if after is not None:
                     hidden = out[0] if isinstance(out, tuple) else out
-                    score_in, score_layer = (hidden, self.layers[i + 1]) if stage.score_layer == "next" \
-                        else (hidden_states, layer)
-                    pruned = self._prune(call, stage, g, hidden, score_in, score_layer, kwargs)
+                    pruned = self._prune(call, after, g, hidden, hidden_states, kwargs)
                     out = (pruned, *out[1:]) if isinstance(out, tuple) else pruned
             return out
 
@@ -168,82 +165,93 @@ class DecoderPatch:
             call.built[g] = (causal, self.lm.rotary_emb(hidden, positions))
         return call.built[g]
 
-    # ------------------------------------------------------------------ LLM stage
-    def _prune(self, call: Call, stage: Stage, g: int, hidden, score_in, score_layer, kwargs):
+    # ------------------------------------------------------------------ decoder hook
+    def _prune(self, call: Call, after: int, g: int, hidden, layer_in, kwargs, tokens=None):
+        """Run the method's decoder hook after ``after`` layers and compact the sequence to its selection.
+
+        ``hidden`` [B, L, D]: the layer's output (what the next layer's q/k are recomputed from); ``tokens``
+        [B, L, D'] (default ``hidden``): what is selected, merged and compacted, the hidden states with any
+        per-token channels a family carries along (e.g. Qwen3-VL's deepstack levels). Returns the compacted
+        ``tokens``."""
         seq = call.seq
+        values_in = hidden if tokens is None else tokens
         B, L, _ = hidden.shape
         counts = seq.spans[:, 1]
         if bool((seq.spans[:, 1] == 0).all()):
             self._next_group(call, g)
-            return hidden
+            return values_in
         kpm = call.group_masks[g].bool().to(hidden.device)
         # a compaction only adds left padding: the host knows whether the last column is real
         tail_real = seq.tail_real if seq.tail_real is not None else bool(kpm[:, -1].all())
-        if stage.query == "last" and not tail_real:
-            raise ValueError("text-guided stages read the last prompt token: use left padding "
-                             "(tokenizer.padding_side = 'left'), the last column of attention_mask must be real")
-        q, k, scale = self.qk(score_layer, score_in, kwargs["position_embeddings"])
-        keep = torch.ones(B, L, dtype=torch.bool)
-        slots = torch.zeros(B, L, dtype=torch.bool)
-        budgets = []
+        computed = {}
+
+        def qk(which):  # the whole batch's q/k, recomputed once per kind and hook call
+            if which not in computed:
+                score_in, score_layer = (hidden, self.layers[after]) if which == "next" \
+                    else (layer_in, self.layers[after - 1])
+                computed[which] = self.qk(score_layer, score_in, kwargs["position_embeddings"])
+            return computed[which]
+
+        # one hook call per group of rows with the same (count, original count, multiplier); usually one
+        keys = []
         for b in range(B):
-            n = int(counts[b])
             per = 1 if call.count_per is None else int(call.count_per[b])
-            d = resolve_count(stage.dominant, int(call.original_visual[b]), n, per)
-            c = resolve_count(stage.contextual, int(call.original_visual[b]), n, per) if stage.dominant is not None \
-                else 0
-            if n and d + c > n:
-                raise ValueError(
-                    f"{type(self.plan.method).__name__}: the stage after layer {stage.layer} keeps {d} dominant + "
-                    f"{c} contextual tokens but batch row {b} has only {n} visual tokens left; lower the budget"
-                )
-            budgets.append((n, d, c))
-        values = torch.empty(0, hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
-        pieces, kept_at = {}, {}
-        # one op call per distinct (count, dominant, contextual); usually a single call for the whole batch
-        for key in sorted({bud for bud in budgets if bud[0] > 0}):
-            rows = torch.tensor([b for b in range(B) if budgets[b] == key])
-            n, d, c = key
+            keys.append((int(counts[b]), int(call.original_visual[b]), per))
+        pieces, kept_at, sizes = {}, {}, [0] * B
+        for key in sorted({k for k in keys if k[0] > 0}):
+            rows = torch.tensor([b for b in range(B) if keys[b] == key])
+            n, original, per = key
             spans = seq.spans[rows]
-            qspans = spans if stage.query == "image" else torch.tensor([[L - 1, 1]] * len(rows))
             dev_rows = staged_to(rows, hidden.device)
-            scores = ops.attention_scores(q[dev_rows], k[dev_rows], query_spans=qspans, key_spans=spans,
-                                          causal=True, key_padding_mask=kpm[dev_rows], scale=scale,
-                                          backend=self.plan.backend)
-            x = gather_span(hidden[dev_rows], spans, n)
-            metric = gather_span(k[dev_rows].mean(1), spans, n)  # post-RoPE keys averaged over heads
-            tokens, keep_idx, target_idx = ops.select_and_merge(scores, x, metric, d, c, backend=self.plan.backend)
+
+            def rows_qk(which, dev_rows=dev_rows):
+                q, k, scale = qk(which)
+                return q[dev_rows], k[dev_rows], scale
+
+            rows_hidden = hidden[dev_rows]
+            ctx = PruneContext(rows_hidden, rows_hidden if tokens is None else tokens[dev_rows], spans, kpm[dev_rows],
+                               after, n, original, per, rows.tolist(), tail_real, len(self.layers), rows_qk)
+            sel = self.method.select_visual(ctx)
+            m = sel.tokens.shape[1]
+            if m > n:
+                raise ValueError(f"{type(self.method).__name__}: the hook after layer {after} returned {m} visual "
+                                 f"tokens per row but batch row {ctx.rows[0]} has only {n}")
             if not seq.recompact:  # where the new tokens come from: one host copy per key group
-                kept_host = spans[:, :1] + torch.cat([keep_idx, target_idx], 1).cpu()
-            for j, b in enumerate(rows.tolist()):
-                pieces[b] = tokens[j]
+                kept_host = spans[:, :1] + sel.origin.cpu()
+            for j, b in enumerate(ctx.rows):
+                pieces[b] = sel.tokens[j]
+                sizes[b] = m
                 if not seq.recompact:
                     kept_at[b] = kept_host[j]
                 if b == 0:
-                    self._record(call, f"after layer {stage.layer}", keep_idx[0], target_idx[0])
+                    self._record(call, f"after layer {after}", sel.keep_idx[0],
+                                 sel.keep_idx[0, :0] if sel.target_idx is None else sel.target_idx[0])
+        keep = torch.ones(B, L, dtype=torch.bool)
+        slots = torch.zeros(B, L, dtype=torch.bool)
+        values = torch.empty(0, values_in.shape[-1], dtype=values_in.dtype, device=values_in.device)
         order = [b for b in range(B) if b in pieces]
         if order:
             values = torch.cat([pieces[b] for b in order])
-        for b, (n, d, c) in enumerate(budgets):
+        for b, (n, _, _) in enumerate(keys):
             if n:
                 start = int(seq.spans[b, 0])
-                keep[b, start + d + c:start + n] = False
-                slots[b, start:start + d + c] = True
+                keep[b, start + sizes[b]:start + n] = False
+                slots[b, start:start + sizes[b]] = True
         drop = [0] * B
         if seq.left_padded and seq.pad_host is not None:  # re-pack to the longest real row
             pad = seq.pad_host.tolist()
-            drop = padding_to_drop([L - p - n + d + c for p, (n, d, c) in zip(pad, budgets)], pad)
+            drop = padding_to_drop([L - p - n + m for p, (n, _, _), m in zip(pad, keys, sizes)], pad)
             for b, k in enumerate(drop):
                 keep[b, :k] = False
         value_positions = None
-        if not seq.recompact and order:  # kept tokens keep their positions, contextual ones their target's
+        if not seq.recompact and order:  # kept tokens keep their positions, merged ones their target's
             value_positions = torch.cat([seq.positions[..., b, kept_at[b].to(seq.positions.device)] for b in order],
                                         -1)
-        out, _ = seq.compact(hidden, keep, slots, values, value_positions, dropped_padding=torch.tensor(drop))
+        out, _ = seq.compact(values_in, keep, slots, values, value_positions, dropped_padding=torch.tensor(drop))
         # only left padding is dropped before a row's span: the span moves by that and the added padding (host)
         added = seq.added_host.tolist()
-        seq.spans = torch.tensor([[int(seq.spans[b, 0]) - drop[b] + added[b], d + c] if n else [0, 0]
-                                  for b, (n, d, c) in enumerate(budgets)], dtype=torch.int64)
+        seq.spans = torch.tensor([[int(seq.spans[b, 0]) - drop[b] + added[b], m] if n else [0, 0]
+                                  for b, ((n, _, _), m) in enumerate(zip(keys, sizes))], dtype=torch.int64)
         self._next_group(call, g)
         return out
 
@@ -302,20 +310,6 @@ def _layer_positions(positions):
     3-D M-RoPE positions [3, B, L] are only used through the rotary embedding (Qwen2.5-VL's text model passes
     ``position_ids=None`` to its layers and ``create_causal_mask`` then)."""
     return positions if positions.dim() == 2 else None
-
-
-def llama_qk(layer, hidden, position_embeddings):
-    """Post-RoPE q, k of a LLaMA/Qwen2-style layer, recomputed from its input (the official VisionDrop /
-    PyramidDrop scoring: input norm, q/k projections, RoPE at the current positions)."""
-    attn = layer.self_attn
-    h = layer.input_layernorm(hidden)
-    B, L, _ = h.shape
-    q = attn.q_proj(h).view(B, L, -1, attn.head_dim).transpose(1, 2)  # [B, H, L, d]
-    k = attn.k_proj(h).view(B, L, -1, attn.head_dim).transpose(1, 2)  # [B, Hkv, L, d]
-    cos, sin = position_embeddings
-    rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
-    q, k = rope(q, k, cos, sin)
-    return q, k, float(attn.scaling)
 
 
 def _padded(seq: Sequence) -> bool | None:

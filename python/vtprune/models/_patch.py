@@ -21,7 +21,9 @@ from dataclasses import dataclass
 import torch
 
 from vtprune._compat import cache_from, output_cache
-from vtprune.models._decoder import CacheRecord, Call
+from vtprune.methods.base import ModelInfo
+from vtprune.models._decoder import CacheRecord, Call, DecoderPatch
+from vtprune.models._qk import decoder_qk
 from vtprune.models._sequence import Sequence, padding_to_drop, staged_to
 
 
@@ -153,16 +155,99 @@ def place_images(placeholders: torch.Tensor, mask: torch.Tensor | None, counts_i
                           list(last_h), out_row)
 
 
-class ModelPatch:
-    """Base of the family patches. Subclasses set ``self.decoder`` and implement :meth:`_prefill`."""
+@dataclass
+class Encoded:
+    """What a family's :meth:`ModelPatch.encode` produced: the image tokens, image after image (in order of
+    appearance in the prompts).
 
-    def __init__(self, model, plan, restore):
-        self.model, self.plan = model, plan
+    features : [S, D] every image's tokens, after the projector (and the method's encoder hook)
+    counts_in : placeholder tokens per image in ``input_ids`` (what the unpatched model feeds)
+    counts_out : tokens per image after the encoder hook
+    per : multiplier of int budgets per image (tiles for LLaVA-NeXT), or None
+    origin, record : image 0's original patch indices and encoder selection (retention maps), or None
+    sources : per image, int64 [counts_out[i]] index of the placeholder whose position each new token takes, or
+        None (the first ``counts_out[i]``); used where positions are not re-compacted
+    """
+
+    features: torch.Tensor
+    counts_in: list
+    counts_out: list
+    per: list | None = None
+    origin: list | None = None
+    record: dict | None = None
+    sources: list | None = None
+
+
+class ModelPatch:
+    """The shared prefill / decode skeleton; a family adapter subclasses it and gives only what differs.
+
+    A family sets :attr:`recompact` and :attr:`qk` and implements :meth:`encode` (where the image features come
+    from, with the method's encoder hook); it may override :meth:`model_info`, :meth:`install_scores` (patch the
+    vision tower's scoring layer), :meth:`placeholders` (the placeholder layout), :meth:`positions` and
+    :meth:`_decode_positions` (position ids), :meth:`is_prefill`, :meth:`prefill_embeds`, :meth:`prefill_arguments`
+    and :meth:`prefill_output`. The adapter
+    is registered in :data:`vtprune.models.FAMILIES` (docs/integration.md, "Adding a family").
+    """
+
+    recompact = True  # 1-D positions re-compacted after a prune; False: kept tokens keep theirs (M-RoPE)
+    qk = staticmethod(decoder_qk)  # post-RoPE q/k of a decoder layer, recomputed (vtprune.models._qk)
+    decoder_patch = DecoderPatch  # the decoder-layer wrapper (Qwen3-VL's adds its deepstack levels)
+
+    def __init__(self, model, method, hooks, restore):
+        self.model, self.method, self.hooks = model, method, hooks
+        self.backend = method.backend
         self.mm = model.model
         self.lm = self.mm.language_model
         self.config = model.config
         self.last_call = None
+        self.num_layers = self.config.get_text_config().num_hidden_layers
+        self.install_scores(restore)
+        method.check_model(self.model_info())
+        self.decoder = self.decoder_patch(self.lm, method, hooks, self.qk, restore)
+        self.install(restore)
 
+    # ------------------------------------------------------------------ what a family gives
+    def model_info(self) -> ModelInfo:
+        """What the method's budget check (:meth:`vtprune.methods.Method.check_model`) may know of the images."""
+        return ModelInfo(type(self.model).__name__, self.num_layers)
+
+    def install_scores(self, restore) -> None:
+        """Patch the vision tower's scoring layer when the method's encoder hook needs scores."""
+
+    def encode(self, a: dict) -> Encoded:
+        """The image tokens of a prefill's arguments ``a`` (vision tower, encoder hook, projector)."""
+        raise NotImplementedError
+
+    def placeholders(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """bool [B, L]: the image placeholder tokens."""
+        return input_ids == self.config.image_token_id
+
+    def positions(self, a: dict, input_ids, mask, placeholders) -> torch.Tensor:
+        """Position ids of the unpruned prompt, [B, L] (or [3, B, L] for M-RoPE); 1-D: the given ones or
+        ``0..L-1`` as the language model's forward would use."""
+        B, L = input_ids.shape
+        positions = a.get("position_ids")
+        if positions is None:
+            positions = torch.arange(L, device=input_ids.device)
+        return positions.expand(B, L)
+
+    def is_prefill(self, a: dict) -> bool:
+        """Whether a call of the multimodal body with arguments ``a`` is a visual prefill (it carries pixels)."""
+        return a.get("pixel_values") is not None
+
+    def prefill_embeds(self, call: Call, embeds: torch.Tensor) -> torch.Tensor:
+        """The language model's ``inputs_embeds`` from the compacted prompt ``embeds`` [B, L', D'] (the token
+        embeddings with the image tokens written in). A family whose image tokens carry extra channels along
+        (``Encoded.features`` wider than the embeddings; zero on text) takes them off here, into ``call.scratch``."""
+        return embeds
+
+    def prefill_arguments(self, a: dict) -> None:
+        """Drop from ``a`` what the language model's forward must not see once the image is encoded."""
+
+    def prefill_output(self, out, enc: Encoded):
+        return out
+
+    # ------------------------------------------------------------------ the skeleton
     def install(self, restore) -> None:
         fwd = self.mm.forward
         restore.set_attr(self.mm, "forward", functools.wraps(fwd)(lambda *a, **k: self.forward(fwd, a, k)))
@@ -182,7 +267,7 @@ class ModelPatch:
 
     def forward(self, original, args, kwargs):
         a = bound_arguments(original, args, kwargs)
-        if a.get("pixel_values") is not None:
+        if self.is_prefill(a):
             return self._prefill(original, a)
         cache = cache_from(a)
         record = self.decoder.records.get(cache) if cache is not None else None
@@ -191,21 +276,53 @@ class ModelPatch:
         return self._continue(original, a, record)
 
     def _prefill(self, original, a):
-        raise NotImplementedError
+        """Placeholders -> image tokens -> compacted sequence -> the language model's forward on it."""
+        input_ids, cache, mask_in = self._check_prefill(a)
+        B, L = input_ids.shape
+        placeholders = self.placeholders(input_ids)  # [B, L]
+        mask = mask_in if mask_in is not None else torch.ones(B, L, dtype=torch.long, device=input_ids.device)
+        positions = self.positions(a, input_ids, mask, placeholders)
+        enc = self.encode(a)
+        place = place_images(placeholders, mask_in, enc.counts_in, enc.counts_out)
+        images_of_row = place.images_of_row
+        per_row = [len(i) for i in images_of_row]
+        self._check_images_per_row(per_row)
+        embeds = self.mm.get_input_embeddings()(input_ids)
+        extra = enc.features.shape[-1] - embeds.shape[-1]
+        if extra > 0:  # channels the image tokens carry along (zero on text), compacted with them
+            embeds = torch.cat([embeds, embeds.new_zeros(*embeds.shape[:2], extra)], -1)
+        value_pos = None if self.recompact else _source_positions(positions, placeholders, enc)
+        seq = Sequence(mask, positions, torch.zeros(B, 2, dtype=torch.int64), torch.zeros(B, dtype=torch.int64),
+                       recompact=self.recompact, pad_host=place.padding, tail_real=place.tail_real,
+                       left_padded=place.left_padded)
+        embeds, _ = seq.compact(embeds, place.keep, place.slots, enc.features.to(embeds.dtype), value_pos,
+                                kept=place.kept, dropped_padding=place.dropped)
+        place.set_spans(seq, strict=self._reads_spans)
+        row0_single = per_row[0] == 1 and images_of_row[0] == [0]
+        call = self.decoder.prefill_call(seq, place.visual, enc.origin if row0_single else None)
+        call.orig_len = L
+        if enc.per is not None:
+            call.count_per = [enc.per[i[0]] if i else 1 for i in images_of_row]
+        if enc.record is not None and row0_single:
+            call.selections.append(enc.record)
+        embeds = self.prefill_embeds(call, embeds)
+        self.prefill_arguments(a)
+        out = self._run_prefill(original, a, call, embeds, cache)
+        return self.prefill_output(out, enc)
 
     @property
     def _reads_spans(self) -> bool:
-        """Whether the method reads each row's image span in the language model (LLM stages rank it, a layer
-        hook such as ALVTS routes it): one contiguous span per row is then required."""
-        return bool(self.plan.stages) or self.decoder.hooked
+        """Whether the method reads each row's image span in the language model (a decoder hook ranks it, a layer
+        hook may route it): one contiguous span per row is then required."""
+        return bool(self.hooks.prune_after) or self.decoder.hooked
 
     def _check_images_per_row(self, per_row: list) -> None:
-        # One visual span per row: LLM stages and ALVTS rank the image tokens of a row as one span, and a second
+        # One visual span per row: decoder and layer hooks see the image tokens of a row as one span, and a second
         # image would put the text between the images inside it. Encoder-only methods prune each image alone.
         if self._reads_spans and any(n > 1 for n in per_row):
-            raise ValueError(f"{type(self.plan.method).__name__} ranks one image per prompt in the language model; "
+            raise ValueError(f"{type(self.method).__name__} ranks one image per prompt in the language model; "
                              f"batch rows hold {per_row} images (use one image per prompt, or an encoder-only "
-                             "method such as VisionZip)")
+                             "method)")
 
     @staticmethod
     def _check_prefill(a):
@@ -293,3 +410,15 @@ class ModelPatch:
             return original(**a)
         finally:
             self.decoder.active = None
+
+
+def _source_positions(positions, placeholders, enc: Encoded) -> torch.Tensor:
+    """The positions ([S] or [3, S]) the new image tokens take where positions are not re-compacted: each kept
+    token its own, a merged token its target's (``enc.sources``)."""
+    lead = positions.shape[:-2]
+    B, L = placeholders.shape
+    flat = positions.reshape(-1, B, L).permute(1, 2, 0)[placeholders].T  # [C, placeholders]
+    per_image = torch.split(flat, enc.counts_in, dim=1)
+    sources = enc.sources or [None] * len(per_image)
+    out = torch.cat([p if k is None else p[:, k.to(p.device)] for p, k in zip(per_image, sources)], 1)
+    return out if lead else out[0]

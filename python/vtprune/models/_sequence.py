@@ -7,7 +7,7 @@ may drop different numbers of tokens (a row without an image, per-row ratio budg
 as its longest real row (left padding a row no longer needs is dropped, :func:`padding_to_drop`) and the
 shorter rows are left-padded, which is what the attention masks already express.
 
-Positions follow the official VisionDrop code: after a prune they are re-compacted, i.e. every kept token
+Positions follow the official token-pruning code: after a prune they are re-compacted, i.e. every kept token
 moves down by the number of tokens dropped before it in its row, so a batch row without padding runs on
 ``0..L'-1``. With no token dropped nothing moves, which is what makes a keep-all budget reproduce the unpatched
 model. During decoding the layers after a stage see the incoming positions minus that stage's cumulative

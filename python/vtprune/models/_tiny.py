@@ -180,3 +180,64 @@ def tiny_inputs(model, prefix_lengths=(3,), suffix_lengths=(5,), *, images=None,
     v = model.config.vision_config
     pixels = torch.randn(sum(has_image), 3, v.image_size, v.image_size, generator=g).to(model.dtype)
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
+
+
+# ---------------------------------------------------------------------- one entry per family
+NEXT_SIZES = ((50, 100), (100, 100))  # 1 + 1x2 tiles (unpadded rows) and 1 + 2x2 tiles: different token counts
+QWEN_GRIDS = ((8, 12), (12, 12))  # 24 and 36 merged tokens, several 2x2-token windows each
+
+
+def _keep(inputs, b, *names):
+    """Row b of the per-token inputs ``names``, without its padding."""
+    keep = inputs["attention_mask"][b].bool()
+    return {n: inputs[n][b:b + 1, keep] for n in names}
+
+
+def _llava_row(inputs, b):
+    return {**_keep(inputs, b, "input_ids", "attention_mask"), "pixel_values": inputs["pixel_values"][b:b + 1]}
+
+
+def _next_row(inputs, b):
+    return {**_llava_row(inputs, b), "image_sizes": inputs["image_sizes"][b:b + 1]}
+
+
+def _qwen_row(inputs, b):
+    patches = inputs["image_grid_thw"].prod(-1).tolist()
+    start = sum(patches[:b])
+    return {**_keep(inputs, b, "input_ids", "attention_mask", "mm_token_type_ids"),
+            "pixel_values": inputs["pixel_values"][start:start + patches[b]],
+            "image_grid_thw": inputs["image_grid_thw"][b:b + 1]}
+
+
+def _qwen_batch(model, prefix_lengths=(3,), suffix_lengths=(5,), seed=0):
+    return tiny_qwen_inputs(model, prefix_lengths, suffix_lengths, QWEN_GRIDS[:len(prefix_lengths)], seed=seed)
+
+
+def _tiny_qwen3_vl(**kwargs):
+    from vtprune.models._tiny_qwen3_vl import tiny_qwen3_vl  # imports this module's token ids: imported late
+
+    return tiny_qwen3_vl(**kwargs)
+
+
+class TinyFamily:
+    """A family's tiny model for the generic tests and the examples.
+
+    build(attn_implementation="sdpa") -> model; batch(model, prefix_lengths, suffix_lengths, seed) -> left-padded
+    inputs with one image per row (images of different sizes where the family takes dynamic resolutions);
+    row(inputs, b) -> row ``b`` of such a batch alone, without its padding.
+    """
+
+    def __init__(self, build, batch, row):
+        self.build, self.batch, self.row = build, batch, row
+
+
+# transformers' model class name -> its tiny family (the keys of vtprune.models.FAMILIES)
+TINY_FAMILIES = {
+    "LlavaForConditionalGeneration": TinyFamily(
+        tiny_llava, lambda m, p=(3,), s=(5,), seed=0: tiny_inputs(m, p, s, seed=seed), _llava_row),
+    "LlavaNextForConditionalGeneration": TinyFamily(
+        tiny_llava_next, lambda m, p=(3,), s=(5,), seed=0: tiny_next_inputs(m, p, s, NEXT_SIZES[:len(p)], seed=seed),
+        _next_row),
+    "Qwen2_5_VLForConditionalGeneration": TinyFamily(tiny_qwen2_5_vl, _qwen_batch, _qwen_row),
+    "Qwen3VLForConditionalGeneration": TinyFamily(_tiny_qwen3_vl, _qwen_batch, _qwen_row),
+}

@@ -8,38 +8,34 @@ then the crops' patch grid stitched into one high-resolution grid, cropped back 
 
 What the patch does (the CLIP, projector and decoder machinery is LLaVA-1.5's, :mod:`vtprune.models.llava`):
 
-* **Encoder stage per tile**, as the official VisionDrop code (``restore_image_features_sorted``): every tile
-  keeps [CLS] + ``dominant - 1`` patches by its [CLS] attention at CLIP layer -2 and merges the rest into
-  ``contextual`` tokens. The image's tokens are then: the base tile's ``[CLS, dominant, contextual]``, the
-  crops' dominant patches in raster order over the whole high-resolution grid, the crops' [CLS] tokens, the
-  crops' contextual tokens.
-* **Newlines and unpadding.** A pruned grid has no rows left to terminate, so a pruning encoder stage inserts
+* **Encoder hook per tile**, as the official token-merging code (``restore_image_features_sorted``): every tile
+  is one row of the encoder hook (its [CLS] attention at CLIP layer -2, its patches, [CLS]). The image's tokens
+  are then: the base tile's ``[CLS, dominant, contextual]``, the crops' kept patches (``Selection.keep_idx``) in
+  raster order over the whole high-resolution grid, the crops' [CLS] tokens, the crops' merged tokens.
+* **Newlines and unpadding.** A pruned grid has no rows left to terminate, so a pruning encoder hook inserts
   no ``image_newline`` tokens and does not unpad (the official code does the same in the multi-crop case;
   the padding area is plain background that the [CLS] ranking rarely keeps). Only a single-tile image keeps its
-  one trailing newline, again as the official code. A keep-all encoder stage, or a method without one
-  (FastV, PyramidDrop), feeds the unpatched packing; the newline tokens are then image tokens like the others
-  (they sit inside the image span) and LLM stages may drop or merge them.
-* **Budgets are per tile.** An int count means "per 336 px tile": the encoder stage applies it to each tile,
-  LLM stages multiply it by the tiles of the row's image. One schedule therefore gives LLaVA-1.5's budget per
-  tile: ``VisionDrop(tokens=64)`` averages 64 x 5 = 320 tokens on a 5-tile image (docs/methods.md#visiondrop's "320 of
-  2880"), fewer on smaller images. Fractions (``ratio=``) are of each tile's patches (encoder) and of the
-  row's unpatched image tokens (LLM stages, newlines included).
-* ``UniformPool`` pools every tile to the same square grid (base tile, then the crops' pooled grids in raster
-  order over the whole image). Batch rows may hold images of different sizes (different token counts).
+  one trailing newline, again as the official code. A keep-all selection (``Selection.keep_all``), or a method
+  without an encoder hook, feeds the unpatched packing; the newline tokens are then image tokens like the others
+  (they sit inside the image span) and decoder hooks may drop or merge them.
+* **Budgets are per tile.** The encoder hook sees one tile per row; decoder hooks get the tiles of the row's
+  image as ``PruneContext.per``, the multiplier of int budgets, so that one schedule gives LLaVA-1.5's budget
+  per tile (docs/methods.md: 64 per tile averages 64 x 5 = 320 tokens on a 5-tile image, "320 of 2880").
+* A pooling selection (``Selection.grid``) pools every tile to the same square grid (base tile, then the crops'
+  pooled grids in raster order over the whole image). Batch rows may hold images of different sizes.
 
 Retention maps (``handle.stats.selections``) are not recorded: they assume one square grid.
 """
 
 from __future__ import annotations
 
-import math
 import sys
 
 import torch
-import torch.nn.functional as F
 
+from vtprune.models._patch import Encoded
 from vtprune.models._sequence import staged_to
-from vtprune.models.llava import Encoded, LlavaPatch
+from vtprune.models.llava import LlavaPatch
 
 CLASS_NAME = "LlavaNextForConditionalGeneration"
 
@@ -64,11 +60,12 @@ def image_tokens(model, image_size) -> int:
 class LlavaNextPatch(LlavaPatch):
     _extra_per_image = 1
 
-    def __init__(self, model, plan, restore):
-        super().__init__(model, plan, restore)
+    def __init__(self, model, method, hooks, restore):
         self.hf = _hf(model)
+        super().__init__(model, method, hooks, restore)
 
-    def _encode(self, a, layer, strategy) -> Encoded:
+    def encode(self, a) -> Encoded:
+        layer, strategy = self._feature_layer(a)
         sizes = a.get("image_sizes")
         if sizes is None:
             raise ValueError("vtprune: LLaVA-NeXT needs image_sizes (height, width per image) with pixel_values")
@@ -87,34 +84,27 @@ class LlavaNextPatch(LlavaPatch):
         if pv.shape[0] != sum(tiles):
             raise ValueError(f"pixel_values hold {pv.shape[0]} tiles but image_sizes {sizes} need {sum(tiles)}")
         counts_in = [image_tokens(self.model, s) for s in sizes]
-        enc = self.plan.encoder
+        enc = self.hooks.encoder
         out = self._tower(pv)
-        if enc is not None and not isinstance(layer, int):
+        if enc and not isinstance(layer, int):
             raise ValueError(f"encoder stages need a single int vision_feature_layer, got {layer!r}")
-        if enc is None or (enc.kind == "select" and enc.dominant is None):
-            if isinstance(layer, int):
-                feats = out.hidden_states[layer]
-            else:
-                feats = torch.cat([out.hidden_states[i] for i in layer], dim=-1)
-            if enc is not None:  # keep-all: the selection path returns every patch, in order
-                feats = torch.cat([feats[:, :1], self._select(feats)[0]], 1)
+        feats = out.hidden_states[layer] if isinstance(layer, int) else \
+            torch.cat([out.hidden_states[i] for i in layer], dim=-1)  # [N tiles, 1 + P, Dv]
+        sel = self._select(feats, "full") if enc else None
+        if sel is None or sel.keep_all:
+            # no encoder hook, or one that keeps every patch in order: the unpatched packing (newlines, unpadding)
+            if sel is not None:
+                feats = sel.tokens
             feats = feats[:, 1:] if strategy == "default" else feats
             proj = self.mm.multi_modal_projector(feats)
             packed, lens = self.mm.pack_image_features(torch.split(proj, tiles), torch.tensor(sizes), strategy,
                                                        image_newline=self.mm.image_newline)
             return Encoded(torch.cat(packed), counts_in, lens.tolist(), per=tiles)
-        feats = out.hidden_states[layer]  # [N tiles, 1 + P, Dv]
-        if enc.kind == "pool":
-            side = math.isqrt(enc.dominant)
-            g = self.grid
-            grid = feats[:, 1:].reshape(feats.shape[0], g, g, -1).permute(0, 3, 1, 2)
-            tokens = F.adaptive_avg_pool2d(grid.float(), side).to(feats.dtype).flatten(2).transpose(1, 2)
-            rows, lead, dominant, side_of = self.mm.multi_modal_projector(tokens), 0, side * side, side
-            positions = torch.arange(dominant).expand(tokens.shape[0], -1)
-        else:
-            tokens, keep_idx, _, cls = self._select(feats)
-            rows = self.mm.multi_modal_projector(torch.cat([cls, tokens], 1))  # [N, 1 + d + c, D]
-            lead, dominant, side_of, positions = 1, keep_idx.shape[1], self.grid, keep_idx.cpu()
+        rows = self.mm.multi_modal_projector(sel.tokens)  # [N, lead + d + c, D]
+        lead = 1 if sel.cls else 0
+        dominant = sel.keep_idx.shape[1]
+        side_of = self.grid if sel.grid is None else sel.grid
+        positions = sel.keep_idx.cpu()
         images, start = [], 0
         for s, n in zip(sizes, tiles):
             images.append(self._layout(rows[start:start + n], positions[start + 1:start + n], s, lead, dominant,
