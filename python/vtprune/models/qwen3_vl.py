@@ -3,19 +3,19 @@ mergers, Qwen3 LLM (grouped-query attention with q/k RMS norms) with interleaved
 
 What it shares with Qwen2.5-VL (:mod:`vtprune.models.qwen2_5_vl`, whose docstring explains the choices): the
 visual-to-visual score of a ViT without [CLS] (:class:`~vtprune.models.qwen2_5_vl.VisionScores`, the 2x2-group
-mean of the patches' scores and keys), the ratio budgets of dynamic resolutions, no ``UniformPool``, and the
-positions: every kept token keeps its original 3-D position (a contextual token takes its target's), so
+mean of the patches' scores and keys), the ratio budgets of dynamic resolutions, no square patch grid to pool,
+and the positions: every kept token keeps its original 3-D position (a contextual token takes its target's), so
 ``rope_deltas`` and decoding are the unpruned model's. The interleaving of the M-RoPE frequencies happens in the
 rotary embedding, from the same ``[3, B, L]`` positions.
 
 What differs:
 
-* **Vision tower.** Every block is full attention (no windows, so no window order to undo): the encoder stage
-  scores at the **last block**, whose output the merger turns into the language model's tokens; ``cu_seqlens``
-  chunks are single images or single frame groups of a video.
+* **Vision tower.** Every block is full attention (no windows, so no window order to undo): the encoder hook's
+  scores come from the **last block**, whose output the merger turns into the language model's tokens;
+  ``cu_seqlens`` chunks are single images or single frame groups of a video.
 * **q/k norms.** The decoder's q and k pass a per-head RMS norm before RoPE; the q/k recompute of the decoder hooks
-  (:func:`vtprune.models._qk.decoder_qk`) applies them, and so do ALVTS's factors (:mod:`vtprune.alvts.factors`)
-  and calibration.
+  (:func:`vtprune.models._qk.decoder_qk`) applies them, and so do the low-rank selector factors
+  (:mod:`vtprune.alvts.factors`) and their calibration.
 * **Deepstack.** The ViT blocks ``deepstack_visual_indexes`` feed extra mergers; their outputs (one ``[M, D]``
   per level) are added to the image positions after decoder layers ``0, 1, ...``. Pruning carries them with
   the tokens: the encoder hook selects and merges ``[features | deepstack levels]`` as one wide token
