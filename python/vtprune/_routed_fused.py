@@ -22,7 +22,8 @@ from vtprune._compat import cache_kwargs
 # Decoder layers whose forward is exactly norm -> self_attn -> residual -> norm -> mlp -> residual (checked
 # against transformers 5.17-5.23). Others (Gemma's sandwich norms, (1 + w) norms, ...) would be silently
 # wrong if re-implemented this way, so they are refused.
-SUPPORTED_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen2_5_VLDecoderLayer")
+SUPPORTED_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen2_5_VLDecoderLayer",
+                   "Qwen3VLTextDecoderLayer")  # Qwen3-VL: the same layer, its q/k norms inside self_attn
 
 
 def gather_position_embeddings(position_embeddings, routed_idx: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -2,16 +2,17 @@
 
 Objective (paper, "importance consistency alignment"): per layer, minimise the mean squared error between the
 selector score ``S = S_V2V * S_T2V`` of :func:`vtprune.ops.lowrank_scores` and the same score ``S*`` computed
-from the layer's **own** attention: its q/k projections (biases included), its RoPE at the true positions,
-the causal/padding mask, one softmax per query head, then the mean over query heads. RoPE and biases are in
-``S*`` on purpose: they are what the selector should emulate and what the bias-free, position-free SVD
-initialisation cannot express. The model is frozen; only ``U, V`` of the current layer are optimised.
+from the layer's **own** attention: its q/k projections (biases included, and q/k norms where the layer has
+them), its RoPE at the true positions, the causal/padding mask, one softmax per query head, then the mean over
+query heads. RoPE and biases are in ``S*`` on purpose: they are what the selector should emulate and what the
+bias-free, position-free SVD initialisation cannot express. The model is frozen; only ``U, V`` of the current
+layer are optimised.
 
 Layer by layer, as in post-training quantisation: the calibration batches are run up to the first decoder
-layer once, then each layer's inputs are the unpruned outputs of the previous layer, so no layer's fit
-depends on another's factors. The loss is divided by the batch's mean square of ``S*`` (a constant per batch:
-same minimiser as the MSE) because raw scores are ~1/L^2 and Adam's epsilon would otherwise swamp the
-gradients.
+layer once, then each layer's inputs are the unpruned outputs of the previous layer (plus Qwen3-VL's deepstack
+features where the model adds them), so no layer's fit depends on another's factors. The loss is divided by
+the batch's mean square of ``S*`` (a constant per batch: same minimiser as the MSE) because raw scores are
+~1/L^2 and Adam's epsilon would otherwise swamp the gradients.
 """
 
 from __future__ import annotations
@@ -57,7 +58,9 @@ def capture_layer_inputs(model: torch.nn.Module, batches: Iterable[dict], *,
     Returns
     -------
     list of records ``{"hidden_states": [B, L, D], "layer_kwargs": dict, "visual_spans", "key_padding_mask"}``,
-    the format :func:`calibrate` and :func:`selector_loss` also accept directly.
+    the format :func:`calibrate` and :func:`selector_loss` also accept directly. A model with deepstack features
+    (Qwen3-VL) adds ``"deepstack": (visual_pos_masks [B, L], [levels [S, D]])``, which the layer-by-layer walk
+    adds after the first layers as the model does.
     """
     first = (decoder_layers(model) if layers is None else list(layers))[0]
     if not any(m is first for m in model.modules()):
@@ -87,14 +90,22 @@ def capture_layer_inputs(model: torch.nn.Module, batches: Iterable[dict], *,
             seen["layer_kwargs"] = {k: v for k, v in kwargs.items() if k not in _DROP_KWARGS and k != "hidden_states"}
             raise _Captured
 
-        handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+        def stack_hook(module, args, kwargs, seen=seen):  # Qwen3-VL: levels added after the first layers
+            if kwargs.get("deepstack_visual_embeds") is not None:
+                seen["deepstack"] = (kwargs["visual_pos_masks"], list(kwargs["deepstack_visual_embeds"]))
+
+        handles = [first.register_forward_pre_hook(hook, with_kwargs=True)]
+        owners = [m for m in model.modules()  # the language model whose layer list holds the first layer
+                  if isinstance(getattr(m, "layers", None), torch.nn.ModuleList) and any(x is first for x in m.layers)]
+        handles += [m.register_forward_pre_hook(stack_hook, with_kwargs=True) for m in owners]
         try:
             with torch.no_grad():
                 model(**batch, use_cache=False)
         except _Captured:
             pass
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
         if "hidden_states" not in seen:
             raise ValueError("model: its forward never reached the first decoder layer")
         records.append({**seen, "visual_spans": spans, "key_padding_mask": kpm})
@@ -185,9 +196,10 @@ def full_rank_scores(layer, h, position_embeddings, visual_spans, key_padding_ma
     attn = layer.self_attn
     B, L, _ = h.shape
     d = attn.head_dim
-    q = attn.q_proj(h).view(B, L, -1, d).transpose(1, 2)  # [B, H, L, d]
-    k = attn.k_proj(h).view(B, L, -1, d).transpose(1, 2)  # [B, Hkv, L, d]
-    q, k = _rope(attn)(q, k, *position_embeddings)
+    q, k = attn.q_proj(h).view(B, L, -1, d), attn.k_proj(h).view(B, L, -1, d)
+    if getattr(attn, "q_norm", None) is not None:  # Qwen3: per-head RMS norms of q and k before RoPE
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = _rope(attn)(q.transpose(1, 2), k.transpose(1, 2), *position_embeddings)  # [B, H | Hkv, L, d]
     H, group = q.shape[1], q.shape[1] // k.shape[1]
     scaling = float(getattr(attn, "scaling", d**-0.5))
     allowed = _allowed(L, key_padding_mask, h.device)[:, None]  # [B, 1, L, L]
@@ -217,7 +229,19 @@ def _walk(layers: Sequence[torch.nn.Module], records: list[dict], desc: str, pro
         yield l, items
         with torch.no_grad():
             outs = [layer(x, **r["layer_kwargs"]) for x, r in zip(xs, records)]
-        xs = [o[0] if isinstance(o, tuple) else o for o in outs]
+        xs = [_deepstack(o[0] if isinstance(o, tuple) else o, r, l) for o, r in zip(outs, records)]
+
+
+def _deepstack(x: torch.Tensor, record: dict, l: int) -> torch.Tensor:
+    """``x`` with deepstack level ``l`` added to the image positions, as Qwen3-VL's language model does after
+    decoder layer ``l`` (records without ``deepstack``: unchanged)."""
+    stack = record.get("deepstack")
+    if stack is None or l >= len(stack[1]):
+        return x
+    mask, levels = stack
+    x = x.clone()
+    x[mask.to(x.device)] += levels[l].to(x.device, x.dtype)
+    return x
 
 
 def selector_loss(model_or_layers, batches, factors: SelectorFactors, *, progress: bool = False) -> list[float]:

@@ -20,6 +20,9 @@ head-averaged pre-RoPE logits including the layer's ``1/sqrt(head_dim)``. RoPE i
 position-free bilinear form; calibration (:mod:`vtprune.alvts.calibrate`) fits the factors to the post-RoPE
 attention instead.
 
+Per-head q/k norms (Qwen3: ``q = g_q * q / rms(q)`` before RoPE): the gains fold into ``M`` exactly, the
+per-token ``1 / rms`` by a data-free estimate (:func:`_fold_qk_norms`); calibration fits against the normed q/k.
+
 Biases (Qwen2 has q/k biases, LLaMA none): with ``q = h W_q^T + b_q`` and ``k = h W_k^T + b_k`` the logit gains
 ``h_i W_q^T b_k`` (constant along each softmax row: cancels exactly), ``b_q . b_k`` (constant: cancels) and
 ``b_q W_k h_j`` (a per-key prior). The op has no bias input and ``h`` (an RMSNorm output) has no constant
@@ -56,7 +59,7 @@ def default_rank(hidden_size: int) -> int:
 
 
 @contextmanager
-def _readable(*linears: torch.nn.Linear):
+def _readable(*modules: torch.nn.Module):
     """Make offloaded weights readable for the block.
 
     Under accelerate CPU/disk offload a module's weight is a ``meta`` tensor and the real one is loaded by a
@@ -67,7 +70,7 @@ def _readable(*linears: torch.nn.Linear):
     """
     loaded = []
     try:
-        for m in linears:
+        for m in modules:
             hook = getattr(m, "_hf_hook", None)
             if m.weight.device.type == "meta" and hook is not None and hasattr(hook, "pre_forward"):
                 hook.pre_forward(m)
@@ -100,13 +103,37 @@ def _grouped_weights(layer, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Ten
     H, Hkv, D = q.weight.shape[0] // d, k.weight.shape[0] // d, q.weight.shape[1]
     if H % Hkv:
         raise ValueError(f"layer: query heads ({H}) must be a multiple of key/value heads ({Hkv})")
-    with _readable(q, k):
+    norms = (getattr(attn, "q_norm", None), getattr(attn, "k_norm", None), getattr(layer, "input_layernorm", None))
+    norms = [m for m in norms if isinstance(getattr(m, "weight", None), torch.Tensor)]
+    with _readable(q, k, *norms):
         if q.weight.device.type == "meta" or k.weight.device.type == "meta":
             raise ValueError(f"layer: the q_proj/k_proj weights of this {type(layer).__name__} are on the meta "
                              "device with no offload hook to load them; pass factors= (a SelectorFactors or a file)")
-        a = q.weight.detach().to(dtype).view(Hkv, H // Hkv, d, D).sum(1).reshape(Hkv * d, D)
-        b = k.weight.detach().to(dtype)
-    return a, b, float(getattr(attn, "scaling", d**-0.5)) / H
+        wq, wk = q.weight.detach().to(dtype).view(H, d, D), k.weight.detach().to(dtype).view(Hkv, d, D)
+        if getattr(attn, "q_norm", None) is not None and getattr(attn, "k_norm", None) is not None:
+            wq, wk = _fold_qk_norms(layer, attn, wq, wk)
+    a = wq.view(Hkv, H // Hkv, d, D).sum(1).reshape(Hkv * d, D)
+    return a, wk.reshape(Hkv * d, D), float(getattr(attn, "scaling", d**-0.5)) / H
+
+
+def _fold_qk_norms(layer, attn, wq: torch.Tensor, wk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head q/k RMS norms (Qwen3) folded into the head weights ``[heads, d, D]``.
+
+    The norm makes head ``h``'s query ``g_q * (W_h x) / rms(W_h x)``. The gain ``g_q`` is linear and folds in
+    exactly. The per-token ``1 / rms(W_h x)`` is not bilinear (like RoPE); it is replaced by a data-free estimate,
+    the RMS of ``W_h x`` for an input whose channels are uncorrelated with the input norm's gains as their RMS,
+    ``sqrt(sum_ij W_h[i, j]^2 g_j^2 / d)``. Without it the initial logits would be off by the heads' typical
+    ``rms(q) * rms(k)``; calibration fits the rest against the normed attention.
+    """
+    gain = getattr(getattr(layer, "input_layernorm", None), "weight", None)
+    g2 = 1.0 if gain is None else gain.detach().to(wq.dtype) ** 2
+
+    def rms(w):
+        return ((w**2 * g2).sum((1, 2)) / w.shape[1]).sqrt().clamp(min=torch.finfo(w.dtype).tiny)[:, None, None]
+
+    gq = attn.q_norm.weight.detach().to(wq.dtype)[None, :, None]
+    gk = attn.k_norm.weight.detach().to(wk.dtype)[None, :, None]
+    return wq * gq / rms(wq), wk * gk / rms(wk)
 
 
 def decoder_layers(model_or_layers) -> list[torch.nn.Module]:

@@ -6,4 +6,5 @@ FAMILIES = {
     "LlavaForConditionalGeneration": "vtprune.models.llava:LlavaPatch",
     "LlavaNextForConditionalGeneration": "vtprune.models.llava_next:LlavaNextPatch",
     "Qwen2_5_VLForConditionalGeneration": "vtprune.models.qwen2_5_vl:Qwen2_5_VLPatch",
+    "Qwen3VLForConditionalGeneration": "vtprune.models.qwen3_vl:Qwen3VLPatch",
 }

@@ -191,6 +191,7 @@ class ModelPatch:
 
     recompact = True  # 1-D positions re-compacted after a prune; False: kept tokens keep theirs (M-RoPE)
     qk = staticmethod(decoder_qk)  # post-RoPE q/k of a decoder layer, recomputed (vtprune.models._qk)
+    decoder_patch = DecoderPatch  # the decoder-layer wrapper (Qwen3-VL's adds its deepstack levels)
 
     def __init__(self, model, method, hooks, restore):
         self.model, self.method, self.hooks = model, method, hooks
@@ -202,7 +203,7 @@ class ModelPatch:
         self.num_layers = self.config.get_text_config().num_hidden_layers
         self.install_scores(restore)
         method.check_model(self.model_info())
-        self.decoder = DecoderPatch(self.lm, method, hooks, self.qk, restore)
+        self.decoder = self.decoder_patch(self.lm, method, hooks, self.qk, restore)
         self.install(restore)
 
     # ------------------------------------------------------------------ what a family gives

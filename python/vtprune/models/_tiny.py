@@ -209,6 +209,16 @@ def _qwen_row(inputs, b):
             "image_grid_thw": inputs["image_grid_thw"][b:b + 1]}
 
 
+def _qwen_batch(model, prefix_lengths=(3,), suffix_lengths=(5,), seed=0):
+    return tiny_qwen_inputs(model, prefix_lengths, suffix_lengths, QWEN_GRIDS[:len(prefix_lengths)], seed=seed)
+
+
+def _tiny_qwen3_vl(**kwargs):
+    from vtprune.models._tiny_qwen3_vl import tiny_qwen3_vl  # imports this module's token ids: imported late
+
+    return tiny_qwen3_vl(**kwargs)
+
+
 class TinyFamily:
     """A family's tiny model for the generic tests and the examples.
 
@@ -228,7 +238,6 @@ TINY_FAMILIES = {
     "LlavaNextForConditionalGeneration": TinyFamily(
         tiny_llava_next, lambda m, p=(3,), s=(5,), seed=0: tiny_next_inputs(m, p, s, NEXT_SIZES[:len(p)], seed=seed),
         _next_row),
-    "Qwen2_5_VLForConditionalGeneration": TinyFamily(
-        tiny_qwen2_5_vl, lambda m, p=(3,), s=(5,), seed=0: tiny_qwen_inputs(m, p, s, QWEN_GRIDS[:len(p)], seed=seed),
-        _qwen_row),
+    "Qwen2_5_VLForConditionalGeneration": TinyFamily(tiny_qwen2_5_vl, _qwen_batch, _qwen_row),
+    "Qwen3VLForConditionalGeneration": TinyFamily(_tiny_qwen3_vl, _qwen_batch, _qwen_row),
 }
