@@ -127,7 +127,7 @@ def test_pooled_tiles(next_model, next_batch):
 def test_remove_restores_bit_for_bit(next_model, next_batch):
     ref = next_model(**next_batch).logits
     h = vtprune.apply(next_model, vtprune.VisionDrop(**SCHEDULE))
-    assert next_model(**next_batch).logits.shape != ref.shape
+    assert next_model(**next_batch).kept_positions.shape[1] < ref.shape[1]
     h.remove()
     assert torch.equal(next_model(**next_batch).logits, ref)
     assert "forward" not in next_model.model.__dict__ and "forward" not in next_model.__dict__

@@ -11,7 +11,7 @@ Patched on the instance:
   head-averaged attention over the patches in one call) and keeps the layer's keys averaged over heads as
   the merge metric, as the official VisionZip/VisionDrop code does.
 * every decoder layer (:mod:`vtprune.models._decoder`).
-* ``model.forward``: only to refuse ``labels`` (a pruned sequence has no per-position labels).
+* ``model.forward``: logits and ``labels=`` loss in input coordinates (:mod:`vtprune.outputs`).
 
 The forward wrappers and decode continuation are shared with the other families (:mod:`vtprune.models._patch`);
 LLaVA-NeXT subclasses this patch and replaces :meth:`LlavaPatch._encode` (anyres tiles).
