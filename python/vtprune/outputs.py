@@ -113,11 +113,10 @@ def patched_forward(patch, original, args, kwargs):
     before = patch.last_call
     out = original(**named, return_dict=True)
     call = patch.last_call
-    if call is before:  # no prefill ran: the sequence is the input's
+    kept = None if call is before else call.seq.origin  # [B, L'] input index per position
+    if kept is None:  # nothing was compacted: the sequence is the input's
         B, L = named["input_ids"].shape
         kept = torch.arange(L, device=out.logits.device).expand(B, L)
-    else:
-        kept = call.seq.origin  # [B, L'] input index per position
     fields = dict(out)
     logits = out.logits
     if labels is not None:
