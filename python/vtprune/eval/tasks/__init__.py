@@ -28,7 +28,8 @@ _TASKS = {
     },
     "vtprune_tiny_mc": {
         "output_type": "multiple_choice", "doc_to_target": "!function utils.doc_to_target",
-        "doc_to_choice": "!function utils.doc_to_choice", "metric_list": [{"metric": "acc"}],
+        "doc_to_choice": "!function utils.doc_to_choice",
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
         "lmms_eval_specific_kwargs": {"default": {"pre_prompt": "", "post_prompt": ""}},
     },
 }
