@@ -171,8 +171,11 @@ setup(
         "vtprune.methods",
         "vtprune.models",
         "vtprune.testing",
+        "vtprune.eval",
+        "vtprune.eval.tasks",
         "vtprune.triton_kernels",
     ],
+    package_data={"vtprune.eval.tasks": ["*.jsonl"]},  # the tiny evaluation task's records
     ext_modules=[CMakeExtension("vtprune._C", _nvcc)] if _nvcc else [],
     cmdclass={"build_ext": CMakeBuild},
 )

@@ -1,5 +1,6 @@
 # Sourced by scripts/demo.sh, scripts/test.sh and scripts/test_set.sh: make (once) and activate a virtual
-# environment with the locked package set, and vtprune installed editable into it.
+# environment with the locked package set (and the evaluation set, requirements/eval.txt), and vtprune installed
+# editable into it.
 #
 # VTPRUNE_VENV (default .venv) names the environment. It gets exactly requirements/lock.txt (the set CI last
 # passed with: torch, triton, transformers, the test and build tools), so a fresh machine reproduces a
@@ -22,6 +23,12 @@ if [ "$(cat "$venv/.vtprune-lock" 2>/dev/null)" != "$lock_want" ]; then
   python -m pip install -q -r requirements/lock.txt
   echo "$lock_want" > "$venv/.vtprune-lock"
   rm -f "$venv/.vtprune-build"
+fi
+# The evaluation set (lmms-eval and what its core imports), without dependencies: the locked torch stays.
+eval_want="$(stamp_of < requirements/eval.txt)"
+if [ "$(cat "$venv/.vtprune-eval" 2>/dev/null)" != "$eval_want" ]; then
+  python -m pip install -q --no-deps -r requirements/eval.txt
+  echo "$eval_want" > "$venv/.vtprune-eval"
 fi
 build_want="$( (cat pyproject.toml setup.py CMakeLists.txt; find csrc -type f | sort | xargs cat;
                 echo "cuda=${VTPRUNE_BUILD_CUDA:-}") | stamp_of)"

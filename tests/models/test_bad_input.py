@@ -61,7 +61,7 @@ def test_several_images_in_one_prompt(llava):
         with pytest.raises(ValueError, match="one image per prompt"):
             llava(**two)
     with vtprune.apply(llava, vtprune.VisionZip(10, 2)) as h:  # encoder-only methods prune each image
-        out = llava(**two).logits
+        out = llava(**two).kept_positions
         assert h.stats.tokens_per_layer[0] == two["input_ids"].shape[1] - 2 * (64 - 12)
     assert out.shape[1] == two["input_ids"].shape[1] - 2 * (64 - 12)
 
@@ -76,8 +76,8 @@ def test_wrong_placeholder_count(llava, inputs):
             llava(input_ids=ids, pixel_values=inputs["pixel_values"])
 
 
-def test_labels_refused(llava, inputs):
-    with vtprune.apply(llava, vtprune.VisionZip(10, 2)):
+def test_labels_on_pruned_image_tokens_refused(llava, inputs):
+    with vtprune.apply(llava, vtprune.VisionZip(10, 2)):  # labels= is supported; image tokens it pruned are refused
         with pytest.raises(ValueError, match="labels"):
             llava(**inputs, labels=inputs["input_ids"])
 

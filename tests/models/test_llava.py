@@ -7,6 +7,7 @@ from official_visiondrop import official_logits
 
 import vtprune
 from vtprune.models._tiny import tiny_inputs, tiny_llava
+from vtprune.outputs import pruned_logits
 
 GEN = dict(max_new_tokens=8, do_sample=False)
 
@@ -57,13 +58,14 @@ def test_decode_steps_read_no_more_masks_than_unpatched(llava, batch, monkeypatc
 
 def test_counts_follow_schedule(llava, inputs):
     with vtprune.apply(llava, vtprune.VisionDrop(**SCHEDULE)) as h:
-        out = llava(**inputs).logits
+        out = llava(**inputs)
         st = h.stats
     assert st.visual_tokens_per_layer == [14, 10, 7, 5]
     assert st.average_visual_tokens == pytest.approx(9.0)
     text = 3 + 5
     assert st.tokens_per_layer == [text + n for n in (14, 10, 7, 5)]
-    assert out.shape[1] == text + 5  # logits cover the pruned sequence
+    assert out.kept_positions.shape[1] == text + 5  # the language model ran on the pruned sequence
+    assert out.logits.shape[1] == text + 64  # its logits come back in input coordinates (vtprune.outputs)
     assert st.flops < st.flops_unpruned
     assert st.flops_unpruned == vtprune.flops.prefill_flops(llava.config, text + 64)
 
@@ -72,8 +74,8 @@ def test_matches_official_algorithm(llava, inputs):
     ids = inputs["input_ids"]
     ref = official_logits(llava, ids, inputs["pixel_values"], SCHEDULE["encoder"], SCHEDULE["stages"])
     with vtprune.apply(llava, vtprune.VisionDrop(**SCHEDULE)):
-        out = llava(input_ids=ids, pixel_values=inputs["pixel_values"]).logits
-    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+        out = llava(input_ids=ids, pixel_values=inputs["pixel_values"])
+    torch.testing.assert_close(pruned_logits(out.logits, out.kept_positions), ref, atol=1e-4, rtol=1e-4)
 
 
 def test_apply_twice_is_an_error(llava):

@@ -18,4 +18,4 @@ class TestTritonBackend:
         with vtprune.apply(llava, vtprune.VisionDrop(**SCHEDULE, backend="triton")) as h:
             out = llava(**inputs).logits
             assert h.stats.selections == ref_sel
-        torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4, equal_nan=True)  # NaN: pruned positions

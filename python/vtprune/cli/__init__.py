@@ -17,12 +17,14 @@ COMMANDS = {
     "demo": "vtprune.cli.demo",
     "ops": "vtprune.ops_demo",
     "calibrate": "vtprune.cli.calibrate",
+    "eval": "vtprune.cli.eval",
 }
 # one-line summaries for ``vtprune --help`` without importing every command module (torch, transformers)
 SUMMARIES = {
     "demo": "run a model with and without a method: tokens per layer, FLOPs, prefill latency",
     "ops": "run the raw ops at real-model shapes: what they select, time per backend",
     "calibrate": "fit ALVTS selector factors to a model on local image/question data",
+    "eval": "evaluate a method config on lmms-eval tasks (accuracy; needs the eval extra)",
 }
 
 

@@ -3,7 +3,8 @@ and the continuation of a pruned prefill while decoding.
 
 A family patch (LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL) replaces, on the instance only,
 
-* ``model.forward``: to refuse ``labels`` (a pruned sequence has no per-position labels) and to hide
+* ``model.forward``: to return a pruned prefill's logits and ``labels=`` loss in input coordinates
+  (:mod:`vtprune.outputs`) and to hide
   ``mm_encoder_outputs`` from ``generate()`` (transformers >= 5.2x pre-encodes images through
   ``get_image_features`` when ``forward`` accepts it; the encoder stage must run inside our prefill, so
   ``generate`` passes ``pixel_values`` as it always did);
@@ -259,11 +260,10 @@ class ModelPatch:
         restore.set_attr(self.model, "forward", wrapper)
 
     def top_forward(self, original, args, kwargs):
-        named = bound_arguments(original, args, kwargs)
-        if named.get("labels") is not None:
-            raise ValueError("vtprune: labels are not supported on a pruned model (the sequence is shortened); "
-                             "remove the patch (handle.remove()) to compute a loss")
-        return original(*args, **kwargs)
+        # logits, labels= loss and kept_positions of a pruned prefill in input coordinates
+        from vtprune.outputs import patched_forward
+
+        return patched_forward(self, original, args, kwargs)
 
     def forward(self, original, args, kwargs):
         a = bound_arguments(original, args, kwargs)

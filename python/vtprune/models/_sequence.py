@@ -40,6 +40,7 @@ class Sequence:
     tail_real: bool | None = None  # whether every row's last token is real, when the host knows it
     added_host: torch.Tensor | None = None  # [B] host: left padding the last compaction added (None: not known)
     left_padded: bool = False  # known on the host: every row's padding is all on its left
+    origin: torch.Tensor | None = None  # [B, L] input index of each position (-1: padding a compaction added)
 
     @property
     def length(self) -> int:
@@ -95,6 +96,8 @@ class Sequence:
                 raise ValueError("Sequence.compact: value_positions are required when positions are not re-compacted")
             positions = positions.masked_scatter(new_slots.expand(*lead, -1, -1), value_positions.to(positions))
         self.mask = mask.to(self.mask.dtype)
+        origin = torch.arange(L, device=dev).expand(B, L) if self.origin is None else self.origin.to(dev)
+        self.origin = torch.where(real_slot, origin.gather(1, src), -1)  # outputs in input coordinates (outputs.py)
         self.positions = torch.where(real_slot, positions, torch.zeros((), dtype=positions.dtype, device=dev))
         if self.recompact:
             self.shift = staged_to(self.shift, dev) + gone.sum(1)

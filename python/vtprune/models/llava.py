@@ -12,7 +12,7 @@ Patched on the instance:
   heads as the merge metric, as the official token-merging codes do. The method's encoder hook
   (:meth:`vtprune.methods.Method.select_encoder`) then picks each image's tokens.
 * every decoder layer (:mod:`vtprune.models._decoder`).
-* ``model.forward``: only to refuse ``labels`` (a pruned sequence has no per-position labels).
+* ``model.forward``: logits and ``labels=`` loss in input coordinates (:mod:`vtprune.outputs`).
 
 The forward wrappers and decode continuation are shared with the other families (:mod:`vtprune.models._patch`);
 LLaVA-NeXT subclasses this patch and replaces :meth:`LlavaPatch.encode` (anyres tiles).
