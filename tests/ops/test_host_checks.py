@@ -80,3 +80,23 @@ def test_shape_checks_remembered_per_signature_still_see_every_value():
         ops.attention_scores(q, k, query_spans=spans, key_spans=spans, causal="yes")
     with pytest.raises(ValueError, match="key_spans: every span"):
         ops.attention_scores(q, k, query_spans=spans, key_spans=torch.tensor([[0, 4], [5, 4]]), causal=True)
+
+
+def test_fused_routed_layer_rechecks_a_replaced_norm():
+    """The fused walk remembers a checked layer by identity: a norm weight replaced later is checked again."""
+    pytest.importorskip("triton.language", reason="Triton is not installed")
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    cfg = LlamaConfig(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=2,
+                      num_hidden_layers=1, vocab_size=8)
+    cfg._attn_implementation = "sdpa"
+    layer = LlamaDecoderLayer(cfg, 0).eval()
+    h = torch.randn(1, 6, 16)
+    pe = LlamaRotaryEmbedding(cfg)(h, torch.arange(6)[None])
+    idx = torch.tensor([[0, 2, 5]])
+    with torch.no_grad():
+        ops.routed_layer(layer, h.clone(), idx, position_embeddings=pe, backend="triton")
+        layer.post_attention_layernorm.weight = torch.nn.Parameter(torch.ones(16, dtype=torch.float64))
+        with pytest.raises(ValueError, match="post_attention_layernorm.weight must have hidden_states' dtype"):
+            ops.routed_layer(layer, h.clone(), idx, position_embeddings=pe, backend="triton")

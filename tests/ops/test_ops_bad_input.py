@@ -17,23 +17,20 @@ Q, K = torch.randn(2, 4, 8, 4), torch.randn(2, 2, 8, 4)
 SP = torch.tensor([[0, 8], [1, 6]])
 
 
-@pytest.mark.parametrize(
-    "kwargs,match",
-    [
-        (dict(q=torch.randn(4, 8, 4)), "q must have 4 dimensions"),
-        (dict(k=torch.randn(2, 3, 8, 4)), "multiple of k heads"),
-        (dict(k=torch.randn(3, 2, 8, 4)), "k must have shape"),
-        (dict(k=K.half()), "k must have the dtype of q"),
-        (dict(q=Q.long()), "q must have dtype"),
-        (dict(query_spans=torch.tensor([[0, 9], [0, 1]])), "query_spans: every span"),
-        (dict(key_spans=torch.tensor([[0, 0], [0, 1]])), "key_spans: every count must be positive"),
-        (dict(key_spans=torch.tensor([[0, 1]])), r"key_spans must have shape \[B, 2\]"),
-        (dict(key_spans=SP.int()), "key_spans must have dtype"),
-        (dict(key_padding_mask=torch.ones(2, 7, dtype=torch.bool)), "key_padding_mask must have shape"),
-        (dict(key_padding_mask=torch.ones(2, 8)), "key_padding_mask must have dtype"),
-        (dict(scale="x"), "scale must be"),
-    ],
-)
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(q=torch.randn(4, 8, 4)), "q must have 4 dimensions"),
+    (dict(k=torch.randn(2, 3, 8, 4)), "multiple of k heads"),
+    (dict(k=torch.randn(3, 2, 8, 4)), "k must have shape"),
+    (dict(k=K.half()), "k must have the dtype of q"),
+    (dict(q=Q.long()), "q must have dtype"),
+    (dict(query_spans=torch.tensor([[0, 9], [0, 1]])), "query_spans: every span"),
+    (dict(key_spans=torch.tensor([[0, 0], [0, 1]])), "key_spans: every count must be positive"),
+    (dict(key_spans=torch.tensor([[0, 1]])), r"key_spans must have shape \[B, 2\]"),
+    (dict(key_spans=SP.int()), "key_spans must have dtype"),
+    (dict(key_padding_mask=torch.ones(2, 7, dtype=torch.bool)), "key_padding_mask must have shape"),
+    (dict(key_padding_mask=torch.ones(2, 8)), "key_padding_mask must have dtype"),
+    (dict(scale="x"), "scale must be"),
+])
 def test_attention_scores_errors(kwargs, match):
     args = dict(q=Q, k=K, query_spans=SP, key_spans=SP, causal=True, key_padding_mask=None, scale=None)
     args.update(kwargs)
@@ -112,50 +109,20 @@ def test_backend_selection(monkeypatch):
 # ---- issue #11 item 10: inputs that ran silently or failed with an internal error ------------------------------
 
 EMPTY_BATCH = [
-    (
-        "attention_scores",
-        lambda: attention_scores(
-            torch.randn(0, 4, 8, 4),
-            torch.randn(0, 2, 8, 4),
-            query_spans=torch.zeros(0, 2, dtype=torch.int64),
-            key_spans=torch.zeros(0, 2, dtype=torch.int64),
-            causal=True,
-        ),
-        "q",
-    ),
-    (
-        "attention_with_scores",
-        lambda: attention_with_scores(
-            torch.randn(0, 4, 8, 4),
-            torch.randn(0, 2, 8, 4),
-            torch.randn(0, 2, 8, 4),
-            query_spans=torch.zeros(0, 2, dtype=torch.int64),
-            key_spans=torch.zeros(0, 2, dtype=torch.int64),
-            causal=True,
-        ),
-        "q",
-    ),
+    ("attention_scores", lambda: attention_scores(torch.randn(0, 4, 8, 4), torch.randn(0, 2, 8, 4),
+                                                  query_spans=torch.zeros(0, 2, dtype=torch.int64),
+                                                  key_spans=torch.zeros(0, 2, dtype=torch.int64), causal=True), "q"),
+    ("attention_with_scores", lambda: attention_with_scores(
+        torch.randn(0, 4, 8, 4), torch.randn(0, 2, 8, 4), torch.randn(0, 2, 8, 4),
+        query_spans=torch.zeros(0, 2, dtype=torch.int64), key_spans=torch.zeros(0, 2, dtype=torch.int64),
+        causal=True), "q"),
     ("topk_keep_order", lambda: topk_keep_order(torch.randn(0, 5), 2), "scores"),
-    (
-        "contextual_merge",
-        lambda: contextual_merge(torch.randn(0, 6, 4), torch.randn(0, 6, 4), torch.zeros(0, 2, dtype=torch.int64), 1),
-        "x",
-    ),
-    (
-        "select_and_merge",
-        lambda: select_and_merge(torch.randn(0, 6), torch.randn(0, 6, 4), torch.randn(0, 6, 4), 2, 1),
-        "x",
-    ),
-    (
-        "lowrank_scores",
-        lambda: lowrank_scores(
-            torch.randn(0, 6, 8),
-            torch.randn(8, 2),
-            torch.randn(8, 2),
-            visual_spans=torch.zeros(0, 2, dtype=torch.int64),
-        ),
-        "h",
-    ),
+    ("contextual_merge", lambda: contextual_merge(torch.randn(0, 6, 4), torch.randn(0, 6, 4),
+                                                  torch.zeros(0, 2, dtype=torch.int64), 1), "x"),
+    ("select_and_merge", lambda: select_and_merge(torch.randn(0, 6), torch.randn(0, 6, 4), torch.randn(0, 6, 4),
+                                                  2, 1), "x"),
+    ("lowrank_scores", lambda: lowrank_scores(torch.randn(0, 6, 8), torch.randn(8, 2), torch.randn(8, 2),
+                                              visual_spans=torch.zeros(0, 2, dtype=torch.int64)), "h"),
 ]
 
 
