@@ -1,14 +1,15 @@
-"""What every family patch shares: the wrapped ``forward`` methods, the image-slot bookkeeping of a prefill
-and the continuation of a pruned prefill while decoding.
+"""The one prefill / decode skeleton every family adapter shares (:class:`ModelPatch`): the wrapped ``forward``
+methods, the image-slot bookkeeping of a prefill and the continuation of a pruned prefill while decoding. An
+adapter gives only what differs (docs/integration.md, "Adding a family").
 
-A family patch (LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL) replaces, on the instance only,
+The skeleton replaces, on the instance only,
 
 * ``model.forward``: to return a pruned prefill's logits and ``labels=`` loss in input coordinates
   (:mod:`vtprune.outputs`) and to hide
   ``mm_encoder_outputs`` from ``generate()`` (transformers >= 5.2x pre-encodes images through
   ``get_image_features`` when ``forward`` accepts it; the encoder stage must run inside our prefill, so
   ``generate`` passes ``pixel_values`` as it always did);
-* ``model.model.forward``: a call with pixel values is a prefill the family builds itself (:meth:`_prefill`);
+* ``model.model.forward``: a call with pixel values is a prefill built here (:meth:`ModelPatch._prefill`);
   a call that continues a pruned prefill's cache maps the incoming mask and positions onto the pruned cache;
   anything else runs unchanged.
 """
