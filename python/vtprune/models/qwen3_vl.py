@@ -101,7 +101,7 @@ class Qwen3VLPatch(Qwen2_5_VLPatch):
     decoder_patch = DeepstackDecoder
 
     def __init__(self, model, method, hooks, restore):
-        self.kinds = ()  # what the prefill holds: "image", "video" (set by positions(), the first step)
+        self.kinds = ()  # what the current prefill holds: "image", "video"
         super().__init__(model, method, hooks, restore)
 
     def install_scores(self, restore) -> None:
@@ -118,6 +118,7 @@ class Qwen3VLPatch(Qwen2_5_VLPatch):
     def encode(self, a) -> Encoded:
         """Per unit (an image, or one frame group of a video), in prompt order: its tokens with the deepstack
         levels appended along the channels (``[S, D * (1 + levels)]``), through the method's encoder hook."""
+        self._held(a)
         # one tower call for every image and video
         grid = torch.cat([a[f"{k}_grid_thw"] for k in self.kinds])
         pixels = torch.cat([a["pixel_values" if k == "image" else "pixel_values_videos"] for k in self.kinds])
@@ -149,6 +150,15 @@ class Qwen3VLPatch(Qwen2_5_VLPatch):
             return Encoded(wide, sizes, sizes)
         return select_per_unit(self, wide, scores, metric, sizes, "image or frame group")
 
+    def _held(self, a) -> None:
+        """What the prefill holds (``self.kinds``: "image", "video"), each with its grid."""
+        self.kinds = tuple(k for k, key in (("image", "pixel_values"), ("video", "pixel_values_videos"))
+                           if a.get(key) is not None)
+        for k in self.kinds:
+            if a.get(f"{k}_grid_thw") is None:
+                raise ValueError(f"vtprune: {self.family} needs {k}_grid_thw with "
+                                 f"{'pixel_values' if k == 'image' else 'pixel_values_videos'}")
+
     def _check_images_per_row(self, per_row: list) -> None:
         if "video" in self.kinds and self._reads_spans and any(n > 1 for n in per_row):
             raise ValueError(f"{type(self.method).__name__} ranks one visual span per prompt in the language "
@@ -172,13 +182,7 @@ class Qwen3VLPatch(Qwen2_5_VLPatch):
         """3-D positions [3, B, L] of the unpruned prompt: the given ones (generate passes [4, B, L], text
         positions first) or ``get_rope_index`` as the unpatched forward computes them (also setting
         ``rope_deltas`` for decoding)."""
-        # the prefill's first look at its arguments: what it holds, and each kind's grid
-        self.kinds = tuple(k for k, key in (("image", "pixel_values"), ("video", "pixel_values_videos"))
-                           if a.get(key) is not None)
-        for k in self.kinds:
-            if a.get(f"{k}_grid_thw") is None:
-                raise ValueError(f"vtprune: {self.family} needs {k}_grid_thw with "
-                                 f"{'pixel_values' if k == 'image' else 'pixel_values_videos'}")
+        self._held(a)
         positions = a.get("position_ids")
         if positions is not None:
             if positions.dim() == 3 and positions.shape[0] in (3, 4):
