@@ -209,13 +209,17 @@ def test_deepstack_follows_the_encoder_selection(q3, qbatch, d, c):
 @pytest.mark.parametrize("method", [vtprune.VisionDrop(tokens=None), vtprune.FastV(layer=1, ratio=1.0),
                                     vtprune.ALVTS(keep=None, backend="reference")], ids=lambda m: m.name)
 def test_keep_all_reproduces_unpatched(q3, qbatch, method):
-    ref = q3(**qbatch).logits
+    """Logits, greedy tokens and the recorded hidden states (each layer's output before its deepstack level is
+    added, as the unpatched model records them)."""
+    ref = q3(**qbatch, output_hidden_states=True)
     ref_gen = q3.generate(**qbatch, **GEN)
     with vtprune.apply(q3, method) as h:
-        out = q3(**qbatch).logits
+        out = q3(**qbatch, output_hidden_states=True)
         assert h.stats.visual_tokens_per_layer == [24] * 4
         gen = q3.generate(**qbatch, **GEN)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.logits, ref.logits, atol=1e-5, rtol=1e-5)
+    for a, b in zip(out.hidden_states, ref.hidden_states, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert torch.equal(gen, ref_gen)
 
 

@@ -24,8 +24,10 @@ What differs:
   the current sequence as a ``[B, L, D]`` tensor (zero off the image tokens) and added to the input of the layer
   after its own (:class:`DeepstackDecoder`); a decoder hook that prunes before a level has been added selects
   and merges the pending levels together with the hidden states, again as one wide token
-  (``PruneContext.tokens``; the scores come from ``PruneContext.hidden``). A hook after layer ``j`` scores the
-  hidden states *with* level ``j`` added, as the next layer sees them.
+  (``PruneContext.tokens``). A hook after layer ``j`` scores the hidden states *with* level ``j`` added, as the
+  next layer sees them (``PruneContext.hidden``); level ``j`` itself is selected and merged with the tokens and
+  added at the next layer's input, so the layers' recorded outputs (``output_hidden_states``) are the unpatched
+  model's.
 * **Videos.** ``pixel_values_videos`` are supported: Qwen3-VL's prompt puts a timestamp before each frame group,
   so every frame group is its own visual span and unit of the encoder hook (budgets per frame group). Methods
   that read one span per row in the language model (decoder or layer hooks) therefore take a one-frame-group
@@ -84,13 +86,15 @@ class DeepstackDecoder(DecoderPatch):
         ds = call.scratch.get(_DEEPSTACK)
         if ds is None or not ds.pending:
             return super()._prune(call, after, g, hidden, layer_in, kwargs, tokens)
-        added = ds.add(after - 1, hidden)  # the level of the layer that just ran, before it is scored
+        # scored as the next layer sees it: with the level of the layer that just ran added. That level stays
+        # pending (selected and merged with the others) and is added at the next layer's input as usual, so the
+        # layer's recorded output is the unpatched model's (before the deepstack add)
+        level = ds.pending.get(after - 1)
+        scored = hidden if level is None else hidden + level.to(hidden.dtype)
         levels = sorted(ds.pending)
-        if not levels:
-            return super()._prune(call, after, g, added, layer_in, kwargs)
         D = hidden.shape[-1]
-        wide = torch.cat([added, *(ds.pending[j].to(hidden.dtype) for j in levels)], -1)
-        out = super()._prune(call, after, g, added, layer_in, kwargs, tokens=wide)
+        wide = torch.cat([hidden, *(ds.pending[j].to(hidden.dtype) for j in levels)], -1)
+        out = super()._prune(call, after, g, scored, layer_in, kwargs, tokens=wide)
         for n, j in enumerate(levels, 1):
             ds.pending[j] = out[..., n * D:(n + 1) * D]
         return out[..., :D]
