@@ -9,12 +9,6 @@ import importlib.util
 
 import pytest
 import torch
-from models_common import check_batch_equals_rows
-from models_common import row as llava_row
-from test_llava_next import SIZES
-from test_llava_next import row as next_row
-from test_qwen2_5_vl import GRIDS
-from test_qwen2_5_vl import row as qwen_row
 
 import vtprune
 from vtprune.flops import prefill_flops
@@ -26,12 +20,11 @@ KEEP = 16
 needs_triton = pytest.mark.skipif(
     importlib.util.find_spec("triton") is None or importlib.util.find_spec("vtprune.triton_kernels") is None,
     reason="needs triton and vtprune.triton_kernels (an installed vtprune)")
-FAMILIES = {
-    "llava": (_tiny.tiny_llava, lambda m: _tiny.tiny_inputs(m, (3, 7), (6, 4), seed=1), llava_row),
-    "llava_next": (_tiny.tiny_llava_next, lambda m: _tiny.tiny_next_inputs(m, (3, 7), (6, 4), SIZES, seed=1),
-                   next_row),
-    "qwen2_5_vl": (_tiny.tiny_qwen2_5_vl, lambda m: _tiny.tiny_qwen_inputs(m, (3, 7), (6, 4), GRIDS, seed=1),
-                   qwen_row),
+FAMILIES = {  # short name -> (build, two-row batch, row alone) of the family's tiny model
+    name: (t.build, lambda m, t=t: t.batch(m, (3, 7), (6, 4), seed=1), t.row) for name, t in (
+        ("llava", _tiny.TINY_FAMILIES["LlavaForConditionalGeneration"]),
+        ("llava_next", _tiny.TINY_FAMILIES["LlavaNextForConditionalGeneration"]),
+        ("qwen2_5_vl", _tiny.TINY_FAMILIES["Qwen2_5_VLForConditionalGeneration"]))
 }
 _MODELS = {}
 
@@ -134,7 +127,7 @@ def test_counts_leave_out_image_tokens_that_fill_a_row():
     """Row 0 has the bigger image and less text, so no padding: it fills the batch's K with more image tokens,
     which leave the layer unchanged and do not count."""
     model = model_of("qwen2_5_vl")
-    batch = _tiny.tiny_qwen_inputs(model, (3, 7), (4, 6), (GRIDS[1], GRIDS[0]), seed=2)
+    batch = _tiny.tiny_qwen_inputs(model, (3, 7), (4, 6), (_tiny.QWEN_GRIDS[1], _tiny.QWEN_GRIDS[0]), seed=2)
     assert batch["attention_mask"][0].all()
     router = Recording(keep=KEEP, backend="reference")
     with vtprune.apply(model, router) as h:
@@ -182,20 +175,13 @@ def test_rows_with_fill_tokens_equal_each_row_alone(family):
         keep = 4
     else:
         batch = _tiny.tiny_next_inputs(model, (3, 9, 1), (6, 2, 4), ((50, 100), (56, 56), (100, 100)), seed=3)
-        row = next_row
+        row = FAMILIES["llava_next"][2]
         keep = 8
     router = Recording(keep=keep, backend="reference")
     with vtprune.apply(model, router):
         model(**batch)
         assert any(f is not None and f.any() for f in router.fills.values())  # the batch really routes fill tokens
         _rows_alone(model, batch, row, 3, GEN)
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_batch_equals_rows_alone(family):
-    model, batch = setup(family)
-    with vtprune.apply(model, ALVTS(keep=KEEP, backend="reference")):
-        check_batch_equals_rows(model, batch, FAMILIES[family][2], GEN)
 
 
 @pytest.mark.parametrize("family,attn", [("llava", "sdpa"), ("llava", "eager"), ("llava_next", "sdpa"),
@@ -269,18 +255,6 @@ def test_triton_keep_all_reproduces_unpatched():
     with vtprune.apply(model, ALVTS(keep=None, backend="triton")):
         out = model(**batch).logits
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
-
-
-def test_remove_restores_bit_for_bit():
-    model, batch = setup("llava")
-    layers = model.model.language_model.layers
-    ref = model(**batch).logits
-    h = vtprune.apply(model, ALVTS(keep=KEEP, backend="reference"))
-    assert not torch.equal(model(**batch).logits, ref)
-    h.remove()
-    assert torch.equal(model(**batch).logits, ref)
-    assert all("forward" not in layer.__dict__ for layer in layers)
-    assert "forward" not in model.model.__dict__ and "forward" not in model.__dict__
 
 
 def test_routing_layer_0_needs_use_cache_false():

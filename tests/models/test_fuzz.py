@@ -10,11 +10,6 @@ import random
 
 import pytest
 import torch
-from models_common import row as llava_row
-from test_llava_next import SIZES
-from test_llava_next import row as next_row
-from test_qwen2_5_vl import GRIDS
-from test_qwen2_5_vl import row as qwen_row
 
 import vtprune
 from vtprune.methods.alvts import ALVTS
@@ -27,10 +22,12 @@ BUILD = {"llava": _tiny.tiny_llava, "llava_next": _tiny.tiny_llava_next, "qwen2_
 def _inputs(family, model, padded: bool, seed: int):
     pre, suf = ((3, 7), (6, 4)) if padded else ((5, 5), (4, 4))
     if family == "llava":
-        return _tiny.tiny_inputs(model, pre, suf, seed=seed), llava_row
+        return _tiny.tiny_inputs(model, pre, suf, seed=seed), _tiny.TINY_FAMILIES["LlavaForConditionalGeneration"].row
     if family == "llava_next":
-        return _tiny.tiny_next_inputs(model, pre, suf, SIZES, seed=seed), next_row
-    return _tiny.tiny_qwen_inputs(model, pre, suf, GRIDS, seed=seed), qwen_row
+        return (_tiny.tiny_next_inputs(model, pre, suf, _tiny.NEXT_SIZES, seed=seed),
+                _tiny.TINY_FAMILIES["LlavaNextForConditionalGeneration"].row)
+    return (_tiny.tiny_qwen_inputs(model, pre, suf, _tiny.QWEN_GRIDS, seed=seed),
+            _tiny.TINY_FAMILIES["Qwen2_5_VLForConditionalGeneration"].row)
 
 
 def _method(rng, family, full: bool):

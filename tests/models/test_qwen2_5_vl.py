@@ -5,13 +5,14 @@ import sys
 
 import pytest
 import torch
-from models_common import SCHEDULE, check_batch_equals_rows
+from models_common import SCHEDULE
 
 import vtprune
-from vtprune.models._tiny import IMAGE_TOKEN, tiny_qwen2_5_vl, tiny_qwen_inputs
+from vtprune.models._tiny import IMAGE_TOKEN, QWEN_GRIDS, TINY_FAMILIES, tiny_qwen2_5_vl, tiny_qwen_inputs
 
 GEN = dict(max_new_tokens=8, do_sample=False)
-GRIDS = ((8, 12), (12, 12))  # 24 and 36 merged tokens, several 2x2-token windows each
+GRIDS = QWEN_GRIDS  # 24 and 36 merged tokens, several 2x2-token windows each
+row = TINY_FAMILIES["Qwen2_5_VLForConditionalGeneration"].row  # a batch row alone, without its padding
 
 
 @pytest.fixture(scope="module")
@@ -24,27 +25,6 @@ def qbatch(qwen):
     out = tiny_qwen_inputs(qwen, (3, 7), (6, 4), GRIDS, seed=1)
     assert not out["attention_mask"].all()
     return out
-
-
-def row(inputs, b):
-    keep = inputs["attention_mask"][b].bool()
-    patches = [h * w for h, w in GRIDS]
-    start = sum(patches[:b])
-    return {"input_ids": inputs["input_ids"][b:b + 1, keep], "attention_mask": inputs["attention_mask"][b:b + 1, keep],
-            "mm_token_type_ids": inputs["mm_token_type_ids"][b:b + 1, keep],
-            "pixel_values": inputs["pixel_values"][start:start + patches[b]],
-            "image_grid_thw": inputs["image_grid_thw"][b:b + 1]}
-
-
-def test_keep_all_reproduces_unpatched(qwen, qbatch):
-    ref = qwen(**qbatch).logits
-    ref_gen = qwen.generate(**qbatch, **GEN)
-    with vtprune.apply(qwen, vtprune.VisionDrop(tokens=None)) as h:
-        out = qwen(**qbatch).logits
-        assert h.stats.visual_tokens_per_layer == [24] * 4
-        gen = qwen.generate(**qbatch, **GEN)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    assert torch.equal(gen, ref_gen)
 
 
 def test_counts_follow_schedule(qwen, qbatch):
@@ -105,29 +85,6 @@ def test_encoder_stage_scores_and_positions(qwen, qbatch):
     start = int((x["input_ids"][0] == IMAGE_TOKEN).nonzero()[0])
     expected = torch.cat([full[:, :start], image[:, top], full[:, start + n // 4:]], 1)
     assert torch.equal(captured["pos"][:, 0], expected)
-
-
-@pytest.mark.parametrize("method", [vtprune.VisionDrop(**SCHEDULE), vtprune.FastV(layer=1, ratio=0.25),
-                                    vtprune.PyramidDrop(), vtprune.VisionZip(10, 2)], ids=lambda m: m.name)
-def test_batch_equals_rows_alone(qwen, qbatch, method):
-    with vtprune.apply(qwen, method):
-        check_batch_equals_rows(qwen, qbatch, row, GEN)
-
-
-@pytest.mark.parametrize("method", [vtprune.VisionDrop(**SCHEDULE), vtprune.VisionZip(10, 2)], ids=lambda m: m.name)
-def test_generate_with_and_without_cache(qwen, qbatch, method):
-    with vtprune.apply(qwen, method):
-        assert torch.equal(qwen.generate(**qbatch, **GEN), qwen.generate(**qbatch, **GEN, use_cache=False))
-
-
-def test_remove_restores_bit_for_bit(qwen, qbatch):
-    ref = qwen(**qbatch).logits
-    h = vtprune.apply(qwen, vtprune.VisionDrop(**SCHEDULE))
-    assert qwen(**qbatch).logits.shape != ref.shape
-    h.remove()
-    assert torch.equal(qwen(**qbatch).logits, ref)
-    visual = qwen.model.visual
-    assert "forward" not in visual.blocks[1].attn.__dict__ and "permute_input_for_window_attn" not in visual.__dict__
 
 
 def test_bad_input(qwen, qbatch):
