@@ -5,7 +5,8 @@ interleaved 3-D M-RoPE.
 The deepstack and q/k-norm handling is checked against a step-by-step re-statement in this file (torch ops and the
 model's own modules, no vtprune code): encoder selection from a materialised softmax, merges by the official rule,
 the LLM stages' scores from the next layer's normed q/k, and every deepstack level selected and merged with the
-tokens it belongs to.
+tokens it belongs to. The generic properties (keep-all, batch == rows alone, cache, remove()) are in
+test_generic.py, over every family.
 """
 
 import sys
@@ -13,17 +14,18 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from models_common import SCHEDULE, check_batch_equals_rows
-from test_qwen2_5_vl import GRIDS, row
+from models_common import SCHEDULE
 
 import vtprune
 from utils import triton_installed
 from vtprune.alvts.calibrate import full_rank_scores
 from vtprune.alvts.factors import bilinear_form
-from vtprune.models._tiny import IMAGE_TOKEN, VIDEO_TOKEN, tiny_qwen_inputs
+from vtprune.models._tiny import IMAGE_TOKEN, QWEN_GRIDS, TINY_FAMILIES, VIDEO_TOKEN, tiny_qwen_inputs
 from vtprune.models._tiny_qwen3_vl import tiny_qwen3_multi_inputs, tiny_qwen3_video_inputs, tiny_qwen3_vl
 
 GEN = dict(max_new_tokens=8, do_sample=False)
+GRIDS = QWEN_GRIDS  # 24 and 36 merged tokens
+row = TINY_FAMILIES["Qwen3VLForConditionalGeneration"].row  # a batch row alone, without its padding
 METHODS = {
     "visiondrop": lambda: vtprune.VisionDrop(**SCHEDULE),
     "fastv": lambda: vtprune.FastV(layer=1, ratio=0.25),
@@ -208,14 +210,18 @@ def test_deepstack_follows_the_encoder_selection(q3, qbatch, d, c):
 # ---------------------------------------------------------------------------------------------- generic properties
 @pytest.mark.parametrize("method", [vtprune.VisionDrop(tokens=None), vtprune.FastV(layer=1, ratio=1.0),
                                     vtprune.ALVTS(keep=None, backend="reference")], ids=lambda m: m.name)
-def test_keep_all_reproduces_unpatched(q3, qbatch, method):
-    ref = q3(**qbatch).logits
+def test_keep_all_records_the_unpatched_hidden_states(q3, qbatch, method):
+    """Logits, greedy tokens and the recorded hidden states (each layer's output before its deepstack level is
+    added, as the unpatched model records them)."""
+    ref = q3(**qbatch, output_hidden_states=True)
     ref_gen = q3.generate(**qbatch, **GEN)
     with vtprune.apply(q3, method) as h:
-        out = q3(**qbatch).logits
+        out = q3(**qbatch, output_hidden_states=True)
         assert h.stats.visual_tokens_per_layer == [24] * 4
         gen = q3.generate(**qbatch, **GEN)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.logits, ref.logits, atol=1e-5, rtol=1e-5)
+    for a, b in zip(out.hidden_states, ref.hidden_states, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert torch.equal(gen, ref_gen)
 
 
@@ -224,28 +230,6 @@ def test_counts_follow_schedule(q3, qbatch):
         q3(**qbatch)
         assert h.stats.visual_tokens_per_layer == [14, 10, 7, 5]
         assert h.stats.tokens_per_layer == [3 + 6 + 2 + n for n in (14, 10, 7, 5)]
-
-
-@pytest.mark.parametrize("name", sorted(METHODS))
-def test_batch_equals_rows_alone(q3, qbatch, name):
-    with vtprune.apply(q3, METHODS[name]()):
-        check_batch_equals_rows(q3, qbatch, row, GEN)
-
-
-@pytest.mark.parametrize("name", ["visiondrop", "visionzip", "alvts"])
-def test_generate_with_and_without_cache(q3, qbatch, name):
-    with vtprune.apply(q3, METHODS[name]()):
-        assert torch.equal(q3.generate(**qbatch, **GEN), q3.generate(**qbatch, **GEN, use_cache=False))
-
-
-def test_remove_restores_bit_for_bit(q3, qbatch):
-    ref = q3(**qbatch).logits
-    h = vtprune.apply(q3, vtprune.VisionDrop(**SCHEDULE))
-    assert q3(**qbatch).logits.shape != ref.shape
-    h.remove()
-    assert torch.equal(q3(**qbatch).logits, ref)
-    patched = [m for m in q3.modules() if "forward" in m.__dict__]
-    assert not patched and "forward" not in q3.__dict__
 
 
 def test_bad_input(q3, qbatch):

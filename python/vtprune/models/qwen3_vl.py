@@ -24,8 +24,10 @@ What differs:
   the current sequence as a ``[B, L, D]`` tensor (zero off the image tokens) and added to the input of the layer
   after its own (:class:`DeepstackDecoder`); a decoder hook that prunes before a level has been added selects
   and merges the pending levels together with the hidden states, again as one wide token
-  (``PruneContext.tokens``; the scores come from ``PruneContext.hidden``). A hook after layer ``j`` scores the
-  hidden states *with* level ``j`` added, as the next layer sees them.
+  (``PruneContext.tokens``). A hook after layer ``j`` scores the hidden states *with* level ``j`` added, as the
+  next layer sees them (``PruneContext.hidden``); level ``j`` itself is selected and merged with the tokens and
+  added at the next layer's input, so the layers' recorded outputs (``output_hidden_states``) are the unpatched
+  model's.
 * **Videos.** ``pixel_values_videos`` are supported: Qwen3-VL's prompt puts a timestamp before each frame group,
   so every frame group is its own visual span and unit of the encoder hook (budgets per frame group). Methods
   that read one span per row in the language model (decoder or layer hooks) therefore take a one-frame-group
@@ -84,13 +86,15 @@ class DeepstackDecoder(DecoderPatch):
         ds = call.scratch.get(_DEEPSTACK)
         if ds is None or not ds.pending:
             return super()._prune(call, after, g, hidden, layer_in, kwargs, tokens)
-        added = ds.add(after - 1, hidden)  # the level of the layer that just ran, before it is scored
+        # scored as the next layer sees it: with the level of the layer that just ran added. That level stays
+        # pending (selected and merged with the others) and is added at the next layer's input as usual, so the
+        # layer's recorded output is the unpatched model's (before the deepstack add)
+        level = ds.pending.get(after - 1)
+        scored = hidden if level is None else hidden + level.to(hidden.dtype)
         levels = sorted(ds.pending)
-        if not levels:
-            return super()._prune(call, after, g, added, layer_in, kwargs)
         D = hidden.shape[-1]
-        wide = torch.cat([added, *(ds.pending[j].to(hidden.dtype) for j in levels)], -1)
-        out = super()._prune(call, after, g, added, layer_in, kwargs, tokens=wide)
+        wide = torch.cat([hidden, *(ds.pending[j].to(hidden.dtype) for j in levels)], -1)
+        out = super()._prune(call, after, g, scored, layer_in, kwargs, tokens=wide)
         for n, j in enumerate(levels, 1):
             ds.pending[j] = out[..., n * D:(n + 1) * D]
         return out[..., :D]
@@ -101,7 +105,7 @@ class Qwen3VLPatch(Qwen2_5_VLPatch):
     decoder_patch = DeepstackDecoder
 
     def __init__(self, model, method, hooks, restore):
-        self.kinds = ()  # what the prefill holds: "image", "video" (set by positions(), the first step)
+        self.kinds = ()  # what the current prefill holds: "image", "video"
         super().__init__(model, method, hooks, restore)
 
     def install_scores(self, restore) -> None:
@@ -118,6 +122,7 @@ class Qwen3VLPatch(Qwen2_5_VLPatch):
     def encode(self, a) -> Encoded:
         """Per unit (an image, or one frame group of a video), in prompt order: its tokens with the deepstack
         levels appended along the channels (``[S, D * (1 + levels)]``), through the method's encoder hook."""
+        self._held(a)
         # one tower call for every image and video
         grid = torch.cat([a[f"{k}_grid_thw"] for k in self.kinds])
         pixels = torch.cat([a["pixel_values" if k == "image" else "pixel_values_videos"] for k in self.kinds])
@@ -149,6 +154,15 @@ class Qwen3VLPatch(Qwen2_5_VLPatch):
             return Encoded(wide, sizes, sizes)
         return select_per_unit(self, wide, scores, metric, sizes, "image or frame group")
 
+    def _held(self, a) -> None:
+        """What the prefill holds (``self.kinds``: "image", "video"), each with its grid."""
+        self.kinds = tuple(k for k, key in (("image", "pixel_values"), ("video", "pixel_values_videos"))
+                           if a.get(key) is not None)
+        for k in self.kinds:
+            if a.get(f"{k}_grid_thw") is None:
+                raise ValueError(f"vtprune: {self.family} needs {k}_grid_thw with "
+                                 f"{'pixel_values' if k == 'image' else 'pixel_values_videos'}")
+
     def _check_images_per_row(self, per_row: list) -> None:
         if "video" in self.kinds and self._reads_spans and any(n > 1 for n in per_row):
             raise ValueError(f"{type(self.method).__name__} ranks one visual span per prompt in the language "
@@ -172,13 +186,7 @@ class Qwen3VLPatch(Qwen2_5_VLPatch):
         """3-D positions [3, B, L] of the unpruned prompt: the given ones (generate passes [4, B, L], text
         positions first) or ``get_rope_index`` as the unpatched forward computes them (also setting
         ``rope_deltas`` for decoding)."""
-        # the prefill's first look at its arguments: what it holds, and each kind's grid
-        self.kinds = tuple(k for k, key in (("image", "pixel_values"), ("video", "pixel_values_videos"))
-                           if a.get(key) is not None)
-        for k in self.kinds:
-            if a.get(f"{k}_grid_thw") is None:
-                raise ValueError(f"vtprune: {self.family} needs {k}_grid_thw with "
-                                 f"{'pixel_values' if k == 'image' else 'pixel_values_videos'}")
+        self._held(a)
         positions = a.get("position_ids")
         if positions is not None:
             if positions.dim() == 3 and positions.shape[0] in (3, 4):
