@@ -93,6 +93,24 @@ def online_softmax_step(s, m, l):
 
 
 @triton.jit
+def _lse_tile(q, k_ptr, kpm_ptr, b, kvh, n0, pos, row_ok, m, l, skb, skh, skl, offs_d, L, D, qk_scale,
+              CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
+              SMALL_M: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """One key tile of pass 1: the running (max, sum). Interior tiles (``MASKED`` False) lie below the causal
+    diagonal and inside [0, L): only padding (``HAS_KPM``) is masked there."""
+    j = n0 + tl.arange(0, BLOCK_N)
+    kok = key_ok(kpm_ptr, b, j, L, HAS_KPM)
+    k = load_k_tile(k_ptr, b, kvh, j, j < L, skb, skh, skl, offs_d, D)  # [BLOCK_N, BLOCK_D]
+    s = data_logits(rows_dot_cols(q, k, SMALL_M, IEEE, UPCAST) * qk_scale)  # [BLOCK_M, BLOCK_N], log2
+    if MASKED:
+        s = tl.where(allowed_mask(pos, row_ok, j, kok, CAUSAL), s, float("-inf"))
+    elif HAS_KPM:
+        s = tl.where(kok[None, :], s, float("-inf"))
+    m, l, _, _ = online_softmax_step(s, m, l)
+    return m, l
+
+
+@triton.jit
 def _row_lse_kernel(
     q_ptr, k_ptr, kpm_ptr, qspan_ptr, lse_ptr, l_ptr,
     sqb, sqh, sql, skb, skh, skl,
@@ -117,18 +135,21 @@ def _row_lse_kernel(
     q = load_q_rows(q_ptr, b, kvh, r, pos, row_ok, sqb, sqh, sql, offs_d, D, G)  # [BLOCK_M, BLOCK_D]
 
     hi = L
+    interior = L // BLOCK_N * BLOCK_N  # key tiles inside [0, L): no bounds mask
     if CAUSAL:  # keys past the tile's last query position are masked for every row of the tile
         last = qstart + tl.minimum(qcount - 1, (m0 + BLOCK_M - 1) // G)
         hi = (last + 1) * (m0 < qcount * G).to(tl.int64)
+        # keys <= the tile's first query position: no causal mask for any row
+        interior = tl.minimum(tl.minimum(qstart + m0 // G + 1, L) // BLOCK_N * BLOCK_N, hi)
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
-    for n0 in range(split * BLOCK_N, hi, SPLIT * BLOCK_N):
-        j = n0 + tl.arange(0, BLOCK_N)
-        kok = key_ok(kpm_ptr, b, j, L, HAS_KPM)
-        k = load_k_tile(k_ptr, b, kvh, j, j < L, skb, skh, skl, offs_d, D)  # [BLOCK_N, BLOCK_D]
-        s = data_logits(rows_dot_cols(q, k, SMALL_M, IEEE, UPCAST) * qk_scale)  # [BLOCK_M, BLOCK_N], log2
-        s = tl.where(allowed_mask(pos, row_ok, j, kok, CAUSAL), s, float("-inf"))
-        m, l, _, _ = online_softmax_step(s, m, l)
+    for n0 in range(split * BLOCK_N, interior, SPLIT * BLOCK_N):  # rows past the span: garbage, never stored
+        m, l = _lse_tile(q, k_ptr, kpm_ptr, b, kvh, n0, pos, row_ok, m, l, skb, skh, skl, offs_d, L, D, qk_scale,
+                         CAUSAL, HAS_KPM, False, BLOCK_N, SMALL_M, IEEE, UPCAST)
+    t0 = interior // BLOCK_N  # this split's first tile at or after the interior ones
+    for n0 in range((t0 + (split - t0 % SPLIT + SPLIT) % SPLIT) * BLOCK_N, hi, SPLIT * BLOCK_N):
+        m, l = _lse_tile(q, k_ptr, kpm_ptr, b, kvh, n0, pos, row_ok, m, l, skb, skh, skl, offs_d, L, D, qk_scale,
+                         CAUSAL, HAS_KPM, True, BLOCK_N, SMALL_M, IEEE, UPCAST)
     if SPLIT == 1:
         # +inf for a row with no valid key: pass 2's exp2(s - lse) is then 0, the row contributes nothing
         tl.store(lse_ptr + bh * R_STRIDE + r, finish_lse(m, l), mask=row_ok)
