@@ -111,19 +111,24 @@ def attn_columns(a: dict, c: dict) -> dict:
     q, qs, ks = a["q_ptr"], a["qspan_ptr"], a["kspan_ptr"]
     B, G, BM, BN, BD = q.shape[0], c["G"], c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_D"]
     hkv, es = a["HKV"], q.element_size()
-    per = []
+    per, inner = [], []
     for b in range(B):
         qstart, qcount = _spans(qs, b)
         kstart, kcount = _spans(ks, b)
         for n0 in range(0, a["KM"], BN):
             r_hi = qcount * G if n0 < kcount else 0
             r_lo = max(kstart + n0 - qstart, 0) * G if c["CAUSAL"] else 0
+            r_full = max(kstart + n0 + BN - 1 - qstart, 0) * G if c["CAUSAL"] else r_lo
+            r_in = min(r_lo + cdiv(max(r_full - r_lo, 0), BM) * BM, r_hi)
             per += [max(0, cdiv(r_hi - r_lo, BM))] * hkv
+            inner += [max(r_hi - r_in, 0) // BM] * hkv
+    edge = [p - i for p, i in zip(per, inner)]
+    loops = dict(loop_iters=[(sum(inner), max(inner, default=0)), (sum(edge), max(edge, default=0))])
     n = sum(per)
     dot = dict(flops_fp32=2 * n * BM * BN * BD) if c["SMALL_M"] else dict(flops_tc=2 * n * BM * BN * BD)
     rows, keys = int(qs[:, 1].sum()) * G * hkv, int(ks[:, 1].sum()) * hkv
-    return dict(dot, exps=n * BM * BN, bytes=(rows + keys) * a["D"] * es + rows * 4 + B * hkv * a["KM"] * 4,
-                **_iters(per))
+    return dict(dot, **loops, exps=n * BM * BN,
+                bytes=(rows + keys) * a["D"] * es + rows * 4 + B * hkv * a["KM"] * 4, **_iters(per))
 
 
 def attn_few_rows(a: dict, c: dict) -> dict:

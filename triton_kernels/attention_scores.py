@@ -160,6 +160,34 @@ def _row_lse_kernel(
 
 
 @triton.jit
+def _column_tile(q_ptr, lse_ptr, l_ptr, k, acc, b, kvh, bh, r0, r_hi, qstart, j, kok, sqb, sqh, sql, offs_d, D,
+                 R_STRIDE, qk_scale, G: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+                 LSE_ABSOLUTE: tl.constexpr, LSE_SPLIT: tl.constexpr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr,
+                 SMALL_M: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """One row tile of pass 2 added to ``acc``. Interior tiles (``MASKED`` False): every row valid and causally
+    past the key tile, so only padding keys are masked."""
+    r = r0 + tl.arange(0, BLOCK_M)
+    row_ok = r < r_hi
+    i = r // G
+    pos = qstart + i
+    q = load_q_rows(q_ptr, b, kvh, r, pos, row_ok, sqb, sqh, sql, offs_d, D, G)  # [BLOCK_M, BLOCK_D]
+    lse_row = r
+    if LSE_ABSOLUTE:
+        lse_row = pos * G + r % G
+    if LSE_SPLIT == 1:
+        lse = tl.load(lse_ptr + bh * R_STRIDE + lse_row, mask=row_ok, other=float("inf"))
+    else:
+        lse = combined_lse(lse_ptr, l_ptr, bh * LSE_SPLIT * R_STRIDE, R_STRIDE, lse_row, row_ok, LSE_SPLIT)
+    s = rows_dot_cols(q, k, SMALL_M, IEEE, UPCAST) * qk_scale  # [BLOCK_M, BLOCK_N]
+    p = tl.exp2(s - lse[:, None])
+    if MASKED:
+        p = tl.where(allowed_mask(pos, row_ok, j, kok, CAUSAL), p, 0.0)
+    elif HAS_KPM:
+        p = tl.where(kok[None, :], p, 0.0)
+    return acc + p
+
+
+@triton.jit
 def column_scores_kernel(
     q_ptr, k_ptr, kpm_ptr, qspan_ptr, kspan_ptr, lse_ptr, l_ptr, part_ptr,
     sqb, sqh, sql, skb, skh, skl,
@@ -193,24 +221,25 @@ def column_scores_kernel(
     r_lo = 0
     if CAUSAL:  # query rows before the tile's first key see none of its keys
         r_lo = tl.maximum(kstart + n0 - qstart, 0) * G
-    # a [BLOCK_M, BLOCK_N] accumulator: the column sum across rows (and warps) runs once, after the loop
+    # interior row tiles: every row valid and past the tile's last key (causal), so no mask but padding;
+    # the row tiles before them (the diagonal) and the last partial one take the mask
+    r_full = r_lo
+    if CAUSAL:
+        r_full = tl.maximum(kstart + n0 + BLOCK_N - 1 - qstart, 0) * G
+    r_in = tl.minimum(r_lo + tl.cdiv(tl.maximum(r_full - r_lo, 0), BLOCK_M) * BLOCK_M, r_hi)
+    r_in_hi = r_in + tl.maximum(r_hi - r_in, 0) // BLOCK_M * BLOCK_M
+    head = tl.cdiv(r_in - r_lo, BLOCK_M)  # masked tiles before the interior ones
+    # a [BLOCK_M, BLOCK_N] accumulator: the column sum across rows (and warps) runs once, after the loops
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for r0 in range(r_lo, r_hi, BLOCK_M):
-        r = r0 + tl.arange(0, BLOCK_M)
-        row_ok = r < r_hi
-        i = r // G
-        pos = qstart + i
-        q = load_q_rows(q_ptr, b, kvh, r, pos, row_ok, sqb, sqh, sql, offs_d, D, G)  # [BLOCK_M, BLOCK_D]
-        lse_row = r
-        if LSE_ABSOLUTE:
-            lse_row = pos * G + r % G
-        if LSE_SPLIT == 1:
-            lse = tl.load(lse_ptr + bh * R_STRIDE + lse_row, mask=row_ok, other=float("inf"))
-        else:
-            lse = combined_lse(lse_ptr, l_ptr, bh * LSE_SPLIT * R_STRIDE, R_STRIDE, lse_row, row_ok, LSE_SPLIT)
-        s = rows_dot_cols(q, k, SMALL_M, IEEE, UPCAST) * qk_scale  # [BLOCK_M, BLOCK_N]
-        p = tl.exp2(s - lse[:, None])
-        acc += tl.where(allowed_mask(pos, row_ok, j, kok, CAUSAL), p, 0.0)
+    for r0 in range(r_in, r_in_hi, BLOCK_M):
+        acc = _column_tile(q_ptr, lse_ptr, l_ptr, k, acc, b, kvh, bh, r0, r_hi, qstart, j, kok, sqb, sqh, sql, offs_d,
+                           D, R_STRIDE, qk_scale, G, CAUSAL, HAS_KPM, LSE_ABSOLUTE, LSE_SPLIT, False, BLOCK_M, SMALL_M,
+                           IEEE, UPCAST)
+    for t in range(0, head + tl.cdiv(r_hi - r_in_hi, BLOCK_M)):
+        r0 = tl.where(t < head, r_lo + t * BLOCK_M, r_in_hi + (t - head) * BLOCK_M)
+        acc = _column_tile(q_ptr, lse_ptr, l_ptr, k, acc, b, kvh, bh, r0, r_hi, qstart, j, kok, sqb, sqh, sql, offs_d,
+                           D, R_STRIDE, qk_scale, G, CAUSAL, HAS_KPM, LSE_ABSOLUTE, LSE_SPLIT, True, BLOCK_M, SMALL_M,
+                           IEEE, UPCAST)
     acc = tl.where(col_ok, tl.sum(acc, axis=0) * inv_heads / qcount.to(tl.float32), 0.0)
     tl.store(part_ptr + bh * KM + col, acc, mask=col < KM)
 
