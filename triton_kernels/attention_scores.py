@@ -259,7 +259,9 @@ def few_rows_scores_kernel(
     Every program (key tile n of all L keys, batch row b, KV head) stores its logits ``s [BLOCK_M, BLOCK_N]``
     and its tile's running max and sum; a per-row counter (atomic, acquire-release) tells the last program
     of the row, which combines the tiles' (max, sum) into each row's LSE and sums ``exp2(s - lse)`` over the
-    rows and heads for the key span, in a fixed order (deterministic), and resets the counter to 0.
+    rows and heads for the key span, in a fixed order (deterministic), and resets the counter to 0. The
+    interpreter runs programs one after another, so the hand-off between programs (a CTA barrier, then the
+    release/acquire atomic, then L2-only loads) is only exercised on a GPU (tests/gpu).
     """
     # grid: (NT key tiles over [0, L), B * Hkv)
     n0 = tl.program_id(0) * BLOCK_N
