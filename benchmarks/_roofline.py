@@ -13,7 +13,8 @@ predicted time is a fixed per-launch overhead plus the largest of:
   plus one memory latency per iteration when the loop has no asynchronous copies (loads not pipelined),
   plus one memory latency per dependent round trip outside loops where a cost function counts them
   (``round_trips``). A cost function may name the loop that runs (``loop_instructions``, one of
-  ``Build.loops``) where the longest one only runs on rare inputs.
+  ``Build.loops``) where the longest one only runs on rare inputs, or give the iterations of each source loop
+  (``loop_iters``, in SASS order: interior and masked key tiles) to be charged at that loop's size.
 """
 
 from __future__ import annotations
@@ -52,16 +53,22 @@ def time_us(cost: dict, build, grid_ctas: int) -> dict:
     mem_busy = min(1.0, min(SMS, grid_ctas) / (SMS / 2))
     w = build.num_warps
     loop = cost.get("loop_instructions", build.loop_instructions)
-    insts = cost["iters_total"] * loop * w + grid_ctas * w * build.sass_instructions
+    lat = 0 if build.async_copies else MEM_LATENCY_US * 1e-6
+    if len(cost.get("loop_iters", ())) == len(build.loops) > 0:  # per source loop, in SASS order
+        looped = sum(t * n for (t, _), n in zip(cost["loop_iters"], build.loops))
+        chain_loops = sum(mx * (n * max(1.0, w / 4) / CLOCK + lat)
+                          for (_, mx), n in zip(cost["loop_iters"], build.loops))
+    else:
+        looped = cost["iters_total"] * loop
+        chain_loops = cost["iters_max"] * (loop * max(1.0, w / 4) / CLOCK + lat)
+    insts = looped * w + grid_ctas * w * build.sass_instructions
     terms = {
         "tensor": cost.get("flops_tc", 0) / (PEAK[cost.get("tc_kind", "bf16")] * busy),
         "fp32": cost.get("flops_fp32", 0) / (PEAK["fp32"] * busy),
         "exp": cost.get("exps", 0) / (EXP_RATE * busy),
         "hbm": cost["bytes"] / (HBM * mem_busy),
         "issue": insts / (4 * CLOCK * SMS * busy),
-        "chain": (cost["iters_max"] * (loop * max(1.0, w / 4) / CLOCK
-                                       + (0 if build.async_copies else MEM_LATENCY_US * 1e-6))
-                  + cost.get("round_trips", 0) * MEM_LATENCY_US * 1e-6
+        "chain": (chain_loops + cost.get("round_trips", 0) * MEM_LATENCY_US * 1e-6
                   + build.sass_instructions * max(1.0, w / 4) / CLOCK),
     }
     bound = max(terms, key=terms.get)
@@ -81,37 +88,47 @@ def attn_row_lse(a: dict, c: dict) -> dict:
     q, qs = a["q_ptr"], a["qspan_ptr"]
     B, G, BM, BN, BD = q.shape[0], c["G"], c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_D"]
     hkv, L, es = a["HKV"], a["L"], q.element_size()
-    per = []
+    per, inner = [], []
+    S = c.get("SPLIT", 1)  # split s takes key tiles s, s + S, ...
     for b in range(B):
         qstart, qcount = _spans(qs, b)
         for m0 in range(0, G * qs[:, 1].max().item(), BM):
             last = qstart + min(qcount - 1, (m0 + BM - 1) // G)
             hi = (last + 1 if c["CAUSAL"] else L) if m0 < qcount * G else 0
-            S = c.get("SPLIT", 1)  # split s takes key tiles s, s + S, ...
+            full = min((min(qstart + m0 // G + 1, L) if c["CAUSAL"] else L) // BN, cdiv(hi, BN))
             per += [cdiv(max(0, cdiv(hi, BN) - s), S) for s in range(S)] * hkv
+            inner += [cdiv(max(0, full - s), S) for s in range(S)] * hkv
+    edge = [p - i for p, i in zip(per, inner)]
+    loops = dict(loop_iters=[(sum(inner), max(inner, default=0)), (sum(edge), max(edge, default=0))])
     n = sum(per)
     dot = dict(flops_fp32=2 * n * BM * BN * BD) if c["SMALL_M"] else dict(flops_tc=2 * n * BM * BN * BD)
     rows = int(qs[:, 1].sum()) * G * hkv
-    return dict(dot, exps=n * BM * BN, bytes=rows * a["D"] * es + B * hkv * L * a["D"] * es + rows * 4, **_iters(per))
+    return dict(dot, **loops, exps=n * BM * BN, bytes=rows * a["D"] * es + B * hkv * L * a["D"] * es + rows * 4,
+                **_iters(per))
 
 
 def attn_columns(a: dict, c: dict) -> dict:
     q, qs, ks = a["q_ptr"], a["qspan_ptr"], a["kspan_ptr"]
     B, G, BM, BN, BD = q.shape[0], c["G"], c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_D"]
     hkv, es = a["HKV"], q.element_size()
-    per = []
+    per, inner = [], []
     for b in range(B):
         qstart, qcount = _spans(qs, b)
         kstart, kcount = _spans(ks, b)
         for n0 in range(0, a["KM"], BN):
             r_hi = qcount * G if n0 < kcount else 0
             r_lo = max(kstart + n0 - qstart, 0) * G if c["CAUSAL"] else 0
+            r_full = max(kstart + n0 + BN - 1 - qstart, 0) * G if c["CAUSAL"] else r_lo
+            r_in = min(r_lo + cdiv(max(r_full - r_lo, 0), BM) * BM, r_hi)
             per += [max(0, cdiv(r_hi - r_lo, BM))] * hkv
+            inner += [max(r_hi - r_in, 0) // BM] * hkv
+    edge = [p - i for p, i in zip(per, inner)]
+    loops = dict(loop_iters=[(sum(inner), max(inner, default=0)), (sum(edge), max(edge, default=0))])
     n = sum(per)
     dot = dict(flops_fp32=2 * n * BM * BN * BD) if c["SMALL_M"] else dict(flops_tc=2 * n * BM * BN * BD)
     rows, keys = int(qs[:, 1].sum()) * G * hkv, int(ks[:, 1].sum()) * hkv
-    return dict(dot, exps=n * BM * BN, bytes=(rows + keys) * a["D"] * es + rows * 4 + B * hkv * a["KM"] * 4,
-                **_iters(per))
+    return dict(dot, **loops, exps=n * BM * BN,
+                bytes=(rows + keys) * a["D"] * es + rows * 4 + B * hkv * a["KM"] * 4, **_iters(per))
 
 
 def attn_few_rows(a: dict, c: dict) -> dict:
@@ -130,14 +147,18 @@ def attn_few_rows(a: dict, c: dict) -> dict:
 
 
 def attn_forward(a: dict, c: dict) -> dict:
+    """Two loops per program: interior key tiles (no causal or bounds mask), then the masked ones."""
     q, k = a["q_ptr"], a["k_ptr"]
     B, H, L, d = q.shape
     BM, BN, BD, BDV = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_D"], c["BLOCK_DV"]
     per = [cdiv(min(L, m0 + BM) if c["CAUSAL"] else L, BN) for m0 in range(0, L, BM)] * (B * H)
+    inner = [(min(m0 + 1, L) if c["CAUSAL"] else L) // BN for m0 in range(0, L, BM)] * (B * H)
+    edge = [p - i for p, i in zip(per, inner)]
+    loop_iters = [(sum(inner), max(inner)), (sum(edge), max(edge))]
     n = sum(per)
     es = q.element_size()
     key = "flops_fp32" if c["IEEE"] else "flops_tc"
-    return {key: 2 * n * BM * BN * (BD + BDV), "exps": n * BM * BN,
+    return {key: 2 * n * BM * BN * (BD + BDV), "exps": n * BM * BN, "loop_iters": loop_iters,
             "bytes": 2 * B * H * L * d * es + 2 * k.numel() * es + B * H * L * 4, **_iters(per)}
 
 

@@ -93,6 +93,24 @@ def online_softmax_step(s, m, l):
 
 
 @triton.jit
+def _lse_tile(q, k_ptr, kpm_ptr, b, kvh, n0, pos, row_ok, m, l, skb, skh, skl, offs_d, L, D, qk_scale,
+              CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
+              SMALL_M: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """One key tile of pass 1: the running (max, sum). Interior tiles (``MASKED`` False) lie below the causal
+    diagonal and inside [0, L): only padding (``HAS_KPM``) is masked there."""
+    j = n0 + tl.arange(0, BLOCK_N)
+    kok = key_ok(kpm_ptr, b, j, L, HAS_KPM)
+    k = load_k_tile(k_ptr, b, kvh, j, j < L, skb, skh, skl, offs_d, D)  # [BLOCK_N, BLOCK_D]
+    s = data_logits(rows_dot_cols(q, k, SMALL_M, IEEE, UPCAST) * qk_scale)  # [BLOCK_M, BLOCK_N], log2
+    if MASKED:
+        s = tl.where(allowed_mask(pos, row_ok, j, kok, CAUSAL), s, float("-inf"))
+    elif HAS_KPM:
+        s = tl.where(kok[None, :], s, float("-inf"))
+    m, l, _, _ = online_softmax_step(s, m, l)
+    return m, l
+
+
+@triton.jit
 def _row_lse_kernel(
     q_ptr, k_ptr, kpm_ptr, qspan_ptr, lse_ptr, l_ptr,
     sqb, sqh, sql, skb, skh, skl,
@@ -117,18 +135,21 @@ def _row_lse_kernel(
     q = load_q_rows(q_ptr, b, kvh, r, pos, row_ok, sqb, sqh, sql, offs_d, D, G)  # [BLOCK_M, BLOCK_D]
 
     hi = L
+    interior = L // BLOCK_N * BLOCK_N  # key tiles inside [0, L): no bounds mask
     if CAUSAL:  # keys past the tile's last query position are masked for every row of the tile
         last = qstart + tl.minimum(qcount - 1, (m0 + BLOCK_M - 1) // G)
         hi = (last + 1) * (m0 < qcount * G).to(tl.int64)
+        # keys <= the tile's first query position: no causal mask for any row
+        interior = tl.minimum(tl.minimum(qstart + m0 // G + 1, L) // BLOCK_N * BLOCK_N, hi)
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
-    for n0 in range(split * BLOCK_N, hi, SPLIT * BLOCK_N):
-        j = n0 + tl.arange(0, BLOCK_N)
-        kok = key_ok(kpm_ptr, b, j, L, HAS_KPM)
-        k = load_k_tile(k_ptr, b, kvh, j, j < L, skb, skh, skl, offs_d, D)  # [BLOCK_N, BLOCK_D]
-        s = data_logits(rows_dot_cols(q, k, SMALL_M, IEEE, UPCAST) * qk_scale)  # [BLOCK_M, BLOCK_N], log2
-        s = tl.where(allowed_mask(pos, row_ok, j, kok, CAUSAL), s, float("-inf"))
-        m, l, _, _ = online_softmax_step(s, m, l)
+    for n0 in range(split * BLOCK_N, interior, SPLIT * BLOCK_N):  # rows past the span: garbage, never stored
+        m, l = _lse_tile(q, k_ptr, kpm_ptr, b, kvh, n0, pos, row_ok, m, l, skb, skh, skl, offs_d, L, D, qk_scale,
+                         CAUSAL, HAS_KPM, False, BLOCK_N, SMALL_M, IEEE, UPCAST)
+    t0 = interior // BLOCK_N  # this split's first tile at or after the interior ones
+    for n0 in range((t0 + (split - t0 % SPLIT + SPLIT) % SPLIT) * BLOCK_N, hi, SPLIT * BLOCK_N):
+        m, l = _lse_tile(q, k_ptr, kpm_ptr, b, kvh, n0, pos, row_ok, m, l, skb, skh, skl, offs_d, L, D, qk_scale,
+                         CAUSAL, HAS_KPM, True, BLOCK_N, SMALL_M, IEEE, UPCAST)
     if SPLIT == 1:
         # +inf for a row with no valid key: pass 2's exp2(s - lse) is then 0, the row contributes nothing
         tl.store(lse_ptr + bh * R_STRIDE + r, finish_lse(m, l), mask=row_ok)
@@ -136,6 +157,34 @@ def _row_lse_kernel(
         out = (bh * SPLIT + split) * R_STRIDE + r
         tl.store(lse_ptr + out, m, mask=row_ok)
         tl.store(l_ptr + out, l, mask=row_ok)
+
+
+@triton.jit
+def _column_tile(q_ptr, lse_ptr, l_ptr, k, acc, b, kvh, bh, r0, r_hi, qstart, j, kok, sqb, sqh, sql, offs_d, D,
+                 R_STRIDE, qk_scale, G: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+                 LSE_ABSOLUTE: tl.constexpr, LSE_SPLIT: tl.constexpr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr,
+                 SMALL_M: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """One row tile of pass 2 added to ``acc``. Interior tiles (``MASKED`` False): every row valid and causally
+    past the key tile, so only padding keys are masked."""
+    r = r0 + tl.arange(0, BLOCK_M)
+    row_ok = r < r_hi
+    i = r // G
+    pos = qstart + i
+    q = load_q_rows(q_ptr, b, kvh, r, pos, row_ok, sqb, sqh, sql, offs_d, D, G)  # [BLOCK_M, BLOCK_D]
+    lse_row = r
+    if LSE_ABSOLUTE:
+        lse_row = pos * G + r % G
+    if LSE_SPLIT == 1:
+        lse = tl.load(lse_ptr + bh * R_STRIDE + lse_row, mask=row_ok, other=float("inf"))
+    else:
+        lse = combined_lse(lse_ptr, l_ptr, bh * LSE_SPLIT * R_STRIDE, R_STRIDE, lse_row, row_ok, LSE_SPLIT)
+    s = rows_dot_cols(q, k, SMALL_M, IEEE, UPCAST) * qk_scale  # [BLOCK_M, BLOCK_N]
+    p = tl.exp2(s - lse[:, None])
+    if MASKED:
+        p = tl.where(allowed_mask(pos, row_ok, j, kok, CAUSAL), p, 0.0)
+    elif HAS_KPM:
+        p = tl.where(kok[None, :], p, 0.0)
+    return acc + p
 
 
 @triton.jit
@@ -172,24 +221,25 @@ def column_scores_kernel(
     r_lo = 0
     if CAUSAL:  # query rows before the tile's first key see none of its keys
         r_lo = tl.maximum(kstart + n0 - qstart, 0) * G
-    # a [BLOCK_M, BLOCK_N] accumulator: the column sum across rows (and warps) runs once, after the loop
+    # interior row tiles: every row valid and past the tile's last key (causal), so no mask but padding;
+    # the row tiles before them (the diagonal) and the last partial one take the mask
+    r_full = r_lo
+    if CAUSAL:
+        r_full = tl.maximum(kstart + n0 + BLOCK_N - 1 - qstart, 0) * G
+    r_in = tl.minimum(r_lo + tl.cdiv(tl.maximum(r_full - r_lo, 0), BLOCK_M) * BLOCK_M, r_hi)
+    r_in_hi = r_in + tl.maximum(r_hi - r_in, 0) // BLOCK_M * BLOCK_M
+    head = tl.cdiv(r_in - r_lo, BLOCK_M)  # masked tiles before the interior ones
+    # a [BLOCK_M, BLOCK_N] accumulator: the column sum across rows (and warps) runs once, after the loops
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for r0 in range(r_lo, r_hi, BLOCK_M):
-        r = r0 + tl.arange(0, BLOCK_M)
-        row_ok = r < r_hi
-        i = r // G
-        pos = qstart + i
-        q = load_q_rows(q_ptr, b, kvh, r, pos, row_ok, sqb, sqh, sql, offs_d, D, G)  # [BLOCK_M, BLOCK_D]
-        lse_row = r
-        if LSE_ABSOLUTE:
-            lse_row = pos * G + r % G
-        if LSE_SPLIT == 1:
-            lse = tl.load(lse_ptr + bh * R_STRIDE + lse_row, mask=row_ok, other=float("inf"))
-        else:
-            lse = combined_lse(lse_ptr, l_ptr, bh * LSE_SPLIT * R_STRIDE, R_STRIDE, lse_row, row_ok, LSE_SPLIT)
-        s = rows_dot_cols(q, k, SMALL_M, IEEE, UPCAST) * qk_scale  # [BLOCK_M, BLOCK_N]
-        p = tl.exp2(s - lse[:, None])
-        acc += tl.where(allowed_mask(pos, row_ok, j, kok, CAUSAL), p, 0.0)
+    for r0 in range(r_in, r_in_hi, BLOCK_M):
+        acc = _column_tile(q_ptr, lse_ptr, l_ptr, k, acc, b, kvh, bh, r0, r_hi, qstart, j, kok, sqb, sqh, sql, offs_d,
+                           D, R_STRIDE, qk_scale, G, CAUSAL, HAS_KPM, LSE_ABSOLUTE, LSE_SPLIT, False, BLOCK_M, SMALL_M,
+                           IEEE, UPCAST)
+    for t in range(0, head + tl.cdiv(r_hi - r_in_hi, BLOCK_M)):
+        r0 = tl.where(t < head, r_lo + t * BLOCK_M, r_in_hi + (t - head) * BLOCK_M)
+        acc = _column_tile(q_ptr, lse_ptr, l_ptr, k, acc, b, kvh, bh, r0, r_hi, qstart, j, kok, sqb, sqh, sql, offs_d,
+                           D, R_STRIDE, qk_scale, G, CAUSAL, HAS_KPM, LSE_ABSOLUTE, LSE_SPLIT, True, BLOCK_M, SMALL_M,
+                           IEEE, UPCAST)
     acc = tl.where(col_ok, tl.sum(acc, axis=0) * inv_heads / qcount.to(tl.float32), 0.0)
     tl.store(part_ptr + bh * KM + col, acc, mask=col < KM)
 
@@ -209,7 +259,9 @@ def few_rows_scores_kernel(
     Every program (key tile n of all L keys, batch row b, KV head) stores its logits ``s [BLOCK_M, BLOCK_N]``
     and its tile's running max and sum; a per-row counter (atomic, acquire-release) tells the last program
     of the row, which combines the tiles' (max, sum) into each row's LSE and sums ``exp2(s - lse)`` over the
-    rows and heads for the key span, in a fixed order (deterministic), and resets the counter to 0.
+    rows and heads for the key span, in a fixed order (deterministic), and resets the counter to 0. The
+    interpreter runs programs one after another, so the hand-off between programs (a CTA barrier, then the
+    release/acquire atomic, then L2-only loads) is only exercised on a GPU (tests/gpu).
     """
     # grid: (NT key tiles over [0, L), B * Hkv)
     n0 = tl.program_id(0) * BLOCK_N

@@ -49,6 +49,27 @@ from vtprune.triton_kernels.attention_scores import (
 
 
 @triton.jit
+def _fwd_tile(q, k_ptr, v_ptr, kpm_ptr, b, kvh, n0, pos, row_ok, m, l, acc, skb, skh, skl, svb, svh, svl, offs_d,
+              offs_dv, L, D, DV, qk_scale, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, MASKED: tl.constexpr,
+              BLOCK_N: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """One key tile of the flash forward: (max, sum, accumulator). Interior tiles (``MASKED`` False) are below
+    the causal diagonal and inside [0, L): only padding (``HAS_KPM``) is masked there."""
+    j = n0 + tl.arange(0, BLOCK_N)
+    kok = key_ok(kpm_ptr, b, j, L, HAS_KPM)
+    k = load_k_tile(k_ptr, b, kvh, j, j < L, skb, skh, skl, offs_d, D)  # [BLOCK_N, BLOCK_D]
+    v = load_k_tile(v_ptr, b, kvh, j, j < L, svb, svh, svl, offs_dv, DV)  # [BLOCK_N, BLOCK_DV]
+    s = data_logits(rows_dot_cols(q, k, False, IEEE, UPCAST) * qk_scale)  # [BLOCK_M, BLOCK_N], log2 units
+    if MASKED:
+        s = tl.where(allowed_mask(pos, row_ok, j, kok, CAUSAL), s, float("-inf"))
+    elif HAS_KPM:
+        s = tl.where(kok[None, :], s, float("-inf"))
+    m, l, alpha, p = online_softmax_step(s, m, l)
+    # P is rounded to V's dtype for the MMA, as flash attention does (error within the 2x rule)
+    acc = acc * alpha[:, None] + mma(to_dtype(p, v.dtype, UPCAST), v, IEEE, UPCAST)
+    return m, l, acc
+
+
+@triton.jit
 def _attention_fwd_kernel(
     q_ptr, k_ptr, v_ptr, kpm_ptr, out_ptr, lse_ptr,
     sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol,
@@ -68,21 +89,19 @@ def _attention_fwd_kernel(
     q = load_q_rows(q_ptr, b, h, pos, pos, row_ok, sqb, sqh, sql, offs_d, D, 1)  # [BLOCK_M, BLOCK_D]
 
     hi = L
+    interior = L // BLOCK_N * BLOCK_N  # key tiles inside [0, L): no bounds mask
     if CAUSAL:
         hi = tl.minimum(L, m0 + BLOCK_M)
+        interior = tl.minimum(m0 + 1, L) // BLOCK_N * BLOCK_N  # keys <= the tile's first query: no causal mask
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    for n0 in range(0, hi, BLOCK_N):
-        j = n0 + tl.arange(0, BLOCK_N)
-        kok = key_ok(kpm_ptr, b, j, L, HAS_KPM)
-        k = load_k_tile(k_ptr, b, kvh, j, j < L, skb, skh, skl, offs_d, D)  # [BLOCK_N, BLOCK_D]
-        v = load_k_tile(v_ptr, b, kvh, j, j < L, svb, svh, svl, offs_dv, DV)  # [BLOCK_N, BLOCK_DV]
-        s = data_logits(rows_dot_cols(q, k, False, IEEE, UPCAST) * qk_scale)  # [BLOCK_M, BLOCK_N], log2 units
-        s = tl.where(allowed_mask(pos, row_ok, j, kok, CAUSAL), s, float("-inf"))
-        m, l, alpha, p = online_softmax_step(s, m, l)
-        # P is rounded to V's dtype for the MMA, as flash attention does (error within the 2x rule)
-        acc = acc * alpha[:, None] + mma(to_dtype(p, v.dtype, UPCAST), v, IEEE, UPCAST)
+    for n0 in range(0, interior, BLOCK_N):  # rows past L compute garbage here, never stored
+        m, l, acc = _fwd_tile(q, k_ptr, v_ptr, kpm_ptr, b, kvh, n0, pos, row_ok, m, l, acc, skb, skh, skl, svb, svh,
+                              svl, offs_d, offs_dv, L, D, DV, qk_scale, CAUSAL, HAS_KPM, False, BLOCK_N, IEEE, UPCAST)
+    for n0 in range(interior, hi, BLOCK_N):  # the diagonal tiles and the last partial one: masked
+        m, l, acc = _fwd_tile(q, k_ptr, v_ptr, kpm_ptr, b, kvh, n0, pos, row_ok, m, l, acc, skb, skh, skl, svb, svh,
+                              svl, offs_d, offs_dv, L, D, DV, qk_scale, CAUSAL, HAS_KPM, True, BLOCK_N, IEEE, UPCAST)
     out = tl.where(l[:, None] == 0, 0.0, acc / tl.where(l == 0, 1.0, l)[:, None])  # a NaN row stays NaN
     o_ptrs = out_ptr + b * sob + h * soh + pos[:, None] * sol + offs_dv[None, :]
     tl.store(o_ptrs, to_dtype(out, out_ptr.dtype.element_ty, UPCAST), mask=row_ok[:, None] & (offs_dv[None, :] < DV))

@@ -252,12 +252,13 @@ def assign_config(N: int, B: int, dk: int, C: int, select: bool) -> dict:
 
 def merge_rows_config(D: int, B: int, dtype: torch.dtype) -> dict:
     """Column tiles of 16-64 features (the narrowest that still gives >= 128 programs at batch B) x 128
-    positions per step (64 for float32); dominant rows copied 8 x 1024 per program."""
+    positions per step (32 for float32); dominant rows copied 8 x 1024 per program."""
     block_d = 64
     while block_d > 16 and B * cdiv(D, block_d) < 128:
         block_d //= 2
-    # float32 products on the CUDA cores: 128 x 32 steps spill (8 B), 64 x 16 ones too (24 B; sm_90 compiles)
-    rows = 64 if dtype == torch.float32 and block_d >= 32 else 128
+    # float32 products on the CUDA cores: 128 x 32 steps spill (8 B; 64 x 32 under Triton 3.6), 64 x 16 ones
+    # too (24 B; sm_90 compiles)
+    rows = 32 if dtype == torch.float32 and block_d >= 32 else 128
     return dict(BLOCK_N=rows, BLOCK_D=block_d, COPY_ROWS=8, COPY_D=min(1024, pow2(D, 16)), num_warps=4)
 
 
