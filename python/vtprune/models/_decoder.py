@@ -216,13 +216,13 @@ class DecoderPatch:
             if m > n:
                 raise ValueError(f"{type(self.method).__name__}: the hook after layer {after} returned {m} visual "
                                  f"tokens per row but batch row {ctx.rows[0]} has only {n}")
-            if not seq.recompact:  # where the new tokens come from: one host copy per key group
-                kept_host = spans[:, :1] + sel.origin.cpu()
+            if not seq.recompact:  # where the new tokens come from, on the device (the host never reads it)
+                kept_dev = staged_to(spans[:, :1], sel.origin.device) + sel.origin
             for j, b in enumerate(ctx.rows):
                 pieces[b] = sel.tokens[j]
                 sizes[b] = m
                 if not seq.recompact:
-                    kept_at[b] = kept_host[j]
+                    kept_at[b] = kept_dev[j]
                 if b == 0:
                     self._record(call, f"after layer {after}", sel.keep_idx[0],
                                  sel.keep_idx[0, :0] if sel.target_idx is None else sel.target_idx[0])
@@ -245,8 +245,7 @@ class DecoderPatch:
                 keep[b, :k] = False
         value_positions = None
         if not seq.recompact and order:  # kept tokens keep their positions, merged ones their target's
-            value_positions = torch.cat([seq.positions[..., b, kept_at[b].to(seq.positions.device)] for b in order],
-                                        -1)
+            value_positions = torch.cat([seq.positions[..., b, kept_at[b]] for b in order], -1)
         out, _ = seq.compact(values_in, keep, slots, values, value_positions, dropped_padding=torch.tensor(drop))
         # only left padding is dropped before a row's span: the span moves by that and the added padding (host)
         added = seq.added_host.tolist()
@@ -283,8 +282,10 @@ class DecoderPatch:
             if any(p is None for p in padded):  # a group not compacted on the host: one read for all groups
                 dev = call.group_masks[0].device
                 padded = torch.stack([(m == 0).any().to(dev) for m in call.group_masks]).tolist()
-            self.records[cache] = CacheRecord(call.orig_len, list(call.group_masks), list(call.group_shifts), padded,
-                                              call.state)
+            # the shifts go to the device once here, not once per group on every decode step
+            dev = call.group_masks[-1].device
+            shifts = [staged_to(t, dev) for t in call.group_shifts]
+            self.records[cache] = CacheRecord(call.orig_len, list(call.group_masks), shifts, padded, call.state)
 
     def decode_call(self, record: CacheRecord, attention_mask, positions, new_real: bool | None = None) -> Call:
         """Group masks and positions for a call that continues a pruned prefill (no new image).

@@ -1,0 +1,65 @@
+"""Host-device synchronisations of the patched LLaVA-NeXT, Qwen2.5-VL and Qwen3-VL paths, counted on the CPU.
+
+As :mod:`tests.models.test_syncs` does for LLaVA-1.5, on the simulated device of :mod:`vtprune.testing.syncs`.
+The Qwen families' decode step needs the model's own M-RoPE bookkeeping (``rope_deltas``), which ``generate``
+prepares, so the counts come from whole ``generate`` calls: the prefill is ``generate(max_new_tokens=1)`` and a
+decode step is half the difference between ``max_new_tokens=3`` and ``1``. A patched prefill may sync at most 3
+times more than the unpatched model's and a decode step no more than its (before: a Qwen2.5-VL decode step
+added one pageable copy per layer group, up to +4, and the prefill one device-to-host copy per LLM stage).
+"""
+
+import pytest
+import torch
+
+import vtprune
+from vtprune.methods.alvts import ALVTS
+from vtprune.models._tiny import TINY_FAMILIES
+from vtprune.testing.syncs import SyncCounter, on_device, to_device
+
+METHODS = {
+    "visiondrop": lambda: vtprune.VisionDrop(tokens=8, backend="reference"),
+    "fastv": lambda: vtprune.FastV(layer=1, tokens=8, backend="reference"),
+    "pyramiddrop": lambda: vtprune.PyramidDrop(backend="reference"),
+    "visionzip": lambda: vtprune.VisionZip(6, 2, backend="reference"),
+    "alvts": lambda: ALVTS(keep=8, backend="reference"),
+}
+ISSUE_LIMIT = 3
+FAMILIES = ("LlavaNextForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
+            "Qwen3VLForConditionalGeneration")
+BATCHES = {"b1": ((3,), (5,)), "b2": ((3, 7), (5, 4))}  # prompt lengths before / after the image; b2 left-padded
+CASES = [(f, m, "b2") for f in FAMILIES for m in METHODS] + [(FAMILIES[1], m, "b1") for m in ("alvts", "visiondrop")]
+_MODELS = {}
+
+
+def _model(family):
+    if family not in _MODELS:
+        _MODELS[family] = TINY_FAMILIES[family].build()
+    return _MODELS[family]
+
+
+def _generate(model, inputs, n: int) -> SyncCounter:
+    with on_device(model):
+        dev = to_device(inputs)
+        with SyncCounter():  # warm-up: one-time conversions
+            model.generate(**dev, max_new_tokens=n, do_sample=False)
+        with SyncCounter() as counter, torch.no_grad():
+            model.generate(**dev, max_new_tokens=n, do_sample=False)
+    return counter
+
+
+def _counts(model, inputs):
+    """(prefill count, decode-step count, prefill counter)."""
+    one, three = _generate(model, inputs, 1), _generate(model, inputs, 3)
+    return one.count, (three.count - one.count) / 2, three
+
+
+@pytest.mark.parametrize(("family", "method", "batch"), CASES)
+def test_patched_syncs_stay_within_budget(family, method, batch):
+    model = _model(family)
+    inputs = TINY_FAMILIES[family].batch(model, *BATCHES[batch], seed=1)
+    base_prefill, base_decode, _ = _counts(model, inputs)
+    with vtprune.apply(model, METHODS[method]()):
+        prefill, decode, counter = _counts(model, inputs)
+    what = f"{family} {method}, {batch}"
+    assert prefill <= base_prefill + ISSUE_LIMIT, f"{what}: prefill {prefill} vs {base_prefill}; {counter.report()}"
+    assert decode <= base_decode, f"{what}: decode step {decode} vs {base_decode}; {counter.report()}"
