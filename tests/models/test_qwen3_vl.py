@@ -22,6 +22,7 @@ from vtprune.alvts.calibrate import full_rank_scores
 from vtprune.alvts.factors import bilinear_form
 from vtprune.models._tiny import IMAGE_TOKEN, QWEN_GRIDS, TINY_FAMILIES, VIDEO_TOKEN, tiny_qwen_inputs
 from vtprune.models._tiny_qwen3_vl import tiny_qwen3_multi_inputs, tiny_qwen3_video_inputs, tiny_qwen3_vl
+from vtprune.outputs import pruned_logits
 
 GEN = dict(max_new_tokens=8, do_sample=False)
 GRIDS = QWEN_GRIDS  # 24 and 36 merged tokens
@@ -157,7 +158,8 @@ def test_matches_step_by_step_reference(q3, qbatch):
     must score with level 1 added."""
     x = row(qbatch, 0)
     with vtprune.apply(q3, vtprune.VisionDrop(**SCHEDULE)):
-        got = q3(**x).logits
+        out = q3(**x)
+    got = pruned_logits(out.logits, out.kept_positions)  # the rows the language model computed
     truth = reference_logits(q3, x, SCHEDULE["encoder"], SCHEDULE["stages"])
     torch.testing.assert_close(got, truth, atol=1e-4, rtol=1e-4)
     for wrong in (dict(qk_norm=False), dict(deepstack="none"), dict(deepstack="kept_only")):
@@ -433,7 +435,7 @@ def test_images_and_video_in_one_prompt(q3):
         out = q3(**x)
         assert h.stats.visual_tokens_per_row[0] == [8 + 12 + 12 + 12] * 4
         assert h.stats.visual_tokens_per_row[1] == [8] * 4
-    assert out.logits.shape[1] == ref.shape[1] - (16 + 24 + 24 + 24) // 2
+    assert out.kept_positions.shape[1] == ref.shape[1] - (16 + 24 + 24 + 24) // 2
     with vtprune.apply(q3, METHODS["fastv"]()):
         with pytest.raises(ValueError, match="frame group"):
             q3(**x)
