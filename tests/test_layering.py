@@ -14,18 +14,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"vtprune": ROOT / "python" / "vtprune", "vtprune.triton_kernels": ROOT / "triton_kernels"}
 
-# Kernel launchers that still import the old homes of two host helpers; the re-exports they use
-# (vtprune.reference._common.host_max, vtprune.ops._library) stay until they import vtprune._host and
-# vtprune._library instead. Nothing may be added here.
-KNOWN = {
-    ("vtprune.triton_kernels.attention_scores", "vtprune.reference._common"),
-    ("vtprune.triton_kernels.attention_scores", "vtprune.ops._library"),
-    ("vtprune.triton_kernels.attention_with_scores", "vtprune.reference._common"),
-    ("vtprune.triton_kernels.attention_with_scores", "vtprune.ops._library"),
-    ("vtprune.triton_kernels.contextual_merge", "vtprune.ops._library"),
-    ("vtprune.triton_kernels.topk_keep_order", "vtprune.ops._library"),
-    ("vtprune.triton_kernels.select_and_merge", "vtprune.ops._library"),
-}
+# No exceptions: every kernel launcher imports the low modules directly. Nothing may be added here.
+KNOWN: set = set()
 
 LOW = ("vtprune._host", "vtprune._ext", "vtprune._library", "vtprune._routed_fused", "vtprune._compat")
 HIGH = ("vtprune.api", "vtprune.models", "vtprune.methods", "vtprune.alvts", "vtprune.cli")

@@ -28,7 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from vtprune.reference._common import host_max
+import vtprune._library  # noqa: F401  (registers torch.ops.vtprune.<op>)
+from vtprune._host import host_max
 from vtprune.triton_kernels._common import (
     cdiv,
     combined_lse,
@@ -473,8 +474,6 @@ def attention_scores(q, k, *, query_spans, key_spans, causal, key_padding_mask=N
     launches directly (one dispatch layer). The output width is the largest span count of CPU spans, read
     on the host as Python ints, or ``L`` for spans on the device (no host read).
     """
-    import vtprune.ops._library  # noqa: F401  (registers the custom ops)
-
     L = q.shape[2]
     return call(torch.ops.vtprune.attention_scores, attention_scores_launch,
                 q, k, query_spans, key_spans, bool(causal), key_padding_mask,

@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from vtprune.reference._common import host_max
+import vtprune._library  # noqa: F401  (registers torch.ops.vtprune.<op>)
+from vtprune._host import host_max
 from vtprune.triton_kernels._common import (
     cdiv,
     data_logits,
@@ -162,8 +163,6 @@ def attention_with_scores(q, k, v, *, query_spans, key_spans, causal, key_paddin
     Under ``torch.compile`` it runs as the custom op ``torch.ops.vtprune.attention_with_scores``; in eager
     mode it launches directly. Output width as in :func:`vtprune.triton_kernels.attention_scores.attention_scores`.
     """
-    import vtprune.ops._library  # noqa: F401  (registers the custom ops)
-
     L = q.shape[2]
     return call(torch.ops.vtprune.attention_with_scores, attention_with_scores_launch,
                 q, k, v, query_spans, key_spans, bool(causal), key_padding_mask,

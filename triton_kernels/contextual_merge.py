@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+import vtprune._library  # noqa: F401  (registers torch.ops.vtprune.<op>)
 from vtprune.triton_kernels._common import (
     cdiv,
     count_below,
@@ -331,7 +332,5 @@ def contextual_merge(x, metric, keep_idx, num_contextual, *, lengths=None):
     Under ``torch.compile`` it runs as the custom op ``torch.ops.vtprune.contextual_merge``; in eager mode it launches
     directly (one dispatch layer).
     """
-    import vtprune.ops._library  # noqa: F401  (registers the custom ops)
-
     return call(torch.ops.vtprune.contextual_merge, _contextual_merge_tokens, x, metric, keep_idx,
                 int(num_contextual), lengths)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+import vtprune._library  # noqa: F401  (registers torch.ops.vtprune.<op>)
 from vtprune.triton_kernels._common import to_device_i64
 from vtprune.triton_kernels._routed_ops import call
 from vtprune.triton_kernels.contextual_merge import merge_launch, select_fits
@@ -30,7 +31,5 @@ def select_and_merge(scores, x, metric, num_dominant, num_contextual, *, lengths
     Under ``torch.compile`` it runs as the custom op ``torch.ops.vtprune.select_and_merge``; in eager mode it launches
     directly (one dispatch layer).
     """
-    import vtprune.ops._library  # noqa: F401  (registers the custom ops)
-
     return call(torch.ops.vtprune.select_and_merge, select_and_merge_launch, scores, x, metric, int(num_dominant),
                 int(num_contextual), lengths)

@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+import vtprune._library  # noqa: F401  (registers torch.ops.vtprune.<op>)
 from vtprune.triton_kernels._common import cdiv, pow2, to_device_i64
 from vtprune.triton_kernels._routed_ops import call
 
@@ -193,6 +194,4 @@ def topk_keep_order(scores, k, *, lengths=None):
     Under ``torch.compile`` it runs as the custom op ``torch.ops.vtprune.topk_keep_order``; in eager mode it launches
     directly (one dispatch layer).
     """
-    import vtprune.ops._library  # noqa: F401  (registers the custom ops)
-
     return call(torch.ops.vtprune.topk_keep_order, topk_keep_order_launch, scores, int(k), lengths)

@@ -15,11 +15,11 @@ from typing import NamedTuple
 import torch
 
 from vtprune._backend import BACKENDS
+from vtprune._host import to_device_i64
 from vtprune.alvts.calibrate import calibrate, capture_layer_inputs
 from vtprune.alvts.factors import SelectorFactors, decoder_layers, init_factors
 from vtprune.methods.base import Hooks, LayerCall, Method
 from vtprune.methods.routing import run_routed_layer
-from vtprune.ops._staging import to_device_i64
 from vtprune.ops.lowrank_scores import lowrank_scores
 from vtprune.ops.routed_layer import routed_attention_mask, routed_layer
 from vtprune.ops.topk_keep_order import topk_keep_order

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vtprune._backend import BACKENDS
-from vtprune.ops._staging import to_device_i64
+from vtprune._host import to_device_i64
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-# host_max is re-exported for kernel glue that still imports it from here (vtprune._host is its home)
-from vtprune._host import host_max, to_device_i64  # noqa: F401
+from vtprune._host import to_device_i64
 
 # Bound on the float32 logits block one (head chunk, query-row chunk) may materialise. The reference is also
 # the CPU path: a video-length call (L = 12k..20k) must not allocate [B, H, L, L], nor even one head's [L, L]
