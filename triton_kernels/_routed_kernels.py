@@ -24,6 +24,8 @@ every load and store is masked to ``0 <= t < L`` so a bad index can never touch 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -105,9 +107,14 @@ def add_scatter_kernel(x_ptr, idx_ptr, mid_ptr, delta_ptr, K, L, D, sxb, sxl,
 
 
 def _launch_cfg(x: torch.Tensor) -> dict:
-    block = pow2(x.shape[-1])
-    return dict(BLOCK_D=block, num_warps=max(1, min(16, block // 512)),
-                RNE=interpreting() and x.dtype == torch.bfloat16)
+    return _row_cfg(x.shape[-1], x.dtype, interpreting())
+
+
+@functools.lru_cache(maxsize=64)
+def _row_cfg(D: int, dtype: torch.dtype, interpret: bool) -> dict:
+    """Launch options of the row kernels for width ``D``, cached (host time per launch; read-only dict)."""
+    block = pow2(D)
+    return dict(BLOCK_D=block, num_warps=max(1, min(16, block // 512)), RNE=interpret and dtype == torch.bfloat16)
 
 
 def gather_rmsnorm(x, idx, weight, eps: float) -> torch.Tensor:

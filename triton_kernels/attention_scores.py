@@ -24,6 +24,8 @@ by that program) combines them in a fixed order, so the result is still bit-iden
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -324,8 +326,11 @@ def _few_rows_chunk(s_ptr, out_ptr, b, c0, rows, rows_ok, lse, scale, kstart, kc
     tl.store(out_ptr + b * KM + col, tl.where(col_ok, tl.sum(p, axis=0) * scale, 0.0), mask=col < KM)
 
 
+@functools.lru_cache(maxsize=256)
 def tile_config(rows: int, d: int, dtype: torch.dtype) -> dict:
     """Block sizes and launch options of both passes for ``rows`` packed query rows, head dim ``d``.
+
+    Cached per shape (host time per launch); callers read the dict and never change it.
 
     Chosen from sm_90 compiles (registers / spills / shared memory reported by ptxas, no GPU timing yet):
     these are the largest tiles that compile without spilling. One D tile: the kernels take d <= 256.
@@ -413,20 +418,25 @@ def takes_few_rows(cfg: dict, hkv: int, L: int) -> bool:
     return cfg["SMALL_M"] and pow2(hkv * cfg["BLOCK_M"]) * pow2(cdiv(L, 16)) <= FEW_ROWS_PARTIALS
 
 
+@functools.lru_cache(maxsize=256)
+def _few_rows_geometry(B: int, hkv: int, L: int, bm: int, max_key: int) -> tuple[int, int, int, int]:
+    """(key tile, key tiles, padded head-rows, key chunk) of :func:`few_rows_scores`, cached per shape."""
+    bn = 128  # the widest key tile that still gives >= 132 programs (at least 16 keys)
+    while bn > 16 and cdiv(L, bn) * B * hkv < 132:
+        bn //= 2
+    rows_p = pow2(hkv * bm)
+    return bn, cdiv(L, bn), rows_p, max(16, min(pow2(max_key), 16384 // rows_p))
+
+
 def few_rows_scores(q, k, kpm, qspans, kspans, causal, qk_scale, max_key, cfg):
     """One launch for up to 4 packed query rows (:func:`few_rows_scores_kernel`): float32 [B, max_key]."""
     B, H, L, d = q.shape
     hkv = k.shape[1]
     bm = cfg["BLOCK_M"]
-    bn = 128  # the widest key tile that still gives >= 132 programs (at least 16 keys)
-    while bn > 16 and cdiv(L, bn) * B * hkv < 132:
-        bn //= 2
-    nt = cdiv(L, bn)
+    bn, nt, rows_p, kc = _few_rows_geometry(B, hkv, L, bm, max_key)
     logits = torch.empty(B, hkv * bm, L, dtype=torch.float32, device=q.device)  # [B, Hkv * BM, L]
     part = torch.empty(B, hkv * bm, nt, 2, dtype=torch.float32, device=q.device)  # per key tile (max, sum)
     out = torch.empty(B, max_key, dtype=torch.float32, device=q.device)  # [B, max_key]
-    rows_p = pow2(hkv * bm)
-    kc = max(16, min(pow2(max_key), 16384 // rows_p))
     few_rows_scores_kernel[(nt, B * hkv)](
         q, k, kpm, qspans, kspans, logits, part, arrival_counters(q.device, B), out,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),

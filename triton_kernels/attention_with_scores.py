@@ -13,6 +13,8 @@ with a NaN or +-inf logit among its keys outputs NaN, as the reference does.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -111,6 +113,7 @@ def _attention_fwd_kernel(
     tl.store(lse_ptr + (b * HKV + kvh) * (L * G) + pos * G + h % G, lse, mask=row_ok)
 
 
+@functools.lru_cache(maxsize=256)
 def forward_config(rows: int, d: int, dv: int, dtype: torch.dtype, heads: int = 132) -> dict:
     """Tiles of the forward for ``rows`` query rows and ``heads = B * H`` programs per row tile: the largest
     without spills on sm_90 (see tile_config), halved to 64 rows where 128-row tiles leave SMs of an H100 idle
@@ -122,7 +125,7 @@ def forward_config(rows: int, d: int, dv: int, dtype: torch.dtype, heads: int = 
     if max(block_d, block_dv) > 128:
         return dict(dims, BLOCK_M=64, BLOCK_N=32, num_warps=8)
     block_m = min(128, pow2(rows, 16))
-    if block_m == 128 and triton.cdiv(rows, 128) * heads < 132:
+    if block_m == 128 and cdiv(rows, 128) * heads < 132:
         block_m = 64
     return dict(dims, BLOCK_M=block_m, BLOCK_N=64, num_warps=8 if block_m > 64 else 4)
 
