@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -28,14 +29,35 @@ from vtprune.models._decoder import CacheRecord, Call, DecoderPatch
 from vtprune.models._qk import decoder_qk
 from vtprune.models._sequence import Sequence, padding_to_drop, staged_to
 
+# function -> (signature, name of its **kwargs or None); weak keys, so an instance-level wrapper (accelerate's
+# hooks, a closure over a model) never keeps its model alive
+_SIGNATURES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _signature(original):
+    """``inspect.signature`` of a callable, cached per underlying function: building it walks the decorator chain
+    (~100 us a call on the CPU, twice per decode step before). A bound method's signature never depends on the
+    instance."""
+    key = getattr(original, "__func__", original)
+    try:
+        found = _SIGNATURES.get(key)
+    except TypeError:  # not weakly referenceable: no caching
+        key, found = None, None
+    if found is None:
+        sig = inspect.signature(original)
+        var_kw = next((n for n, p in sig.parameters.items() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+        found = (sig, var_kw)
+        if key is not None:
+            _SIGNATURES[key] = found
+    return found
+
 
 def bound_arguments(original, args, kwargs) -> dict:
     """``original``'s arguments by name (``**kwargs`` flattened in)."""
-    bound = inspect.signature(original).bind(*args, **kwargs)
-    named = dict(bound.arguments)
-    for name, param in inspect.signature(original).parameters.items():
-        if param.kind is inspect.Parameter.VAR_KEYWORD:
-            named.update(named.pop(name, {}))
+    sig, var_kw = _signature(original)
+    named = dict(sig.bind(*args, **kwargs).arguments)
+    if var_kw is not None:
+        named.update(named.pop(var_kw, {}))
     return named
 
 
