@@ -27,7 +27,7 @@ ISSUE_LIMIT = 3
 FAMILIES = ("LlavaNextForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
             "Qwen3VLForConditionalGeneration")
 BATCHES = {"b1": ((3,), (5,)), "b2": ((3, 7), (5, 4))}  # prompt lengths before / after the image; b2 left-padded
-CASES = [(f, m, "b2") for f in FAMILIES for m in METHODS] + [(FAMILIES[1], m, "b1") for m in ("alvts", "visiondrop")]
+CASES = [(f, m, b) for f in FAMILIES for m in METHODS for b in BATCHES]
 _MODELS = {}
 
 
