@@ -11,7 +11,7 @@ import time
 from vtprune.cli._args import Parser, UsageError, image_file, model_dir, positive_int, writable_output
 
 METHODS = ("visiondrop", "alvts", "fastv", "visionzip", "pyramiddrop", "pool")
-FAMILIES = ("llava", "llava_next", "qwen2_5_vl")
+FAMILIES = ("llava", "llava_next", "qwen2_5_vl", "qwen3_vl")
 HELP = "run a model with and without a method: tokens per layer, FLOPs, prefill latency"
 
 
@@ -66,14 +66,19 @@ def _check_paths(args) -> None:
 
 
 def _load_tiny(family):
-    """Built-in tiny models: LLaVA-NeXT with a 2x2-tile 672 px image (5 x 576 tokens + newlines), Qwen2.5-VL
-    with a 64x64-patch image (1024 merged tokens)."""
+    """Built-in tiny models: LLaVA-NeXT with a 2x2-tile 672 px image (5 x 576 tokens + newlines), Qwen2.5-VL and
+    Qwen3-VL with a 64x64-patch image (1024 merged tokens)."""
     from vtprune.models import _tiny
 
     if family == "llava_next":
         model = _tiny.tiny_llava_next("demo")
         return model, _tiny.tiny_next_inputs(model, (35,), (20,), ((672, 672),))
-    model = _tiny.tiny_qwen2_5_vl()
+    if family == "qwen3_vl":
+        from vtprune.models._tiny_qwen3_vl import tiny_qwen3_vl
+
+        model = tiny_qwen3_vl()
+    else:
+        model = _tiny.tiny_qwen2_5_vl()
     return model, _tiny.tiny_qwen_inputs(model, (35,), (20,), ((64, 64),))
 
 
