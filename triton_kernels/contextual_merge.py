@@ -182,9 +182,9 @@ def _merge_rows_kernel(
         cidx = tl.arange(0, BLOCK_C)
         acc = tl.zeros([BLOCK_C, BLOCK_D], tl.float32)  # member sums
         counts = tl.zeros([BLOCK_C, 16], tl.float32)  # member counts (every column the same)
-        ones = tl.full([BLOCK_N, 16], 1.0, x_ptr.dtype.element_ty)
-        if UPCAST:
-            ones = ones.to(tl.float32)
+        ones = tl.full([BLOCK_N, 16], 1.0, tl.float32)  # made in fp32: Triton 3.6's interpreter has no bf16 constants
+        if not UPCAST:
+            ones = ones.to(x_ptr.dtype.element_ty)
         for n0 in range(0, N, BLOCK_N):  # the one-hot pass
             pos = n0 + tl.arange(0, BLOCK_N)
             code = tl.load(code_ptr + b * N + pos, mask=pos < N, other=C)
