@@ -7,6 +7,7 @@ import pathlib
 
 import pytest
 import torch
+from models_common import family_model_and_batch
 
 import vtprune
 from vtprune.models import FAMILIES
@@ -24,16 +25,10 @@ def load_example():
 
 
 example = load_example()
-_MODELS = {}
 
 
 def setup(name):
-    if name not in _MODELS:
-        _MODELS[name] = TINY_FAMILIES[name].build()
-    model = _MODELS[name]
-    batch = TINY_FAMILIES[name].batch(model, (3, 7), (6, 4), seed=1)
-    assert not batch["attention_mask"].all()  # row 0 really is padded
-    return model, batch
+    return family_model_and_batch(name)
 
 
 def test_the_method_is_defined_outside_the_package():

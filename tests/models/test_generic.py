@@ -11,7 +11,7 @@ family or method gets them by being added to the tables.
 
 import pytest
 import torch
-from models_common import SCHEDULE
+from models_common import SCHEDULE, family_model_and_batch
 
 import vtprune
 from vtprune.models._tiny import TINY_FAMILIES
@@ -33,7 +33,6 @@ METHODS = {
               lambda: vtprune.ALVTS(keep=None, backend="reference")),
 }
 IMAGE_GUIDED = ("visiondrop", "visionzip", "pool")
-_MODELS = {}
 
 
 @pytest.fixture(autouse=True)
@@ -43,12 +42,7 @@ def _no_grad():
 
 
 def setup(family):
-    if family not in _MODELS:
-        _MODELS[family] = TINY_FAMILIES[family].build()
-    model = _MODELS[family]
-    batch = TINY_FAMILIES[family].batch(model, (3, 7), (6, 4), seed=1)
-    assert not batch["attention_mask"].all()  # row 0 really is padded
-    return model, batch
+    return family_model_and_batch(family)
 
 
 def apply_or_skip(model, method):

@@ -10,6 +10,7 @@ added one pageable copy per layer group, up to +4, and the prefill one device-to
 
 import pytest
 import torch
+from models_common import family_model
 
 import vtprune
 from vtprune.methods.alvts import ALVTS
@@ -28,13 +29,6 @@ FAMILIES = ("LlavaNextForConditionalGeneration", "Qwen2_5_VLForConditionalGenera
             "Qwen3VLForConditionalGeneration")
 BATCHES = {"b1": ((3,), (5,)), "b2": ((3, 7), (5, 4))}  # prompt lengths before / after the image; b2 left-padded
 CASES = [(f, m, b) for f in FAMILIES for m in METHODS for b in BATCHES]
-_MODELS = {}
-
-
-def _model(family):
-    if family not in _MODELS:
-        _MODELS[family] = TINY_FAMILIES[family].build()
-    return _MODELS[family]
 
 
 def _generate(model, inputs, n: int) -> SyncCounter:
@@ -55,7 +49,7 @@ def _counts(model, inputs):
 
 @pytest.mark.parametrize(("family", "method", "batch"), CASES)
 def test_patched_syncs_stay_within_budget(family, method, batch):
-    model = _model(family)
+    model = family_model(family)
     inputs = TINY_FAMILIES[family].batch(model, *BATCHES[batch], seed=1)
     base_prefill, base_decode, _ = _counts(model, inputs)
     with vtprune.apply(model, METHODS[method]()):
