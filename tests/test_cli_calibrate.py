@@ -103,3 +103,59 @@ def test_calibrate_errors(checkpoint, images, tmp_path, capsys):
             "ending in one of .safetensors")
     refused(capsys, ["calibrate", "--model", str(tmp_path), "--data", str(images), "--out", out], "no config.json")
     refused(capsys, [*base, "--data", str(images), "--steps", "0"], "argument --steps")
+
+
+class _QwenProcessor:
+    """A stand-in for a Qwen-VL processor (the real ones need torchvision for their video half): an image of
+    ``h x w`` pixels becomes an ``(h // 8 * 2) x (w // 8 * 2)`` patch grid of the tiny model, its pixels a
+    deterministic function of the image, wrapped in vision start / end tokens as Qwen's chat format does."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, *, images, text, return_tensors):
+        import numpy as np
+
+        from vtprune.models._tiny import tiny_qwen_inputs
+
+        w, h = images.size
+        grid = (max(2, h // 8 * 2), max(2, w // 8 * 2))
+        seed = int(np.asarray(images).sum()) % 1000
+        return tiny_qwen_inputs(self.model, prefix_lengths=(3,), suffix_lengths=(len(text.split()),), grids=(grid,),
+                                seed=seed)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_calibrate_qwen_families(family, images, tmp_path, monkeypatch, capsys):
+    """The CLI takes the Qwen-VL architectures: it reads each sample's image span from the processor's input_ids,
+    fits factors that lower the fit error, and the file loads into ALVTS on that model (a Qwen3-VL fit goes through
+    its q/k norms and deepstack levels)."""
+    import transformers
+    from PIL import Image
+
+    import vtprune
+    from vtprune import ALVTS
+    from vtprune.alvts import SelectorFactors
+    from vtprune.models._tiny import tiny_qwen2_5_vl
+    from vtprune.models._tiny_qwen3_vl import tiny_qwen3_vl
+
+    model = (tiny_qwen2_5_vl if family == "qwen2_5_vl" else tiny_qwen3_vl)()
+    arch = type(model).__name__
+    model.config.architectures = [arch]
+    path = tmp_path / family
+    model.save_pretrained(path)
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained",
+                        classmethod(lambda cls, p, **k: _QwenProcessor(model)))
+    out = tmp_path / "f.safetensors"
+    main(["calibrate", "--model", str(path), "--data", str(images), "--out", str(out), "--steps", "20"])
+    text = capsys.readouterr().out
+    assert "3 samples, 4 decoder layers" in text
+    before, after = (float(x) for x in text.split("mean     :")[1].split()[0:3:2])
+    assert after < before
+    f = SelectorFactors.load(str(out))
+    assert f.meta["source"] == "calibrated" and len(f.u) == 4
+    inputs = _QwenProcessor(model)(images=Image.open(next(images.iterdir())), text="describe it", return_tensors="pt")
+    with torch.no_grad(), vtprune.apply(model, ALVTS(ratio=0.5, factors=str(out))) as handle:
+        logits = model(**inputs).logits
+    image_tokens = int(inputs["image_grid_thw"][0].prod()) // 4
+    assert torch.isfinite(logits[0, -1]).all() and handle.stats.average_visual_tokens < image_tokens

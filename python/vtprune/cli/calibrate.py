@@ -16,7 +16,8 @@ from vtprune.cli._args import UsageError, model_dir, positive_int, readable_file
 
 HELP = "fit ALVTS selector factors to a model on local image/question data"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
-SUPPORTED = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+SUPPORTED = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
+             "Qwen3VLForConditionalGeneration")
 
 
 def add_arguments(p) -> None:
