@@ -34,7 +34,7 @@ def check_average(owner: str, average) -> float | None:
     if isinstance(average, bool) or not isinstance(average, (int, float)) or not math.isfinite(average) \
             or average < 1:
         raise ValueError(f"{owner} average must be a number >= 1 (visual tokens per decoder layer), got {average!r}")
-    return float(average)
+    return average  # as given: an int stays an int in configs
 
 
 def exclusive(owner: str, average, **native) -> None:
