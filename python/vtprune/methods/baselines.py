@@ -132,21 +132,20 @@ class VisionZip(StagedMethod):
         super().__init__(backend)
         self.average = check_average("VisionZip", average)
         exclusive("VisionZip", average, dominant=dominant is not _UNSET, contextual=contextual is not _UNSET)
-        if average is not None:
-            def solve(n):
-                return stage_pairs(self.average_counts(0, n), _zip_split)
-
-            self.encoder = EncoderStage(Solved(solve, 0, 0), Solved(solve, 0, 1))
-        else:
-            self.encoder = EncoderStage(54 if dominant is _UNSET else dominant,
-                                        10 if contextual is _UNSET else contextual)
+        # under average= the counts are solved per image (plan); the native pair stays the default's
+        self.encoder = EncoderStage(54 if dominant is _UNSET else dominant, 10 if contextual is _UNSET else contextual)
 
     def plan(self, num_layers: int) -> Plan:
-        return self._plan(self.encoder, (), num_layers)
+        encoder = self.encoder
+        if self.average is not None:
+            def solve(n):
+                return stage_pairs(self.average_counts(num_layers, n), _zip_split)
+
+            encoder = EncoderStage(Solved(solve, 0, 0), Solved(solve, 0, 1))
+        return self._plan(encoder, (), num_layers)
 
     def average_counts(self, num_layers: int, n: int) -> tuple:
-        # every layer runs on the one count: the depth does not matter
-        return fit_average(self.average, n, (1,), ("level",), 0, repr(self))
+        return fit_average(self.average, n, (num_layers,), ("level",), 0, repr(self))
 
     def _describe(self):
         if self.average is not None:
