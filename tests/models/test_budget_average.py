@@ -93,6 +93,9 @@ def test_native_and_shared_budgets_differ_as_documented(llava576):
     assert _run(model, inputs, VisionDrop(tokens=64)).average_visual_tokens == 64
     assert _run(model, inputs, FastV(tokens=64)).average_visual_tokens == (2 * 576 + 6 * 64) / 8
     assert _run(model, inputs, ALVTS(keep=64)).average_visual_tokens == (576 + 7 * 64) / 8
+    assert _run(model, inputs, PyramidDrop(ratio=0.5)).average_visual_tokens == 2 * (576 + 288 + 144 + 72) / 8
+    for method in (VisionZip(), UniformPool(), VisionZip(average=64), UniformPool(average=64)):
+        assert _run(model, inputs, method).average_visual_tokens == 64
     stats = _run(model, inputs, VisionDrop(average=32))
     assert stats.visual_tokens_per_layer == [48, 48, 35, 35, 26, 26, 19, 19]  # the official average-32 schedule
 
@@ -145,3 +148,17 @@ def test_one_alvts_object_serves_one_depth(llava576):
     with vtprune.apply(deep, method):
         with pytest.raises(ValueError, match="average= solves k for one model depth.*8 decoder layers.*4"):
             vtprune.apply(family_model("LlavaForConditionalGeneration"), method)  # the 4-layer tiny model
+
+
+@pytest.mark.parametrize("cls", [VisionDrop, FastV, PyramidDrop, VisionZip, ALVTS], ids=lambda c: c.__name__)
+def test_qwen3_vl_meets_the_average_per_image(cls):
+    """Qwen3-VL's tiny model (4 layers) with its 24- and 36-token images: 20 is reachable by every method on both
+    (FastV keeps 16 and 4, ALVTS routes 19 and 15: (24 + 3 * 19) / 4 = 20.25)."""
+    from models_common import family_model_and_batch
+
+    model, batch = family_model_and_batch("Qwen3VLForConditionalGeneration")
+    stats = _run(model, batch, cls(average=20))
+    averages = _row_averages(stats)
+    assert len(averages) == 2
+    for got in averages:
+        assert abs(got - 20) <= 0.02 * 20

@@ -181,7 +181,7 @@ class ALVTS(Method):
         lengths = group_lengths((self.first_layer,), num_layers) if self.first_layer else (num_layers,)
         fixed = 1 if self.first_layer else 0
         return fit_average(self.average, n, lengths, ("level",), fixed, repr(self),
-                           f"its first {self.first_layer} layers run on every visual token")[-1]
+                           f"the layers before first_layer={self.first_layer} run on every visual token")[-1]
 
     def _depth(self) -> int:
         """The decoder depth ``average=`` is solved for: the prepared models' (:meth:`prepare` admits one)."""
