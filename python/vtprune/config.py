@@ -1,7 +1,8 @@
 """Method configs as data: every method round-trips through a small dict, JSON or YAML file.
 
 A config is ``{"method": name, "args": {...}, "vtprune_version": ..., "model_fingerprint": {...}}``: ``args``
-are the method's public constructor arguments (only those that differ from a plain construction are needed),
+are the method's public constructor arguments (only those that differ from a plain construction are needed;
+the shared budget ``average`` replaces a method's native budget knobs),
 ``model_fingerprint`` (optional) names the model the config was made for (see
 :func:`vtprune.alvts.factors.model_fingerprint`) and is checked when a model is given at load time. An ALVTS
 ``factors`` file is referenced by path; a relative path in a config file is relative to that file.
@@ -25,6 +26,8 @@ FORMAT_KEYS = ("method", "args", "vtprune_version", "model_fingerprint")
 
 
 def _visiondrop(m) -> dict:
+    if m.average is not None:
+        return {"average": m.average, "backend": m.backend}
     if m._explicit:
         enc = None if m._encoder is None else [m._encoder.dominant, m._encoder.contextual]
         stages = None if m._stages is None else {str(s.layer): [s.dominant, s.contextual] for s in m._stages}
@@ -43,22 +46,29 @@ def _alvts(m) -> dict:
     if m.calibration is not None:
         raise ValueError("ALVTS calibration= holds data batches that a config cannot carry: calibrate once "
                          "(vtprune calibrate ... --out factors.safetensors) and pass ALVTS(factors=path)")
-    budget = {"ratio": m.ratio} if m.ratio is not None else {"keep": m.keep}
+    budget = {"average": m.average} if m.average is not None else \
+        {"ratio": m.ratio} if m.ratio is not None else {"keep": m.keep}
     factors = None if m.factors is None else os.fspath(m.factors)
     return {**budget, "rank": m.rank, "first_layer": m.first_layer, "factors": factors, "backend": m.backend}
+
+
+def _budget(m, **native) -> dict:
+    """The budget arguments: the shared ``average`` where it was given, else the method's native knobs."""
+    return {"average": m.average} if m.average is not None else native
 
 
 # name -> (class name in vtprune.methods, public constructor arguments of an instance)
 REGISTRY = {
     "visiondrop": ("VisionDrop", _visiondrop),
     "alvts": ("ALVTS", _alvts),
-    "fastv": ("FastV", lambda m: {"layer": m.layer, **({"tokens": m.tokens} if m.tokens is not None
-                                                        else {"ratio": m.ratio}), "backend": m.backend}),
-    "visionzip": ("VisionZip", lambda m: {"dominant": m.encoder.dominant, "contextual": m.encoder.contextual,
+    "fastv": ("FastV", lambda m: {"layer": m.layer, **_budget(m, **({"tokens": m.tokens} if m.tokens is not None
+                                                                    else {"ratio": m.ratio})),
+                                  "backend": m.backend}),
+    "visionzip": ("VisionZip", lambda m: {**_budget(m, dominant=m.encoder.dominant, contextual=m.encoder.contextual),
                                           "backend": m.backend}),
-    "pyramiddrop": ("PyramidDrop", lambda m: {"ratio": m.ratio, "layers": None if m.layers is None
+    "pyramiddrop": ("PyramidDrop", lambda m: {**_budget(m, ratio=m.ratio), "layers": None if m.layers is None
                                               else list(m.layers), "backend": m.backend}),
-    "pool": ("UniformPool", lambda m: {"tokens": m.tokens, "backend": m.backend}),
+    "pool": ("UniformPool", lambda m: {**_budget(m, tokens=m.tokens), "backend": m.backend}),
 }
 
 

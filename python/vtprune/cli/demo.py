@@ -5,6 +5,7 @@ retention map of the kept / merged patches per stage."""
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 
@@ -15,11 +16,18 @@ FAMILIES = ("llava", "llava_next", "qwen2_5_vl", "qwen3_vl")
 HELP = "run a model with and without a method: tokens per layer, FLOPs, prefill latency"
 
 
-def make_method(name: str, tokens: int | None, visual: int, tiles: int = 1):
+def make_method(name: str, tokens: int | None, visual: int, tiles: int = 1, average: float | None = None):
     """A method object for the demo's ``--method`` / ``--tokens`` (``visual``: image tokens per image; ``tiles``:
-    336 px tiles of the image, LLaVA-NeXT, where ``--tokens`` is per tile)."""
+    336 px tiles of the image, LLaVA-NeXT, where ``--tokens`` is per tile), or ``--average`` (the shared budget:
+    average visual tokens per decoder layer, every method's ``average=``)."""
     import vtprune
 
+    if average is not None:
+        classes = dict(visiondrop="VisionDrop", alvts="ALVTS", fastv="FastV", visionzip="VisionZip",
+                       pyramiddrop="PyramidDrop", pool="UniformPool")
+        if name not in classes:
+            raise ValueError(f"--method must be one of {METHODS}, got {name!r}")
+        return getattr(vtprune, classes[name])(average=average)
     if name == "visiondrop":
         return vtprune.VisionDrop(tokens=tokens)
     if name == "fastv":
@@ -44,13 +52,25 @@ def add_arguments(p) -> None:
     p.add_argument("--family", default="llava", choices=FAMILIES,
                    help="model family of the built-in tiny model (LLaVA-NeXT: --tokens is per 336 px tile)")
     p.add_argument("--method", default="visiondrop", choices=METHODS)
-    p.add_argument("--tokens", type=int, default=64,
-                   help="average visual tokens (method budget; ALVTS: image tokens routed through each layer)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--tokens", type=int, default=64,
+                        help="the method's native budget (VisionDrop: average visual tokens; FastV: kept after "
+                             "layer 2; ALVTS: image tokens routed through each layer)")
+    budget.add_argument("--average", type=_average, default=None, metavar="N",
+                        help="average visual tokens per decoder layer, for every method (its average=)")
     p.add_argument("--method-config", metavar="FILE",
                    help="a saved method config (JSON or YAML, see vtprune.config) instead of --method/--tokens")
     p.add_argument("--image", help="image file: fed to the model and used for the retention map")
     p.add_argument("--out", default="retention_map.png", help="retention-map PNG (with --image)")
     p.add_argument("--repeats", type=positive_int, default=5, help="timed prefills per setting (median)")
+
+
+def _average(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    return int(value) if value.is_integer() else value
 
 
 def _check_paths(args) -> None:
@@ -152,11 +172,15 @@ def _method(args, model, inputs):
     visual = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
     try:
         tiles = inputs["pixel_values"].shape[1] if args.family == "llava_next" else 1
-        return make_method(args.method, args.tokens, visual, tiles)
+        return make_method(args.method, args.tokens, visual, tiles, args.average)
     except ImportError as e:
         raise UsageError(f"--method {args.method}: {e}") from e
     except ValueError as e:  # a budget the method refuses
-        raise UsageError(f"--method {args.method} --tokens {args.tokens}: {e}") from e
+        raise UsageError(f"--method {args.method} {_budget_flag(args)}: {e}") from e
+
+
+def _budget_flag(args) -> str:
+    return f"--average {args.average:g}" if args.average is not None else f"--tokens {args.tokens}"
 
 
 def run(args) -> None:
@@ -167,7 +191,7 @@ def run(args) -> None:
     visual = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
     method = _method(args, model, inputs)
     what = f"--method-config {args.method_config}" if args.method_config else \
-        f"--method {args.method} --tokens {args.tokens}"
+        f"--method {args.method} {_budget_flag(args)}"
     base_ms = _prefill_ms(model, inputs, args.repeats)
     try:
         handle = vtprune.apply(model, method)

@@ -18,7 +18,8 @@ from vtprune._backend import BACKENDS
 from vtprune._host import to_device_i64
 from vtprune.alvts.calibrate import calibrate, capture_layer_inputs
 from vtprune.alvts.factors import SelectorFactors, decoder_layers, init_factors
-from vtprune.methods.base import Hooks, LayerCall, Method
+from vtprune.methods.base import Hooks, LayerCall, Method, ModelInfo
+from vtprune.methods.budget import check_average, exclusive, fit_average, group_lengths, refuse_tiled
 from vtprune.methods.routing import run_routed_layer
 from vtprune.ops.lowrank_scores import lowrank_scores
 from vtprune.ops.routed_layer import routed_attention_mask, routed_layer
@@ -47,6 +48,11 @@ class ALVTS(Method):
         keeps every token but still runs the scoring and selection, and reproduces the unpatched model.
     ratio : float in (0, 1], optional
         ``k = floor(ratio * N)`` per row instead of ``keep`` (the paper's uniform ``r``); not with ``keep``.
+    average : number, optional
+        Average image tokens per decoder layer of each row's image (the shared budget, docs/methods.md "Budget
+        table"): the layers before ``first_layer`` run on all ``N``, so ``k`` is solved per row from
+        ``(first_layer * N + (layers - first_layer) * k) / layers``, rounded to the nearest whole count; not
+        with ``keep`` or ``ratio``.
     rank : int, optional
         Selector rank R; default ``hidden_size // 16`` (the paper's 256 at D = 4096, 128 at D = 2048).
     first_layer : int, default 1
@@ -105,10 +111,15 @@ class ALVTS(Method):
 
     name = "alvts"
 
-    def __init__(self, keep: int | None = _KEEP_DEFAULT, *, ratio: float | None = None, rank: int | None = None,
-                 first_layer: int = 1, factors: SelectorFactors | str | os.PathLike | None = None,
-                 calibration: dict | None = None, skipped_as_keys: bool = False, backend: str = "auto"):
-        if ratio is not None:
+    def __init__(self, keep: int | None = _KEEP_DEFAULT, *, ratio: float | None = None, average: float | None = None,
+                 rank: int | None = None, first_layer: int = 1,
+                 factors: SelectorFactors | str | os.PathLike | None = None, calibration: dict | None = None,
+                 skipped_as_keys: bool = False, backend: str = "auto"):
+        average = check_average("ALVTS", average)
+        exclusive("ALVTS", average, keep=keep is not _KEEP_DEFAULT, ratio=ratio is not None)
+        if average is not None:
+            keep = None
+        elif ratio is not None:
             if keep is not _KEEP_DEFAULT:
                 raise ValueError(f"ALVTS: give keep= or ratio=, not both (got keep={keep!r}, ratio={ratio!r})")
             if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
@@ -133,6 +144,7 @@ class ALVTS(Method):
             raise ValueError(f"ALVTS backend must be one of {BACKENDS}, got {backend!r}")
         super().__init__(backend)
         self.keep, self.ratio, self.rank, self.first_layer = keep, ratio, rank, first_layer
+        self.average = average
         self.factors, self.calibration = factors, calibration
         self.skipped_as_keys = False
         # language model -> its factors (one entry per prepared model; dropped with the model)
@@ -140,16 +152,44 @@ class ALVTS(Method):
 
     @property
     def keep_all(self) -> bool:
-        return self.keep is None and self.ratio is None
+        return self.keep is None and self.ratio is None and self.average is None
 
     def __repr__(self) -> str:
-        budget = f"ratio={self.ratio}" if self.ratio is not None else f"keep={self.keep}"
+        budget = f"average={self.average:g}" if self.average is not None else \
+            f"ratio={self.ratio}" if self.ratio is not None else f"keep={self.keep}"
         return f"ALVTS({budget}, rank={self.rank}, first_layer={self.first_layer}, backend={self.backend!r})"
 
     # ------------------------------------------------------------------ the method's hooks
     def hooks(self, num_layers: int) -> Hooks:
         """ALVTS uses only the layer hook (:meth:`run_layer`): no encoder stage, nothing is dropped."""
         return Hooks()
+
+    def check_model(self, info: ModelInfo) -> None:
+        """Under ``average=``: refuse tiled images and an average the model's fixed-resolution images cannot
+        reach."""
+        if self.average is None:
+            return
+        refuse_tiled(repr(self), self.average, info.model)
+        if info.patches is not None:
+            self.average_k(int(info.patches), info.num_layers)
+
+    def average_k(self, n: int, num_layers: int) -> int:
+        """Under ``average=``: the image tokens routed per routed layer, ``k``, for an image of ``n`` tokens."""
+        if self.first_layer >= num_layers:
+            raise ValueError(f"{self!r}: first_layer={self.first_layer} routes none of the {num_layers} decoder "
+                             "layers, so average= cannot be met")
+        lengths = group_lengths((self.first_layer,), num_layers) if self.first_layer else (num_layers,)
+        fixed = 1 if self.first_layer else 0
+        return fit_average(self.average, n, lengths, ("level",), fixed, repr(self),
+                           f"the layers before first_layer={self.first_layer} run on every visual token")[-1]
+
+    def _depth(self) -> int:
+        """The decoder depth ``average=`` is solved for: the prepared models' (:meth:`prepare` admits one)."""
+        depths = {len(state.attn) for state in list(self._prepared.values())}
+        if len(depths) != 1:
+            raise ValueError(f"{self!r}: average= needs the model's depth: call prepare(language_model) first, or "
+                             "pass num_layers")
+        return depths.pop()
 
     def run_layer(self, call: LayerCall):
         """A routed layer's call: in prefill the routed tokens run the layer (:meth:`forward_layer`) and the others
@@ -176,6 +216,10 @@ class ALVTS(Method):
         if state is not None:
             return state.factors
         layers = decoder_layers(language_model)
+        if self.average is not None and self._prepared and self._depth() != len(layers):
+            raise ValueError(f"{self!r}: average= solves k for one model depth, but this object already serves a "
+                             f"model of {self._depth()} decoder layers and this one has {len(layers)}; use one "
+                             "ALVTS object per model depth")
         if vlm is not None and not any(m is language_model for m in vlm.modules()):
             raise ValueError(f"vlm: a {type(vlm).__name__} that does not contain the given language model "
                              f"({type(language_model).__name__})")
@@ -262,10 +306,14 @@ class ALVTS(Method):
         """Per decoder layer, whether :meth:`route` decides its tokens (False: the layer runs on all)."""
         return [i >= self.first_layer for i in range(num_layers)]
 
-    def visual_budget(self, counts: torch.Tensor) -> torch.Tensor:
-        """Image tokens routed per row, ``k_b``, from the rows' image counts (int64 [B] on the CPU)."""
+    def visual_budget(self, counts: torch.Tensor, num_layers: int | None = None) -> torch.Tensor:
+        """Image tokens routed per row, ``k_b``, from the rows' image counts (int64 [B] on the CPU). ``num_layers``
+        (under ``average=``): the model's depth, by default the prepared models' one."""
         if self.keep_all:
             return counts.clone()
+        if self.average is not None:
+            depth = self._depth() if num_layers is None else num_layers
+            return torch.tensor([self.average_k(int(n), depth) if n > 0 else 0 for n in counts], dtype=torch.int64)
         if self.ratio is not None:
             # floor(r N); the tiny slack absorbs float error such as (64 / 576) * 576 = 63.999...
             return torch.tensor([math.floor(self.ratio * int(n) + 1e-9) for n in counts], dtype=torch.int64)

@@ -8,7 +8,8 @@ A *count spec* is what a user writes for one stage and is turned into a number p
   before any pruning, e.g. 576 for LLaVA-1.5); the schedule then follows dynamic resolutions (LLaVA-NeXT,
   Qwen2.5-VL) where absolute counts cannot;
 * ``None``: keep every token that reaches the stage (the "keep-all" budget used to check that the pruning
-  path reproduces the unpatched model).
+  path reproduces the unpatched model);
+* a :class:`vtprune.methods.budget.Solved`: a count solved per image from a method's ``average=`` budget.
 """
 
 from __future__ import annotations
@@ -16,13 +17,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from vtprune.methods.budget import Solved
+
 QUERIES = ("image", "last")
 SCORE_LAYERS = ("next", "self")
 
 
 def check_count(name: str, spec, *, allow_zero: bool) -> None:
     """Validate one count spec; errors name the argument."""
-    if spec is None:
+    if spec is None or isinstance(spec, Solved):
         return
     if isinstance(spec, bool) or not isinstance(spec, (int, float)):
         raise ValueError(f"{name} must be an int count, a float fraction in (0, 1] or None, got {spec!r}")
@@ -40,6 +43,8 @@ def resolve_count(spec, original: int, current: int, per: int = 1) -> int:
     """
     if spec is None:
         return current
+    if isinstance(spec, Solved):
+        return spec.resolve(original)
     if isinstance(spec, float):
         # round half up, and never let a positive fraction round a non-empty image to zero tokens
         n = int(math.floor(spec * original + 0.5))

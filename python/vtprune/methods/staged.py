@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from vtprune import ops
 from vtprune.methods.base import EncoderContext, Hooks, Method, ModelInfo, PruneContext, Selection
+from vtprune.methods.budget import refuse_tiled
 from vtprune.methods.schedule import EncoderStage, Stage, check_stages, resolve_count
 
 
@@ -32,9 +33,17 @@ class Plan:
 
 
 class StagedMethod(Method):
-    """Base of the schedule-driven methods. Subclasses implement :meth:`plan`."""
+    """Base of the schedule-driven methods. Subclasses implement :meth:`plan` and, where they take the shared
+    ``average=`` budget (:mod:`vtprune.methods.budget`), :meth:`average_counts`."""
+
+    average = None  # the shared budget: average visual tokens per decoder layer, or None (native knobs)
 
     def plan(self, num_layers: int) -> Plan:
+        raise NotImplementedError
+
+    def average_counts(self, num_layers: int, n: int) -> tuple:
+        """Under ``average=``: the visual tokens each group of layers runs on for an image of ``n`` tokens
+        (groups bounded by the prune points); raises ``ValueError`` naming ``average`` when out of reach."""
         raise NotImplementedError
 
     def _plan(self, encoder, stages, num_layers) -> Plan:
@@ -55,6 +64,10 @@ class StagedMethod(Method):
     def check_model(self, info: ModelInfo) -> None:
         """Refuse a schedule whose int counts exceed what an image of this model holds (per tile for LLaVA-NeXT):
         every image would fail at its first forward otherwise. Dynamic resolutions are checked per image."""
+        if self.average is not None:
+            refuse_tiled(repr(self), self.average, info.model)
+            if info.patches is not None:  # fixed resolution: an unreachable average fails here, not per image
+                self.average_counts(info.num_layers, info.patches)
         plan = self.plan(info.num_layers)
         enc = plan.encoder
         if enc is not None and enc.kind == "pool" and info.grid is None:

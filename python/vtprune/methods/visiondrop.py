@@ -28,12 +28,17 @@ encoder (then the later stages) is capped at the whole image and the rest of the
 stages, so ``r = 1`` keeps every token at every stage. Each total below the whole image is split 7:1 into
 dominant and contextual; a total of the whole image keeps every token. ``tokens=None`` keeps every token but
 still runs the scoring and selection path.
+
+``average=N`` (the shared budget of :mod:`vtprune.methods.budget`) solves, per image, the scale of the same
+shape ``min(n, s * t)`` over the groups of layers the stages bound, so that the layer average is ``N``, with
+whole-token counts rounded to meet it (exactly where the group sizes allow); each total splits as above.
 """
 
 from __future__ import annotations
 
 import math
 
+from vtprune.methods.budget import Solved, check_average, exclusive, fit_average, group_lengths, stage_pairs
 from vtprune.methods.schedule import EncoderStage, Stage, depth_scaled
 from vtprune.methods.staged import Plan, StagedMethod
 
@@ -83,6 +88,9 @@ class VisionDrop(StagedMethod):
         ``ratio`` or an explicit schedule.
     ratio : float, optional
         Average kept fraction of each row's visual tokens instead of ``tokens`` (dynamic resolutions).
+    average : number, optional
+        Average visual tokens per decoder layer of each image (the shared budget, docs/methods.md "Budget
+        table"), solved per image on the preset's shape; instead of every other budget argument.
     encoder : (dominant, contextual), optional
         Explicit encoder stage (``dominant`` counts [CLS]); with ``stages``, replaces the preset.
     stages : dict {layer: (dominant, contextual)}, optional
@@ -97,8 +105,11 @@ class VisionDrop(StagedMethod):
     name = "visiondrop"
 
     def __init__(self, tokens: int | None = _DEFAULT, *, ratio: float | None = None, encoder=None, stages=None,
-                 backend: str = "auto"):
+                 average: float | None = None, backend: str = "auto"):
         super().__init__(backend)
+        self.average = check_average("VisionDrop", average)
+        exclusive("VisionDrop", average, tokens=tokens is not _DEFAULT, ratio=ratio is not None,
+                  encoder=encoder is not None, stages=stages is not None)
         explicit = encoder is not None or stages is not None
         if explicit and ratio is not None:
             raise ValueError("VisionDrop: give either ratio= or an explicit encoder=/stages= schedule, not both")
@@ -114,7 +125,7 @@ class VisionDrop(StagedMethod):
                 raise ValueError(f"VisionDrop tokens must be a positive int or None, got {tokens!r}")
         if stages is not None and not isinstance(stages, dict):
             raise ValueError(f"VisionDrop stages must be a dict {{layer: (dominant, contextual)}}, got {stages!r}")
-        self.tokens = None if (explicit or ratio is not None) else tokens
+        self.tokens = None if (explicit or ratio is not None or average is not None) else tokens
         self.ratio = ratio
         self._encoder = None if encoder is None else EncoderStage(*_pair("encoder", encoder))
         self._stages = None if stages is None else tuple(
@@ -126,7 +137,14 @@ class VisionDrop(StagedMethod):
         if self._explicit:
             return self._plan(self._encoder, self._stages or (), num_layers)
         layers = depth_scaled(STAGE_FRACTIONS, num_layers)
-        if self.ratio is not None:
+        if self.average is not None:
+            lengths = group_lengths(layers, num_layers)
+
+            def solve(n):
+                return stage_pairs(self._fit(lengths, n), split)
+
+            pairs = [(Solved(solve, g, 0), Solved(solve, g, 1)) for g in range(4)]
+        elif self.ratio is not None:
             pairs = [(None, 0) if f == 1.0 else (f * 7 / 8, f / 8) for f in ratio_totals(self.ratio)]
         elif self.tokens is None:
             pairs = [(None, 0)] * 4
@@ -135,7 +153,15 @@ class VisionDrop(StagedMethod):
         encoder = EncoderStage(*pairs[0])
         return self._plan(encoder, [Stage(layer, *p) for layer, p in zip(layers, pairs[1:])], num_layers)
 
+    def average_counts(self, num_layers: int, n: int) -> tuple:
+        return self._fit(group_lengths(depth_scaled(STAGE_FRACTIONS, num_layers), num_layers), n)
+
+    def _fit(self, lengths, n):
+        return fit_average(self.average, n, lengths, ("scale", OFFICIAL_TOTALS), 0, repr(self))
+
     def _describe(self) -> str:
+        if self.average is not None:
+            return f"average={self.average:g}"
         if self._explicit:
             return f"encoder={self._encoder}, stages={self._stages}"
         return f"ratio={self.ratio}" if self.ratio is not None else f"tokens={self.tokens}"
