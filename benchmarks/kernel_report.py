@@ -179,7 +179,8 @@ def target(op: str, shape: str, s: Shape, B: int) -> tuple[float | None, str]:
     if op == "attention_with_scores":
         return 1.6 * sdpa_us(s, B), "<= 1.6x one SDPA forward"
     if op == "select_and_merge":
-        return select_bytes(s, B) / (0.5 * RL.HBM) * 1e6, ">= 50 % of HBM bandwidth (scores, metric, x read once, output written)"
+        words = ">= 50 % of HBM bandwidth (scores, metric, x read once, output written)"
+        return select_bytes(s, B) / (0.5 * RL.HBM) * 1e6, words
     if op == "lowrank_scores":
         return 0.1 * layer_us(s, B, s.kspan[0] + s.kspan[1] + 39), "<= 10 % of one decoder layer"
     if op == "routed_layer_rows":
@@ -209,10 +210,10 @@ def floor(op: str, shape: str, s: Shape, B: int) -> tuple[float, str] | None:
         hbm = select_bytes(s, B) / RL.HBM * 1e6
         one, two = launch + hbm + 4 * lat, 2 * launch + hbm + 2 * lat
         return min(one, two), (
-            f"the bytes at full HBM bandwidth ({hbm:.1f} us) plus, with two launches, {2 * launch} us of launches "
-            f"and 2 round trips (the score row, then the targets' metric rows) = {two:.1f} us; with one launch, "
-            f"{launch} us plus 4 round trips (scores, metric rows, a device-wide hand-off of the assignment: "
-            f"an atomic and its read) = {one:.1f} us")
+            f"two launches (this design) take at least {two:.1f} us: {2 * launch} us of launches, the bytes at "
+            f"full HBM bandwidth ({hbm:.1f} us) and 2 round trips (the score row, then the targets' metric rows); "
+            f"one launch (not built) at least {one:.1f} us: {launch} us, the bytes, and 4 round trips (scores, "
+            f"metric rows, a device-wide hand-off of the assignment: an atomic and its read)")
     return None
 
 
@@ -249,7 +250,7 @@ def triton_records(shapes: list[str], batches: list[int], log=print) -> list[dic
                     extra["floor_us"] = round(least[0], 2)
                     if allowed is not None and total > allowed:
                         extra["reason"] = (f"out of reach under this model: {least[1]}" if least[0] > allowed
-                                           else f"reachable in principle: {least[1]}")
+                                           else f"missed; the floor is below the allowed time: {least[1]}")
                 records.append(dict(record="op", op=op, shape=shape, batch=B, backend="triton",
                                     predicted_us=round(total, 2), torch_ops=torch_ops,
                                     allowed_us=None if allowed is None else round(allowed, 2), target=words,
