@@ -135,15 +135,17 @@ def attn_columns(a: dict, c: dict) -> dict:
 
 def attn_few_rows(a: dict, c: dict) -> dict:
     """One key tile per program (no loop); the last program of each batch row reads every tile's (max, sum)
-    and the logits of the key span (at once with ONE_CHUNK, else a loop over chunks of BLOCK_KC, each charged
-    as an unpipelined iteration). Round trips: Q/K loads, the arrival atomic, the partials and logits."""
+    and the logits of the key span (at once with ONE_CHUNK, as chunks of BLOCK_KC and BLOCK_KC2, else a loop
+    over chunks of BLOCK_KC, each charged as an unpipelined iteration). Round trips: Q/K loads, the arrival
+    atomic, the partials and logits."""
     q = a["q_ptr"]
     B, BM, BN, BD = q.shape[0], c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_D"]
     hkv, L, NT, KM, es = a["HKV"], a["L"], a["NT"], a["KM"], q.element_size()
     n = B * hkv * NT
     chunks = cdiv(KM, c["BLOCK_KC"])
     per = [0] * (n - B) + [0 if c["ONE_CHUNK"] else chunks] * B
-    return dict(flops_fp32=2 * n * BM * BN * BD, exps=n * BM * BN + B * c["ROWS_P"] * chunks * c["BLOCK_KC"],
+    span = c["BLOCK_KC"] + c["BLOCK_KC2"] if c["ONE_CHUNK"] else chunks * c["BLOCK_KC"]
+    return dict(flops_fp32=2 * n * BM * BN * BD, exps=n * BM * BN + B * c["ROWS_P"] * span,
                 bytes=B * hkv * L * a["D"] * es + 2 * B * hkv * BM * L * 4 + B * KM * 4, round_trips=3,
                 **_iters(per))
 

@@ -270,7 +270,7 @@ def few_rows_scores_kernel(
     L, D, HKV, NT, KM, qk_scale, inv_heads,
     G: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, ROWS_P: tl.constexpr, NT_P: tl.constexpr,
-    BLOCK_KC: tl.constexpr, ONE_CHUNK: tl.constexpr,
+    BLOCK_KC: tl.constexpr, ONE_CHUNK: tl.constexpr, BLOCK_KC2: tl.constexpr,
 ):
     """Scores of a few packed query rows (CLIP's [CLS]) in one launch: split over key tiles, reduced by the
     last program of the batch row.
@@ -321,9 +321,13 @@ def few_rows_scores_kernel(
         lse = finish_lse(mx, tl.sum(pl * tl.exp2(pm - mx_sub[:, None]), axis=1))  # [ROWS_P], +inf: no key
         kstart, kcount = tl.load(kspan_ptr + 2 * b), tl.load(kspan_ptr + 2 * b + 1)
         scale = inv_heads / qcount.to(tl.float32)
-        if ONE_CHUNK:  # the whole key span at once: its loads overlap the partials' (no loop)
+        if ONE_CHUNK:  # the whole key span at once: its loads overlap the partials' (no loop), as one power-of-two
+            # chunk and the rest (576 keys: 512 + 64, not 1024)
             _few_rows_chunk(s_ptr, out_ptr, b, 0, rows, rows_ok, lse, scale, kstart, kcount, L, KM, HKV * BLOCK_M,
                             BLOCK_KC)
+            if BLOCK_KC2 > 0:
+                _few_rows_chunk(s_ptr, out_ptr, b, BLOCK_KC, rows, rows_ok, lse, scale, kstart, kcount, L, KM,
+                                HKV * BLOCK_M, BLOCK_KC2)
         else:
             for c0 in range(0, KM, BLOCK_KC):
                 _few_rows_chunk(s_ptr, out_ptr, b, c0, rows, rows_ok, lse, scale, kstart, kcount, L, KM,
@@ -441,13 +445,19 @@ def takes_few_rows(cfg: dict, hkv: int, L: int) -> bool:
 
 
 @functools.lru_cache(maxsize=256)
-def _few_rows_geometry(B: int, hkv: int, L: int, bm: int, max_key: int) -> tuple[int, int, int, int]:
-    """(key tile, key tiles, padded head-rows, key chunk) of :func:`few_rows_scores`, cached per shape."""
+def _few_rows_geometry(B: int, hkv: int, L: int, bm: int, max_key: int) -> tuple:
+    """(key tile, key tiles, padded head-rows, key chunk, one chunk?, second chunk) of :func:`few_rows_scores`,
+    cached per shape. When the key span fits the last program's registers it is read at once as the largest
+    power of two inside it plus the rest rounded up (0: none)."""
     bn = 128  # the widest key tile that still gives >= 132 programs (at least 16 keys)
     while bn > 16 and cdiv(L, bn) * B * hkv < 132:
         bn //= 2
     rows_p = pow2(hkv * bm)
-    return bn, cdiv(L, bn), rows_p, max(16, min(pow2(max_key), 16384 // rows_p))
+    kc = max(16, min(pow2(max_key), 16384 // rows_p))
+    if kc < max_key:
+        return bn, cdiv(L, bn), rows_p, kc, False, 0
+    kc = max(16, pow2(max_key + 1) // 2)
+    return bn, cdiv(L, bn), rows_p, kc, True, pow2(max_key - kc, 16) if max_key > kc else 0
 
 
 def few_rows_scores(q, k, kpm, qspans, kspans, causal, qk_scale, max_key, cfg):
@@ -455,7 +465,7 @@ def few_rows_scores(q, k, kpm, qspans, kspans, causal, qk_scale, max_key, cfg):
     B, H, L, d = q.shape
     hkv = k.shape[1]
     bm = cfg["BLOCK_M"]
-    bn, nt, rows_p, kc = _few_rows_geometry(B, hkv, L, bm, max_key)
+    bn, nt, rows_p, kc, one, kc2 = _few_rows_geometry(B, hkv, L, bm, max_key)
     logits = torch.empty(B, hkv * bm, L, dtype=torch.float32, device=q.device)  # [B, Hkv * BM, L]
     part = torch.empty(B, hkv * bm, nt, 2, dtype=torch.float32, device=q.device)  # per key tile (max, sum)
     out = torch.empty(B, max_key, dtype=torch.float32, device=q.device)  # [B, max_key]
@@ -464,7 +474,7 @@ def few_rows_scores(q, k, kpm, qspans, kspans, causal, qk_scale, max_key, cfg):
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         L, d, hkv, nt, max_key, qk_scale, 1.0 / H,
         G=H // hkv, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=cfg["BLOCK_D"], ROWS_P=rows_p, NT_P=pow2(nt),
-        BLOCK_KC=kc, ONE_CHUNK=kc >= max_key, num_warps=4,
+        BLOCK_KC=kc, ONE_CHUNK=one, BLOCK_KC2=kc2, num_warps=4,
         **{k_: v for k_, v in kernel_flags(q, causal, kpm).items()},
     )
     return out
