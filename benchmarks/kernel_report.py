@@ -200,10 +200,12 @@ def floor(op: str, shape: str, s: Shape, B: int) -> tuple[float, str] | None:
     the launch cost towards the 2-3 µs often quoted for H100 only raises these floors."""
     launch, lat = RL.LAUNCH_US, RL.MEM_LATENCY_US
     if op == "attention_scores" and shape == "clip":
-        one_cta = B * s.Hkv * s.L * s.d * 2 / (RL.HBM / (RL.SMS / 2)) * 1e6
-        return launch + 3 * lat, (
-            f"one launch ({launch} us) plus the 3 dependent memory round trips ({lat} us each) that any split of "
-            f"the keys over CTAs needs (the keys; the arrival atomic; the other CTAs' partials), since every "
+        keys = B * s.Hkv * s.L * s.d * 2 / RL.HBM * 1e6
+        one_cta = keys * RL.SMS / 2
+        return launch + 2 * lat + max(lat, keys), (
+            f"one launch ({launch} us) plus the 3 dependent memory round trips ({lat} us each; the first at least "
+            f"the keys' {keys:.2f} us at full HBM bandwidth) that any split of the keys over CTAs needs (the "
+            f"keys; the arrival atomic; the other CTAs' partials), since every "
             f"score needs each head's softmax over all keys; one CTA alone would stream the keys at its share "
             f"of HBM ({one_cta:.0f} us), two launches cost {2 * launch} us before any byte moves")
     if op == "select_and_merge":
