@@ -127,23 +127,39 @@ def attn_columns(a: dict, c: dict) -> dict:
     n = sum(per)
     dot = dict(flops_fp32=2 * n * BM * BN * BD) if c["SMALL_M"] else dict(flops_tc=2 * n * BM * BN * BD)
     rows, keys = int(qs[:, 1].sum()) * G * hkv, int(ks[:, 1].sum()) * hkv
-    return dict(dot, **loops, exps=n * BM * BN,
+    # several KV heads: the tile's last program (arrival atomic, then the heads' partials) writes the sum
+    trips = 2 if c["HKV_P"] > 1 else 0
+    return dict(dot, **loops, exps=n * BM * BN, round_trips=trips,
                 bytes=(rows + keys) * a["D"] * es + rows * 4 + B * hkv * a["KM"] * 4, **_iters(per))
 
 
 def attn_few_rows(a: dict, c: dict) -> dict:
     """One key tile per program (no loop); the last program of each batch row reads every tile's (max, sum)
-    and the logits of the key span (at once with ONE_CHUNK, else a loop over chunks of BLOCK_KC, each charged
-    as an unpipelined iteration). Round trips: Q/K loads, the arrival atomic, the partials and logits."""
+    and the logits of the key span (at once with ONE_CHUNK, as chunks of BLOCK_KC and BLOCK_KC2, else a loop
+    over chunks of BLOCK_KC, each charged as an unpipelined iteration). Round trips: Q/K loads, the arrival
+    atomic, the partials and logits."""
     q = a["q_ptr"]
     B, BM, BN, BD = q.shape[0], c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_D"]
     hkv, L, NT, KM, es = a["HKV"], a["L"], a["NT"], a["KM"], q.element_size()
     n = B * hkv * NT
     chunks = cdiv(KM, c["BLOCK_KC"])
     per = [0] * (n - B) + [0 if c["ONE_CHUNK"] else chunks] * B
-    return dict(flops_fp32=2 * n * BM * BN * BD, exps=n * BM * BN + B * c["ROWS_P"] * chunks * c["BLOCK_KC"],
+    span = c["BLOCK_KC"] + c["BLOCK_KC2"] if c["ONE_CHUNK"] else chunks * c["BLOCK_KC"]
+    return dict(flops_fp32=2 * n * BM * BN * BD, exps=n * BM * BN + B * c["ROWS_P"] * span,
                 bytes=B * hkv * L * a["D"] * es + 2 * B * hkv * BM * L * 4 + B * KM * 4, round_trips=3,
                 **_iters(per))
+
+
+def attn_few_rows_lse(a: dict, c: dict) -> dict:
+    """One key tile of every head-row per program on the forward's LSE (no loop): Q, K, LSE loads (one round
+    trip), then the output."""
+    q, ks = a["q_ptr"], a["kspan_ptr"]
+    B, RP, BN, BD, es = q.shape[0], c["ROWS_P"], c["BLOCK_N"], c["BLOCK_D"], q.element_size()
+    n = B * cdiv(a["KM"], BN)
+    keys = int(ks[:, 1].sum()) * a["HKV"]
+    return dict(flops_fp32=2 * n * RP * BN * BD, exps=n * RP * BN,
+                bytes=keys * a["D"] * es + B * RP * (a["D"] * es + 4) + B * a["KM"] * 4, round_trips=1,
+                iters_total=0, iters_max=0)
 
 
 def attn_forward(a: dict, c: dict) -> dict:
@@ -279,6 +295,7 @@ MODELS = {
     "attention_scores.column_scores_kernel": attn_columns,
     "attention_scores.few_rows_scores_kernel": attn_few_rows,
     "attention_with_scores._attention_fwd_kernel": attn_forward,
+    "attention_with_scores.few_rows_lse_scores_kernel": attn_few_rows_lse,
     "topk_keep_order._topk_kernel": topk,
     "topk_keep_order._topk_tiles_kernel": topk_tiles,
     "contextual_merge._assign_kernel": assign,

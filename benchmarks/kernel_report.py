@@ -12,7 +12,9 @@ the launcher runs between Triton launches are counted by a dispatch mode and cha
 Records (``benchmarks/results/kernel_report.json``): one per kernel launch (``record="kernel"``: op, kernel,
 backend, shape, batch, regs, spill_bytes, smem_bytes, ctas_per_sm, grid_ctas, tensor_cores, wgmma,
 async_copies, loop_instructions, flops, bytes, predicted_us, bound) and one per op, shape and batch
-(``record="op"``: op, shape, batch, predicted_us, allowed_us, target, meets). CUDA records come from the
+(``record="op"``: op, shape, batch, predicted_us, allowed_us, target, meets; ``floor_us``, the least time any
+design could take under the model, where a target may be out of reach, and a ``reason`` when the op misses
+its target). CUDA records come from the
 optional module ``benchmarks/_report_cuda.py`` (``cuda_records(shapes, batches)``); without it the report
 says so and writes the Triton records.
 
@@ -177,14 +179,44 @@ def target(op: str, shape: str, s: Shape, B: int) -> tuple[float | None, str]:
     if op == "attention_with_scores":
         return 1.6 * sdpa_us(s, B), "<= 1.6x one SDPA forward"
     if op == "select_and_merge":
-        nbytes = B * (s.N * 4 + s.N * s.dk * 2 + s.N * s.D * 2 + (s.keep + s.contextual) * s.D * 2)
-        return nbytes / (0.5 * RL.HBM) * 1e6, ">= 50 % of HBM bandwidth (scores, metric, x read once, output written)"
+        words = ">= 50 % of HBM bandwidth (scores, metric, x read once, output written)"
+        return select_bytes(s, B) / (0.5 * RL.HBM) * 1e6, words
     if op == "lowrank_scores":
         return 0.1 * layer_us(s, B, s.kspan[0] + s.kspan[1] + 39), "<= 10 % of one decoder layer"
     if op == "routed_layer_rows":
         K = s.kspan[0] + s.routed_keep + 39
         return 0.15 * layer_us(s, B, K), "routed layer <= 1.15x the plain layer on K tokens (row kernels' share)"
     return None, "none"
+
+
+def select_bytes(s: Shape, B: int) -> int:
+    """select_and_merge's unavoidable HBM bytes: scores, metric and x read once, the output written."""
+    return B * (s.N * 4 + s.N * s.dk * 2 + s.N * s.D * 2 + (s.keep + s.contextual) * s.D * 2)
+
+
+def floor(op: str, shape: str, s: Shape, B: int) -> tuple[float, str] | None:
+    """The least time any kernel design could take under this model where a target may be out of reach:
+    (predicted µs, why), or None. Launch cost and memory latency are the model's own (``_roofline``); raising
+    the launch cost towards the 2-3 µs often quoted for H100 only raises these floors."""
+    launch, lat = RL.LAUNCH_US, RL.MEM_LATENCY_US
+    if op == "attention_scores" and shape == "clip":
+        keys = B * s.Hkv * s.L * s.d * 2 / RL.HBM * 1e6
+        one_cta = keys * RL.SMS / 2
+        return launch + 2 * lat + max(lat, keys), (
+            f"one launch ({launch} us) plus the 3 dependent memory round trips ({lat} us each; the first at least "
+            f"the keys' {keys:.2f} us at full HBM bandwidth) that any split of the keys over CTAs needs (the "
+            f"keys; the arrival atomic; the other CTAs' partials), since every "
+            f"score needs each head's softmax over all keys; one CTA alone would stream the keys at its share "
+            f"of HBM ({one_cta:.0f} us), two launches cost {2 * launch} us before any byte moves")
+    if op == "select_and_merge":
+        hbm = select_bytes(s, B) / RL.HBM * 1e6
+        one, two = launch + hbm + 4 * lat, 2 * launch + hbm + 2 * lat
+        return min(one, two), (
+            f"two launches (this design) take at least {two:.1f} us: {2 * launch} us of launches, the bytes at "
+            f"full HBM bandwidth ({hbm:.1f} us) and 2 round trips (the score row, then the targets' metric rows); "
+            f"one launch (not built) at least {one:.1f} us: {launch} us, the bytes, and 4 round trips (scores, "
+            f"metric rows, a device-wide hand-off of the assignment: an atomic and its read)")
+    return None
 
 
 def torch_ops_us(ops: list[str]) -> float:
@@ -214,10 +246,17 @@ def triton_records(shapes: list[str], batches: list[int], log=print) -> list[dic
                         flops=cost["flops"], bytes=cost["bytes"], exps=cost["exps"], iters_max=cost["iters_max"],
                         predicted_us=round(cost["predicted_us"], 2), bound=cost["bound"], terms_us=cost["terms_us"]))
                 allowed, words = target(op, shape, s, B)
+                extra = {}
+                least = floor(op, shape, s, B)
+                if least is not None:
+                    extra["floor_us"] = round(least[0], 2)
+                    if allowed is not None and total > allowed:
+                        extra["reason"] = (f"out of reach under this model: {least[1]}" if least[0] > allowed
+                                           else f"missed; the floor is below the allowed time: {least[1]}")
                 records.append(dict(record="op", op=op, shape=shape, batch=B, backend="triton",
                                     predicted_us=round(total, 2), torch_ops=torch_ops,
                                     allowed_us=None if allowed is None else round(allowed, 2), target=words,
-                                    meets=None if allowed is None else total <= allowed))
+                                    meets=None if allowed is None else total <= allowed, **extra))
                 log(f"{op:22s} {shape:11s} B={B}: predicted {total:8.1f} us, allowed "
                     f"{'-' if allowed is None else f'{allowed:8.1f}'} us ({len(launches)} launches, "
                     f"{len(torch_ops)} torch ops)")
@@ -235,14 +274,17 @@ def cuda_records(shapes, batches, log=print) -> list[dict]:
 
 def table(records: list[dict]) -> str:
     """Markdown table of the op records (all *predicted*)."""
-    lines = ["| op | shape | batch | backend | predicted µs | allowed µs | target | meets |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| op | shape | batch | backend | predicted µs | allowed µs | floor µs | target | meets |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         if r.get("record") == "op":
             allowed = "-" if r["allowed_us"] is None else f"{r['allowed_us']:.1f}"
+            least = f"{r['floor_us']:.1f}" if "floor_us" in r else "-"
             meets = "-" if r["meets"] is None else ("yes" if r["meets"] else "no")
+            if r["meets"] is False and "floor_us" in r and r["floor_us"] > r["allowed_us"]:
+                meets = "no (out of reach)"
             lines.append(f"| {r['op']} | {r['shape']} | {r['batch']} | {r.get('backend', 'triton')} | "
-                         f"{r['predicted_us']:.1f} | {allowed} | {r['target']} | {meets} |")
+                         f"{r['predicted_us']:.1f} | {allowed} | {least} | {r['target']} | {meets} |")
     return "\n".join(lines)
 
 

@@ -14,7 +14,8 @@ broadcast product on the CUDA cores (``SMALL_M``), up to 16 (a 7-head group's la
 Exponentials are base 2 with ``log2(e)`` folded into the scale.
 
 Determinism: every column tile is owned by one program per (batch row, KV head); the KV heads' partial sums
-[B, Hkv, K] are added by one ``sum`` afterwards, so no atomics and bit-identical reruns.
+[B, Hkv, K] are added by the last of a tile's programs to arrive (an arrival counter), always in head order
+as one tile, so bit-identical reruns and no PyTorch kernel after the launch.
 
 Few rows (up to 4 packed rows, e.g. CLIP's [CLS] row: one row per head against 577 keys) take one launch
 instead (:func:`few_rows_scores_kernel`): the keys are split over >= 132 programs, each stores its logits and
@@ -192,18 +193,23 @@ def _column_tile(q_ptr, lse_ptr, l_ptr, k, acc, b, kvh, bh, r0, r_hi, qstart, j,
 
 @triton.jit
 def column_scores_kernel(
-    q_ptr, k_ptr, kpm_ptr, qspan_ptr, kspan_ptr, lse_ptr, l_ptr, part_ptr,
+    q_ptr, k_ptr, kpm_ptr, qspan_ptr, kspan_ptr, lse_ptr, l_ptr, part_ptr, count_ptr, out_ptr,
     sqb, sqh, sql, skb, skh, skl,
     L, D, HKV, R_STRIDE, KM, qk_scale, inv_heads,
     G: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, LSE_ABSOLUTE: tl.constexpr,
     LSE_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    SMALL_M: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    SMALL_M: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, HKV_P: tl.constexpr,
 ):
     """Pass 2: partial column sums ``part[b, kv, n]`` of the KV group's heads, already divided by H |Qs|.
 
     ``lse`` is packed like the query rows (with ``LSE_SPLIT > 1``: pass 1's partial max in ``lse`` and sums
     in ``l``, combined on load); ``LSE_ABSOLUTE`` means it covers every position (the flash forward
     of attention_with_scores) rather than the query span only.
+
+    With ``HKV_P > 1`` (several KV heads) the last of a key tile's ``HKV`` programs to arrive (an atomic
+    counter per batch row and key tile, reset by that program) adds the heads' partials as one
+    ``[HKV_P, BLOCK_N]`` tile and writes ``out[b, n]``: a fixed reduction order (bit-identical reruns) and no
+    PyTorch sum after the launch. With one KV head ``part`` is the output.
     """
     # grid: (key tiles of the key span, B * Hkv)
     n0 = tl.program_id(0) * BLOCK_N
@@ -245,6 +251,16 @@ def column_scores_kernel(
                            IEEE, UPCAST)
     acc = tl.where(col_ok, tl.sum(acc, axis=0) * inv_heads / qcount.to(tl.float32), 0.0)
     tl.store(part_ptr + bh * KM + col, acc, mask=col < KM)
+    if HKV_P > 1:
+        tl.debug_barrier()  # every thread's stores issued before the release below
+        counter = count_ptr + b * tl.num_programs(0) + tl.program_id(0)
+        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == HKV - 1:  # the tile's last KV head
+            tl.store(counter, 0)  # ready for the next launch (stream order)
+            heads = tl.arange(0, HKV_P)
+            ptrs = part_ptr + (b * HKV + heads)[:, None] * KM + col[None, :]
+            parts = tl.load(ptrs, mask=(heads < HKV)[:, None] & (col < KM)[None, :], other=0.0,
+                            cache_modifier=".cg")  # [HKV_P, BLOCK_N], from L2
+            tl.store(out_ptr + b * KM + col, tl.sum(parts, axis=0), mask=col < KM)
 
 
 @triton.jit
@@ -254,7 +270,7 @@ def few_rows_scores_kernel(
     L, D, HKV, NT, KM, qk_scale, inv_heads,
     G: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, ROWS_P: tl.constexpr, NT_P: tl.constexpr,
-    BLOCK_KC: tl.constexpr, ONE_CHUNK: tl.constexpr,
+    BLOCK_KC: tl.constexpr, ONE_CHUNK: tl.constexpr, BLOCK_KC2: tl.constexpr,
 ):
     """Scores of a few packed query rows (CLIP's [CLS]) in one launch: split over key tiles, reduced by the
     last program of the batch row.
@@ -305,9 +321,13 @@ def few_rows_scores_kernel(
         lse = finish_lse(mx, tl.sum(pl * tl.exp2(pm - mx_sub[:, None]), axis=1))  # [ROWS_P], +inf: no key
         kstart, kcount = tl.load(kspan_ptr + 2 * b), tl.load(kspan_ptr + 2 * b + 1)
         scale = inv_heads / qcount.to(tl.float32)
-        if ONE_CHUNK:  # the whole key span at once: its loads overlap the partials' (no loop)
+        if ONE_CHUNK:  # the whole key span at once: its loads overlap the partials' (no loop), as one power-of-two
+            # chunk and the rest (576 keys: 512 + 64, not 1024)
             _few_rows_chunk(s_ptr, out_ptr, b, 0, rows, rows_ok, lse, scale, kstart, kcount, L, KM, HKV * BLOCK_M,
                             BLOCK_KC)
+            if BLOCK_KC2 > 0:
+                _few_rows_chunk(s_ptr, out_ptr, b, BLOCK_KC, rows, rows_ok, lse, scale, kstart, kcount, L, KM,
+                                HKV * BLOCK_M, BLOCK_KC2)
         else:
             for c0 in range(0, KM, BLOCK_KC):
                 _few_rows_chunk(s_ptr, out_ptr, b, c0, rows, rows_ok, lse, scale, kstart, kcount, L, KM,
@@ -343,9 +363,12 @@ def tile_config(rows: int, d: int, dtype: torch.dtype) -> dict:
     if dtype == torch.float32:  # IEEE products run on the CUDA cores: 64 x 64 tiles spill; a second stage
         # of prefetched fp32 Q rows spills under Triton 3.9 (400 B at d 128, 4.8 KB at d 256, 32 x 32 tiles)
         return dict(BLOCK_M=32, BLOCK_N=16, BLOCK_D=block_d, SMALL_M=False, num_warps=8, num_stages=1)
-    # a few rows (one query of a 7-head GQA group: FastV's last token on Qwen2.5-VL) get a 16-row MMA
+    # a few rows (one query of a 7-head GQA group: FastV's last token on Qwen2.5-VL) get a 16-row MMA.
+    # One warpgroup (4 warps) per 64-row tile: 8 warps split the same tile's columns and repeat its per-warp
+    # work (addresses, row max/sum shuffles): sm_90 compiles at LLaVA-1.5 give 410 SASS instructions per pass-1
+    # key tile at 4 warps against 283 at 8 (1640 vs 2264 warp-instructions), 295 vs 209 for pass 2.
     return dict(BLOCK_M=min(64, pow2(rows, 16)), BLOCK_N=64 if block_d <= 128 else 32, BLOCK_D=block_d,
-                SMALL_M=False, num_warps=8)
+                SMALL_M=False, num_warps=4)
 
 
 def check_head_dim(d: int) -> None:
@@ -385,30 +408,33 @@ def column_scores(q, k, kpm, qspans, kspans, lse, lse_absolute, max_query, max_k
     hkv = k.shape[1]
     G = H // hkv
     part = torch.empty(B, hkv, max_key, dtype=torch.float32, device=q.device)  # [B, Hkv, K]
+    out = torch.empty(B, max_key, dtype=torch.float32, device=q.device) if hkv > 1 else part.view(B, max_key)
     cfg = tile_config(G * max_query, d, q.dtype)
     grid = (cdiv(max_key, cfg["BLOCK_N"]), B * hkv)
     column_scores_kernel[grid](
         q, k, kpm, qspans, kspans, lse, lse if lsum is None else lsum, part,
+        arrival_counters(q.device, B * grid[0]), out,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         L, d, hkv, lse.shape[-1], max_key, qk_scale, 1.0 / H,
-        G=G, LSE_ABSOLUTE=lse_absolute, LSE_SPLIT=1 if lsum is None else lse.shape[2],
+        G=G, LSE_ABSOLUTE=lse_absolute, LSE_SPLIT=1 if lsum is None else lse.shape[2], HKV_P=pow2(hkv),
         **kernel_flags(q, causal, kpm), **cfg,
     )
-    return part.sum(1) if hkv > 1 else part.view(B, max_key)
+    return out
 
 
 FEW_ROWS_PARTIALS = 16384  # the last program holds (max, sum) of every head-row x key tile in registers
 _COUNTERS: dict = {}
 
 
-def arrival_counters(device: torch.device, B: int) -> torch.Tensor:
-    """int32 [>= B] zeros for the last-program reductions, one buffer per device and stream, allocated once
-    (each launch leaves it at zero again); stream order keeps launches on one stream from sharing a count."""
+def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
+    """int32 [>= n] zeros for the last-program reductions (one per batch row, or per batch row and key tile),
+    one buffer per device and stream, allocated once (each launch leaves it at zero again; 4096 counters
+    cover every benchmark shape at batch 8); stream order keeps launches on one stream from sharing a count."""
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (device, stream)
     buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < B:
-        buf = _COUNTERS[key] = torch.zeros(max(B, 64), dtype=torch.int32, device=device)
+    if buf is None or buf.numel() < n:
+        buf = _COUNTERS[key] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
     return buf
 
 
@@ -419,13 +445,19 @@ def takes_few_rows(cfg: dict, hkv: int, L: int) -> bool:
 
 
 @functools.lru_cache(maxsize=256)
-def _few_rows_geometry(B: int, hkv: int, L: int, bm: int, max_key: int) -> tuple[int, int, int, int]:
-    """(key tile, key tiles, padded head-rows, key chunk) of :func:`few_rows_scores`, cached per shape."""
+def _few_rows_geometry(B: int, hkv: int, L: int, bm: int, max_key: int) -> tuple:
+    """(key tile, key tiles, padded head-rows, key chunk, one chunk?, second chunk) of :func:`few_rows_scores`,
+    cached per shape. When the key span fits the last program's registers it is read at once as the largest
+    power of two inside it plus the rest rounded up (0: none)."""
     bn = 128  # the widest key tile that still gives >= 132 programs (at least 16 keys)
     while bn > 16 and cdiv(L, bn) * B * hkv < 132:
         bn //= 2
     rows_p = pow2(hkv * bm)
-    return bn, cdiv(L, bn), rows_p, max(16, min(pow2(max_key), 16384 // rows_p))
+    kc = max(16, min(pow2(max_key), 16384 // rows_p))
+    if kc < max_key:
+        return bn, cdiv(L, bn), rows_p, kc, False, 0
+    kc = max(16, pow2(max_key + 1) // 2)
+    return bn, cdiv(L, bn), rows_p, kc, True, pow2(max_key - kc, 16) if max_key > kc else 0
 
 
 def few_rows_scores(q, k, kpm, qspans, kspans, causal, qk_scale, max_key, cfg):
@@ -433,7 +465,7 @@ def few_rows_scores(q, k, kpm, qspans, kspans, causal, qk_scale, max_key, cfg):
     B, H, L, d = q.shape
     hkv = k.shape[1]
     bm = cfg["BLOCK_M"]
-    bn, nt, rows_p, kc = _few_rows_geometry(B, hkv, L, bm, max_key)
+    bn, nt, rows_p, kc, one, kc2 = _few_rows_geometry(B, hkv, L, bm, max_key)
     logits = torch.empty(B, hkv * bm, L, dtype=torch.float32, device=q.device)  # [B, Hkv * BM, L]
     part = torch.empty(B, hkv * bm, nt, 2, dtype=torch.float32, device=q.device)  # per key tile (max, sum)
     out = torch.empty(B, max_key, dtype=torch.float32, device=q.device)  # [B, max_key]
@@ -442,7 +474,7 @@ def few_rows_scores(q, k, kpm, qspans, kspans, causal, qk_scale, max_key, cfg):
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         L, d, hkv, nt, max_key, qk_scale, 1.0 / H,
         G=H // hkv, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=cfg["BLOCK_D"], ROWS_P=rows_p, NT_P=pow2(nt),
-        BLOCK_KC=kc, ONE_CHUNK=kc >= max_key, num_warps=4,
+        BLOCK_KC=kc, ONE_CHUNK=one, BLOCK_KC2=kc2, num_warps=4,
         **{k_: v for k_, v in kernel_flags(q, causal, kpm).items()},
     )
     return out

@@ -113,6 +113,81 @@ def _attention_fwd_kernel(
     tl.store(lse_ptr + (b * HKV + kvh) * (L * G) + pos * G + h % G, lse, mask=row_ok)
 
 
+@triton.jit
+def few_rows_lse_scores_kernel(
+    q_ptr, k_ptr, kpm_ptr, qspan_ptr, kspan_ptr, lse_ptr, out_ptr,
+    sqb, sqh, sql, skb, skh, skl,
+    L, D, HKV, KM, qk_scale, inv_heads,
+    G: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, BLOCK_M: tl.constexpr, ROWS_P: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Scores of a few packed query rows (CLIP's [CLS]) from the forward's LSE: no split softmax to combine.
+
+    Each program owns ``BLOCK_N`` keys of the key span for **every** head: the head-rows ``hr = kvh * BLOCK_M
+    + r`` (packed row ``r`` of KV head ``kvh``) times the keys give ``[ROWS_P, BLOCK_N]`` logits on the CUDA
+    cores, ``exp2(s - lse)`` with the forward's base-2 LSE, and the sum over head-rows is the output. Nothing
+    crosses programs: one launch, no counter, no partials, a fixed reduction order.
+    """
+    # grid: (key tiles of the key span, B)
+    n0 = tl.program_id(0) * BLOCK_N
+    b = tl.program_id(1).to(tl.int64)
+    qstart, qcount = tl.load(qspan_ptr + 2 * b), tl.load(qspan_ptr + 2 * b + 1)
+    kstart, kcount = tl.load(kspan_ptr + 2 * b), tl.load(kspan_ptr + 2 * b + 1)
+    hr = tl.arange(0, ROWS_P)
+    kvh, r = hr // BLOCK_M, hr % BLOCK_M
+    row_ok = (kvh < HKV) & (r < qcount * G)
+    pos = qstart + r // G  # [ROWS_P] query positions
+    offs_d = tl.arange(0, BLOCK_D)
+    q = load_q_rows(q_ptr, b, kvh, r, pos, row_ok, sqb, sqh, sql, offs_d, D, G)  # [ROWS_P, BLOCK_D]
+    col = n0 + tl.arange(0, BLOCK_N)
+    col_ok = col < kcount
+    j = kstart + col  # [BLOCK_N] key positions
+    kok = col_ok & key_ok(kpm_ptr, b, j, L, HAS_KPM)
+    k_ptrs = (k_ptr + b * skb + kvh[:, None, None] * skh + j[None, :, None] * skl + offs_d[None, None, :])
+    k = tl.load(k_ptrs, mask=row_ok[:, None, None] & col_ok[None, :, None] & (offs_d < D)[None, None, :],
+                other=0.0)  # [ROWS_P, BLOCK_N, BLOCK_D]: each head-row's own keys
+    s = data_logits(tl.sum(q[:, None, :].to(tl.float32) * k.to(tl.float32), axis=2) * qk_scale)
+    # the forward's LSE, packed [B, Hkv, L * G] at row pos * G + head % G (head % G == r % G)
+    lse = tl.load(lse_ptr + (b * HKV + kvh) * (L * G) + pos * G + r % G, mask=row_ok, other=float("inf"))
+    p = tl.where(allowed_mask(pos, row_ok, j, kok, CAUSAL), tl.exp2(s - lse[:, None]), 0.0)
+    out = tl.where(col_ok, tl.sum(p, axis=0) * (inv_heads / qcount.to(tl.float32)), 0.0)
+    tl.store(out_ptr + b * KM + col, out, mask=col < KM)
+
+
+FEW_ROWS_LSE_TILE = 4096  # head-rows x keys x head dims of one program's product (32 fp32 values a thread)
+
+
+@functools.lru_cache(maxsize=256)
+def few_rows_lse_geometry(B: int, hkv: int, bm: int, block_d: int, max_key: int) -> tuple[int, int] | None:
+    """(padded head-rows, keys per program) of :func:`few_rows_lse_scores`, or None where every head-row
+    with 2 keys already exceeds the tile (many KV heads at a large head dim: the split launch then)."""
+    rows_p = pow2(hkv * bm)
+    bn = FEW_ROWS_LSE_TILE // (rows_p * block_d)
+    if bn < 2:
+        return None
+    bn = pow2(bn + 1) // 2  # a power of two, at most the tile
+    while bn > 2 and cdiv(max_key, bn) * B < 132:  # >= 132 programs when the keys allow it
+        bn //= 2
+    return rows_p, bn
+
+
+def few_rows_lse_scores(q, k, kpm, qspans, kspans, lse, causal, qk_scale, max_key, cfg, geometry):
+    """:func:`few_rows_lse_scores_kernel` on the forward's packed LSE: float32 [B, max_key]."""
+    B, H, L, d = q.shape
+    hkv = k.shape[1]
+    rows_p, bn = geometry
+    out = torch.empty(B, max_key, dtype=torch.float32, device=q.device)  # [B, max_key]
+    flags = kernel_flags(q, causal, kpm)
+    few_rows_lse_scores_kernel[(cdiv(max_key, bn), B)](
+        q, k, kpm, qspans, kspans, lse, out,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        L, d, hkv, max_key, qk_scale, 1.0 / H,
+        G=H // hkv, CAUSAL=flags["CAUSAL"], HAS_KPM=flags["HAS_KPM"], BLOCK_M=cfg["BLOCK_M"], ROWS_P=rows_p,
+        BLOCK_N=bn, BLOCK_D=cfg["BLOCK_D"], num_warps=4,
+    )
+    return out
+
+
 @functools.lru_cache(maxsize=256)
 def forward_config(rows: int, d: int, dv: int, dtype: torch.dtype, heads: int = 132) -> dict:
     """Tiles of the forward for ``rows`` query rows and ``heads = B * H`` programs per row tile: the largest
@@ -154,7 +229,12 @@ def attention_with_scores_launch(q, k, v, query_spans, key_spans, causal, key_pa
         G=G, **kernel_flags(q, causal, kpm), **cfg,
     )
     cfg = tile_config(G * max_query, d, q.dtype)
-    if takes_few_rows(cfg, hkv, L):  # CLIP's [CLS] row: one launch, no KV-head sum (see attention_scores)
+    if cfg["SMALL_M"]:  # CLIP's [CLS] row: every head in one program, on the forward's LSE
+        geometry = few_rows_lse_geometry(B, hkv, cfg["BLOCK_M"], cfg["BLOCK_D"], max_key)
+        if geometry is not None:
+            return out, few_rows_lse_scores(q, k, kpm, qspans, kspans, lse, causal, qk_scale, max_key, cfg,
+                                            geometry)
+    if takes_few_rows(cfg, hkv, L):  # one launch, no KV-head sum (see attention_scores)
         return out, few_rows_scores(q, k, kpm, qspans, kspans, causal, qk_scale, max_key, cfg)
     scores = column_scores(q, k, kpm, qspans, kspans, lse, True, max_query, max_key, qk_scale, causal)
     return out, scores

@@ -40,3 +40,22 @@ def poison(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", empty)
 
+
+
+@pytest.fixture
+def spy_calls(monkeypatch):
+    """``spy_calls(module, name)`` wraps ``module.name`` so that each call appends to the returned list: a test
+    of one launch path then asserts the path was really taken (it cannot pass on another path)."""
+
+    def attach(module, name: str) -> list:
+        calls = []
+        real = getattr(module, name)
+
+        def spy(*args, **kwargs):
+            calls.append(1)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, spy)
+        return calls
+
+    return attach

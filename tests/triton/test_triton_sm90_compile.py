@@ -20,7 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 SCRIPT = os.path.join(HERE, "sm90_compile.py")
 PTXAS = os.path.join(os.path.dirname(os.path.dirname(triton.__file__)), "backends", "nvidia", "bin", "ptxas")
 SMEM_LIMIT = 227 * 1024  # sm_90's largest shared-memory allocation per block
-EVERY_KERNEL = {"_row_lse_kernel", "column_scores_kernel", "few_rows_scores_kernel", "_attention_fwd_kernel",
+EVERY_KERNEL = {"_row_lse_kernel", "column_scores_kernel", "few_rows_scores_kernel", "few_rows_lse_scores_kernel",
+                "_attention_fwd_kernel",
                 "_assign_kernel", "_merge_rows_kernel", "_topk_kernel", "_topk_tiles_kernel", "_project_kernel",
                 "_visual_columns_kernel", "_finish_kernel", "gather_rmsnorm_kernel", "gather_add_rmsnorm_kernel",
                 "add_scatter_kernel"}
