@@ -48,3 +48,21 @@ def test_select_rows_round_to_the_nearest_power_of_two():
     assert CM.assign_config(2880, 1, 128, 32, True)["BLOCK_M"] == 16
     assert CM.assign_config(3840, 1, 128, 32, True)["BLOCK_M"] == 32
     assert CM.assign_config(3840, 1, 128, 32, False)["BLOCK_M"] == 16  # keep_idx given: rounded down
+
+
+@pytest.mark.parametrize("C, width, tiles", [(6, 16, 1), (16, 16, 1), (17, 32, 1), (33, 32, 2)])
+def test_target_tiles_cover_every_target(C, width, tiles, device, poison):
+    """16 targets or fewer take one 16-wide target tile, more take 32-wide ones: at each boundary every target
+    must still receive its members (a target left out of the tiles would lose them, and the tokens differ)."""
+    cfg = CM.assign_config(150, 2, 8, C, True)
+    assert (cfg["BLOCK_C"], cfg["C_TILES"]) == (width, tiles)
+    gen = torch.Generator().manual_seed(C)
+    B, N, D, dk, k = 2, 150, 16, 8, 12
+    scores, x, metric = torch.rand(B, N, generator=gen), torch.randn(B, N, D, generator=gen), torch.randn(
+        B, N, dk, generator=gen)
+    lengths = torch.tensor([150, 120])
+    want = select_and_merge(scores, x, metric, k, C, lengths=lengths, backend="reference")
+    got = [t.cpu() for t in select_and_merge(scores.to(device), x.to(device), metric.to(device), k, C,
+                                             lengths=lengths, backend="triton")]
+    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
