@@ -214,8 +214,10 @@ def floor(op: str, shape: str, s: Shape, B: int) -> tuple[float, str] | None:
         return min(one, two), (
             f"two launches (this design) take at least {two:.1f} us: {2 * launch} us of launches, the bytes at "
             f"full HBM bandwidth ({hbm:.1f} us) and 2 round trips (the score row, then the targets' metric rows); "
-            f"one launch (not built) at least {one:.1f} us: {launch} us, the bytes, and 4 round trips (scores, "
-            f"metric rows, a device-wide hand-off of the assignment: an atomic and its read)")
+            f"one launch (a hand-off design, not built) at least {one:.1f} us: {launch} us, the bytes, and 4 round "
+            f"trips (scores, metric rows, a device-wide hand-off of the assignment: an atomic and its read); "
+            f"without the hand-off every program repeats the row's selection and assignment (see "
+            f"docs/performance.md)")
     return None
 
 
