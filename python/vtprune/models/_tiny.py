@@ -118,6 +118,37 @@ def tiny_next_inputs(model, prefix_lengths=(3,), suffix_lengths=(5,), image_size
             "image_sizes": torch.tensor(image_sizes)}
 
 
+def tiny_next_multi_inputs(model, rows, *, seed: int = 0):
+    """Left-padded inputs for ``tiny_llava_next`` with any number of images per prompt.
+
+    rows : per batch row, its parts in prompt order, e.g. ``[3, (50, 100), 2, (100, 100), 4]``: an int is that many
+        random text tokens, a pair an image of that (height, width).
+    """
+    from vtprune.models.llava_next import image_tokens as next_image_tokens
+
+    hf = __import__(type(model).__module__, fromlist=["image_size_to_num_patches"])
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    t = cfg.vision_config.image_size
+    ids, sizes = [], []
+    for parts in rows:
+        row = []
+        for p in parts:
+            if isinstance(p, int):
+                row.append(torch.randint(1, IMAGE_TOKEN, (p,), generator=g))
+            else:
+                sizes.append(tuple(p))
+                row.append(torch.full((next_image_tokens(model, p),), IMAGE_TOKEN))
+        ids.append(torch.cat(row))
+    ids, mask = _left_pad(ids)
+    tiles = [hf.image_size_to_num_patches(list(s), cfg.image_grid_pinpoints, t) for s in sizes]
+    pixels = torch.zeros(len(sizes), max(tiles), 3, t, t)
+    for i, n in enumerate(tiles):
+        pixels[i, :n] = torch.randn(n, 3, t, t, generator=g)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels.to(model.dtype),
+            "image_sizes": torch.tensor(sizes)}
+
+
 QWEN = dict(patch=4, v_hidden=32, v_layers=3, v_heads=4, window=16, hidden=64, layers=4, heads=4, kv_heads=2)
 VIDEO_TOKEN, VISION_START, VISION_END = VOCAB - 2, VOCAB - 3, VOCAB - 4
 
