@@ -34,6 +34,7 @@ import torch
 from vtprune import ops
 from vtprune.methods.base import EncoderContext
 from vtprune.models._patch import Encoded, ModelPatch
+from vtprune.models._sequence import staged_to
 
 CLASS_NAME = "Qwen2_5_VLForConditionalGeneration"
 _PIXELS = {"image": "pixel_values", "video": "pixel_values_videos"}
@@ -128,13 +129,12 @@ class Qwen2_5_VLPatch(ModelPatch):
         unit = visual.spatial_merge_size**2
         parts = [self._tower(a[_PIXELS[k]], a[f"{k}_grid_thw"], unit) for k in self.kinds]
         merged = torch.cat([p[0] for p in parts])
-        grid = torch.cat([a[f"{k}_grid_thw"] for k in self.kinds])
-        sizes = (grid[:, 1:].prod(-1) // unit).repeat_interleave(grid[:, 0]).tolist()  # per image / frame group
+        sizes, n_image = self._unit_sizes(a, unit)
         scores = metric = None
         if self.scores is not None:
             scores, metric = torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
         if len(self.kinds) == 2:  # images and videos in one call: the units in the prompts' order
-            merged, scores, metric, sizes = self._prompt_ordered(a, merged, scores, metric, sizes)
+            merged, scores, metric, sizes = self._prompt_ordered(a, merged, scores, metric, sizes, n_image)
         if not self.hooks.encoder:
             return Encoded(merged, sizes, sizes)
         return select_per_unit(self, merged, scores, metric, sizes, "image or frame group")
@@ -157,13 +157,21 @@ class Qwen2_5_VLPatch(ModelPatch):
         metric = self.scores.metric.view(-1, unit, self.scores.metric.shape[-1]).mean(1)[reverse]
         return merged, scores, metric
 
-    def _prompt_ordered(self, a, tokens, scores, metric, sizes):
+    def _unit_sizes(self, a, unit: int):
+        """Tokens per unit (each image, each frame group of each video; images first, as the tower runs them) and
+        the number of image units, from one host read of the grids."""
+        grid = torch.cat([a[f"{k}_grid_thw"] for k in self.kinds]).tolist()
+        sizes = [h * w // unit for t, h, w in grid for _ in range(t)]
+        n_image = sum(t for t, _, _ in grid[:len(a["image_grid_thw"])]) if "image" in self.kinds else 0
+        return sizes, n_image
+
+    def _prompt_ordered(self, a, tokens, scores, metric, sizes, n_image: int):
         """Image units then frame groups (the tower's order) -> the prompts' order (:func:`_prompt_order`)."""
         ids = a["input_ids"]
-        n_image = int(a["image_grid_thw"][:, 0].sum())
         order = _prompt_order(self.placeholders(ids), ids == self.config.video_token_id, sizes[:n_image],
                               sizes[n_image:])
-        index = torch.cat([torch.arange(sum(sizes[:i]), sum(sizes[:i + 1])) for i in order]).to(tokens.device)
+        index = torch.cat([torch.arange(sum(sizes[:i]), sum(sizes[:i + 1])) for i in order])
+        index = staged_to(index, tokens.device)
         tokens, sizes = tokens[index], [sizes[i] for i in order]
         if scores is not None:
             scores, metric = scores[index], metric[index]
@@ -236,15 +244,24 @@ def _prompt_order(placeholders, video, image_counts: list, video_counts: list) -
     prev_ph = torch.nn.functional.pad(placeholders[:, :-1], (1, 0), value=False)
     prev_kind = torch.nn.functional.pad(kind[:, :-1], (1, 0))
     starts = placeholders & (~prev_ph | (prev_kind != kind))
-    run = starts.flatten().long().cumsum(0) - 1  # run index of every position (row-major)
-    ph = placeholders.flatten()
-    n_runs = int(starts.sum())
-    lengths = torch.zeros(n_runs, dtype=torch.long, device=run.device).index_add_(0, run[ph], torch.ones_like(run[ph]))
-    run_kinds = kind.flatten()[starts.flatten()]
+    # every run holds whole units, so a valid prompt has at most one run per unit: fixed-size buffers (no
+    # data-dependent sizes) and one host read of the runs' lengths and kinds
+    units = len(image_counts) + len(video_counts)
+    run = (starts.flatten().long().cumsum(0) - 1).clamp(0, units)  # run index of every position (row-major)
+    ph = placeholders.flatten().long()
+    lengths = torch.zeros(units + 1, dtype=torch.long, device=run.device).index_add_(0, run, ph)
+    kinds = torch.zeros(units + 1, dtype=torch.long, device=run.device).scatter_reduce(0, run, kind.flatten() * ph,
+                                                                                      "amax")
+    host = torch.cat([lengths, kinds, starts.sum()[None]]).tolist()
+    n_runs = host[-1]
+    if n_runs > units:
+        raise ValueError(f"the prompts hold {n_runs} runs of image / video placeholders, more than the {units} "
+                         "images and frame groups given")
+    lengths, run_kinds = host[:n_runs], host[units + 1:units + 1 + n_runs]
     queues = [list(range(len(image_counts))), [len(image_counts) + i for i in range(len(video_counts))]]
     counts = list(image_counts) + list(video_counts)
     order = []
-    for k, n in zip(run_kinds.tolist(), lengths.tolist()):
+    for k, n in zip(run_kinds, lengths):
         while n > 0 and queues[k]:
             i = queues[k].pop(0)
             order.append(i)

@@ -126,13 +126,13 @@ class Qwen3VLPatch(Qwen2_5_VLPatch):
                 self.scores.enabled = False
         wide = torch.cat([out.pooler_output, *out.deepstack_features], -1)  # [M, D * (1 + levels)]
         unit = visual.spatial_merge_size**2
-        sizes = (grid[:, 1:].prod(-1) // unit).repeat_interleave(grid[:, 0]).tolist()  # per image / frame group
+        sizes, n_image = self._unit_sizes(a, unit)
         scores = metric = None
         if self.scores is not None:  # patch level -> merged-token level: mean over each 2x2 group (no windows)
             scores = self.scores.scores.view(-1, unit).mean(1)
             metric = self.scores.metric.view(-1, unit, self.scores.metric.shape[-1]).mean(1)
         if len(self.kinds) == 2:  # images and videos in one call: the units in the prompts' order
-            wide, scores, metric, sizes = self._prompt_ordered(a, wide, scores, metric, sizes)
+            wide, scores, metric, sizes = self._prompt_ordered(a, wide, scores, metric, sizes, n_image)
         if not self.hooks.encoder:
             return Encoded(wide, sizes, sizes)
         return select_per_unit(self, wide, scores, metric, sizes, "image or frame group")
