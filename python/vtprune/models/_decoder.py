@@ -10,8 +10,9 @@ family patch opened (:meth:`DecoderPatch.activate`), the wrapper
    calls. Inside ``run_layer`` the layer is not wrapped again: a call to it runs the original forward
    (re-entrance guard). ``run_layer`` may overwrite the hidden states in place (a routed layer does); when the
    forward records hidden states (``output_hidden_states``) it gets a copy;
-3. after a layer listed in the method's ``Hooks.prune_after``, asks the method which image tokens stay
-   (:meth:`vtprune.methods.base.Method.select_visual`) and compacts the sequence to them (prefill only).
+3. after a layer listed in the method's ``Hooks.prune_after``, asks the method which tokens of each image unit
+   (an image; a video's frame group) stay (:meth:`vtprune.methods.base.Method.select_visual`) and compacts the
+   sequence to them, every unit in its own span (prefill only).
 
 The span and key-padding tensors handed to ``run_layer`` are the same objects for every layer of a group in one
 forward call (a method may cache per-forward work on their identity).

@@ -208,17 +208,17 @@ def place_images(placeholders: torch.Tensor, mask: torch.Tensor | None, counts_i
 
 @dataclass
 class Encoded:
-    """What a family's :meth:`ModelPatch.encode` produced: the image tokens, image after image (in order of
-    appearance in the prompts).
+    """What a family's :meth:`ModelPatch.encode` produced: the tokens of every image unit (an image; a video's frame
+    group), unit after unit in order of appearance in the prompts. Each unit becomes its own span.
 
-    features : [S, D] every image's tokens, after the projector (and the method's encoder hook)
-    counts_in : placeholder tokens per image in ``input_ids`` (what the unpatched model feeds)
-    counts_out : tokens per image after the encoder hook
-    per : multiplier of int budgets per image (tiles for LLaVA-NeXT), or None
+    features : [S, D] every unit's tokens, after the projector (and the method's encoder hook)
+    counts_in : placeholder tokens per unit in ``input_ids`` (what the unpatched model feeds)
+    counts_out : tokens per unit after the encoder hook
+    per : multiplier of int budgets per unit (tiles for LLaVA-NeXT), or None
     origin, record : image 0's original patch indices and encoder selection (retention maps), or None
-    sources : per image, int64 [counts_out[i]] index of the placeholder whose position each new token takes, or
+    sources : per unit, int64 [counts_out[i]] index of the placeholder whose position each new token takes, or
         None (the first ``counts_out[i]``); used where positions are not re-compacted
-    capped : per image, whether the encoder hook kept every token because the budget asked for more
+    capped : per unit, whether the encoder hook kept every token because the budget asked for more
         (``Selection.capped``), or None
     """
 

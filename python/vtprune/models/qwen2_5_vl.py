@@ -22,6 +22,12 @@ position space is unchanged, the text after it keeps its positions, and ``rope_d
 ``generate()`` computes while decoding stay exactly the unpruned model's; only the KV cache is shorter, which
 the per-group masks of :mod:`vtprune.models._decoder` handle. Token order in the sequence (and so the causal
 mask) is ``[text, dominant (original order), contextual, text]`` as for LLaVA.
+
+Several images and videos. Each image, and each frame group of a video (``pixel_values_videos`` with
+``video_grid_thw``; ``second_per_grid_ts`` spaces the frame groups' temporal positions, as the unpatched
+``get_rope_index`` does), is one unit: the encoder hook runs per unit and each unit is its own span in the
+language model, also where a video's frame groups are adjacent in the prompt. Images and videos go through the
+vision tower as the unpatched model sends them (one call each); the units are then put in prompt order.
 """
 
 from __future__ import annotations

@@ -29,11 +29,9 @@ What differs:
   added at the next layer's input, so the layers' recorded outputs (``output_hidden_states``) are the unpatched
   model's.
 * **Videos.** ``pixel_values_videos`` are supported: Qwen3-VL's prompt puts a timestamp before each frame group,
-  so every frame group is its own visual span and unit of the encoder hook (budgets per frame group). Methods
-  that read one span per row in the language model (decoder or layer hooks) therefore take a one-frame-group
-  video only and refuse more with an error; encoder-only methods take any number of images and frame groups,
-  also mixed in one prompt (one vision-tower call; the units are put back in prompt order from the placeholder
-  runs).
+  so every frame group is its own unit (span) for every hook, with its own budget, like an image. Any number of
+  images and frame groups may be mixed in one prompt (one vision-tower call; the units are put back in prompt
+  order from the placeholder runs).
 """
 
 from __future__ import annotations
