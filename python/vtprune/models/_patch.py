@@ -235,11 +235,11 @@ class Encoded:
 class ModelPatch:
     """The shared prefill / decode skeleton; a family adapter subclasses it and gives only what differs.
 
-    A family sets :attr:`recompact`, :attr:`cap_budgets` and :attr:`qk` and implements :meth:`encode` (where the image features come
-    from, with the method's encoder hook); it may override :meth:`model_info`, :meth:`install_scores` (patch the
-    vision tower's scoring layer), :meth:`placeholders` (the placeholder layout), :meth:`positions` and
-    :meth:`_decode_positions` (position ids), :meth:`is_prefill`, :meth:`prefill_embeds`, :meth:`prefill_arguments`
-    and :meth:`prefill_output`. The adapter
+    A family sets :attr:`recompact`, :attr:`cap_budgets` and :attr:`qk` and implements :meth:`encode` (where the
+    image features come from, with the method's encoder hook); it may override :meth:`model_info`,
+    :meth:`install_scores` (patch the vision tower's scoring layer), :meth:`placeholders` (the placeholder layout),
+    :meth:`positions` and :meth:`_decode_positions` (position ids), :meth:`is_prefill`, :meth:`prefill_embeds`,
+    :meth:`prefill_arguments` and :meth:`prefill_output`. The adapter
     is registered in :data:`vtprune.models.FAMILIES` (docs/integration.md, "Adding a family").
     """
 
