@@ -164,12 +164,11 @@ def test_padded_batch_equals_rows_alone(case, method):
         out = model(**both).logits[:, -1]
         gen = model.generate(**both, **GEN)[:, -GEN["max_new_tokens"]:]
         per_row = h.stats.unit_tokens_per_row
+        assert [[u[0] for u in row] for row in per_row] == [unit_sizes(family, first), unit_sizes(family, second)]
         for b, x in enumerate(rows):
             torch.testing.assert_close(out[b], model(**x).logits[0, -1], atol=2e-4, rtol=2e-4)
-            assert per_row[b] == h.stats.unit_tokens if b == 0 else True
+            assert h.stats.unit_tokens_per_row == [per_row[b]]  # the row's units and counts, as alone
             assert torch.equal(gen[b], model.generate(**x, **GEN)[0, -GEN["max_new_tokens"]:])
-            model(**x)
-            assert h.stats.unit_tokens_per_row == [per_row[b]]  # the row's units and counts alone
 
 
 @pytest.mark.parametrize("method", ["fastv", "visiondrop", "pyramiddrop", "visionzip", "custom", "pool"])
@@ -237,3 +236,17 @@ def test_alvts_routes_each_unit_its_budget(case):
         model(**x)
         routed = sum(min(10, n) for n in sizes)
         assert h.stats.visual_tokens_per_layer == [sum(sizes)] + [routed] * (len(model.model.language_model.layers) - 1)
+
+
+def test_qwen2_5_vl_video_timing_is_the_unpatched_models():
+    """``second_per_grid_ts`` spaces a video's frame groups in position space as the unpatched model does."""
+    model = family_model(QWEN25)
+    x = dict(inputs(QWEN25, [3, (8, 8), 2, (3, 8, 12), 4], seed=7), second_per_grid_ts=torch.tensor([2.0]))
+    ref, ref_gen = model(**x).logits, model.generate(**x, **GEN)
+    assert not torch.allclose(ref, model(**{k: v for k, v in x.items() if k != "second_per_grid_ts"}).logits)
+    with vtprune.apply(model, vtprune.VisionDrop(tokens=None, backend="reference")):
+        torch.testing.assert_close(model(**x).logits, ref, atol=1e-4, rtol=1e-4)
+        assert torch.equal(model.generate(**x, **GEN), ref_gen)
+    with vtprune.apply(model, vtprune.FastV(layer=1, ratio=0.5, backend="reference")) as h:
+        model.generate(**x, **GEN)
+        assert h.stats.unit_tokens == [[16, 8], [24, 12], [24, 12], [24, 12]]
