@@ -31,6 +31,13 @@ class Stats:
     selections : list[dict]  per stage: original patch indices kept ("kept", -1 is [CLS]) and the contextual
         targets ("contextual"), for retention maps
     visual_tokens_per_row, tokens_per_row : list[list[int]]  [B][layers], the two per-layer counts of every row
+    unit_stages : list[str]  the stages of the per-unit counts: "unpruned" (placeholders), "encoder" (after the
+        encoder hook, when the method has one), "after layer N" (each decoder hook)
+    unit_tokens : list[list[int]]  [units][stages], tokens each image unit of row 0 (an image; a video's frame
+        group, in prompt order) holds at each stage of ``unit_stages``
+    unit_tokens_per_row : list[list[list[int]]]  [B][units][stages], the same for every row
+    capped : list[dict]  the units an int budget larger than themselves kept whole (dynamic resolutions): one
+        ``{"row", "unit", "stage", "tokens"}`` per unit and stage
     """
 
     visual_tokens_per_layer: list
@@ -41,6 +48,10 @@ class Stats:
     selections: list
     visual_tokens_per_row: list
     tokens_per_row: list
+    unit_stages: list = None
+    unit_tokens: list = None
+    unit_tokens_per_row: list = None
+    capped: list = None
 
     @property
     def flops_ratio(self) -> float:
@@ -103,7 +114,17 @@ def _stats(cfg, call) -> Stats:
         tokens = torch.stack(call.real_per_layer).long().cpu() - span + visual  # the one host read
     visual0, tokens0 = visual[:, 0].tolist(), tokens[:, 0].tolist()
     unpruned = tokens0[0] + int(call.original_visual[0]) - visual0[0] if tokens0 else 0
+    stages = [name for name, _ in call.unit_counts]
+    per_row = []
+    if call.unit_counts:
+        table = torch.stack([counts for _, counts in call.unit_counts], -1)  # [B, S, stages] on the host
+        units = (call.unit_original > 0).sum(1).tolist()  # units of each row
+        per_row = [table[b, :n].tolist() for b, n in enumerate(units)]
     return Stats(
+        unit_stages=stages,
+        unit_tokens=per_row[0] if per_row else [],
+        unit_tokens_per_row=per_row,
+        capped=list(call.capped),
         visual_tokens_per_layer=visual0,
         average_visual_tokens=sum(visual0) / len(visual0) if visual0 else 0.0,
         tokens_per_layer=tokens0,

@@ -3,7 +3,8 @@
 A pruned prefill runs the language model on a shorter sequence (image tokens dropped or merged, left padding a
 row no longer needs removed), so the model's own head gives logits for that sequence. Callers index logits by
 input position (``logits[:, t]`` scores ``input_ids[:, t + 1]``: perplexity, multiple-choice loglikelihood,
-lmms-eval's HF wrappers), so a patched forward with ``pixel_values`` returns them in input coordinates:
+lmms-eval's HF wrappers), so a patched forward with ``pixel_values`` (or a video's ``pixel_values_videos``) returns
+them in input coordinates:
 
 * ``out.kept_positions`` int64 [B, L'] (on the device): the input index of each position of the sequence the
   language model ran on after the last prune; -1 where a compaction added left padding (input padding that stays
@@ -98,11 +99,12 @@ def pruned_labels(labels: torch.Tensor, kept_positions: torch.Tensor) -> torch.T
 def patched_forward(patch, original, args, kwargs):
     """The patched top-level ``forward`` (``model.forward``): runs ``original`` and, when it ran a pruned prefill,
     returns its logits, ``loss`` for ``labels`` and ``kept_positions`` in input coordinates (module docstring).
-    Calls without ``pixel_values`` (decoding, text only) run unchanged, ``labels`` included."""
+    Calls without ``pixel_values`` (or ``pixel_values_videos``: decoding, text only) run unchanged, ``labels``
+    included."""
     from vtprune.models._patch import bound_arguments
 
     named = bound_arguments(original, args, kwargs)
-    if named.get("pixel_values") is None:
+    if not patch.is_prefill(named):  # the family's test: pixel_values, or a video's pixel_values_videos
         return original(*args, **kwargs)
     labels = named.pop("labels", None)
     keep = named.get("logits_to_keep")

@@ -51,6 +51,30 @@ def test_routes_text_and_the_top_k_image_tokens():
     assert idx.tolist() == expected_route(a, layer, x, spans, kpm, [5, 5])
 
 
+def test_routes_the_top_k_of_each_image_unit():
+    """Several units per row ([B, S, 2] spans): each unit routes its own top min(keep, n) tokens, ranked by the
+    scores of that unit as its row's visual span; the text between the units is routed as text."""
+    model = tiny_model()
+    a = ALVTS(keep=4)
+    a.prepare(model.model)
+    x, kpm = batch(pads=(0, 0))
+    layer = model.model.layers[1]
+    spans = torch.tensor([[[2, 6], [10, 3]], [[5, 8], [0, 0]]])  # row 0: units of 6 and 3 (text 8-9), row 1: one
+    idx = a.route(1, layer.input_layernorm(x), spans, kpm).idx
+    expected = []
+    for b in range(2):
+        units = [u for u in spans[b].tolist() if u[1]]
+        routed = set(range(x.shape[1])) - {p for s, n in units for p in range(s, s + n)}
+        for s, n in units:  # the unit alone as the row's visual span
+            routed |= set(expected_route(a, layer, x[b:b + 1], torch.tensor([[s, n]]), kpm[b:b + 1],
+                                         [min(4, n)])[0]) & set(range(s, s + n))
+        expected.append(sorted(routed))
+    K = max(len(r) for r in expected)
+    assert idx.shape == (2, K)
+    assert idx[0].tolist() == expected[0]
+    assert set(expected[1]) <= set(idx[1].tolist())  # row 1 needs fewer: it fills with its next-best image tokens
+
+
 def test_rows_with_different_image_counts_fill_with_padding_then_images():
     model = tiny_model()
     a = ALVTS(keep=4)

@@ -57,9 +57,9 @@ def test_several_images_in_one_prompt(llava):
     ids = one["input_ids"][0]
     two = {"input_ids": torch.cat([ids[:3 + 64], ids])[None],  # [text, image, text, image, text]
            "pixel_values": torch.cat([one["pixel_values"], one["pixel_values"].flip(-1)])}
-    with vtprune.apply(llava, vtprune.VisionDrop(**SCHEDULE)):
-        with pytest.raises(ValueError, match="one image per prompt"):
-            llava(**two)
+    with vtprune.apply(llava, vtprune.VisionDrop(**SCHEDULE)) as h:  # each image pruned in its own span
+        llava(**two)
+        assert h.stats.unit_tokens == [[64, 12 + 2, 8 + 2, 6 + 1, 4 + 1]] * 2
     with vtprune.apply(llava, vtprune.VisionZip(10, 2)) as h:  # encoder-only methods prune each image
         out = llava(**two).kept_positions
         assert h.stats.tokens_per_layer[0] == two["input_ids"].shape[1] - 2 * (64 - 12)

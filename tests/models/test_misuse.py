@@ -42,31 +42,29 @@ def _two_images_qwen(qwen):
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
-def test_several_images_per_prompt_refused_by_span_readers(family, method):
-    """Methods that rank a row's image tokens as one span refuse two images in a prompt (ALVTS once routed the text
-    between them as image tokens); encoder-only methods still run."""
+def test_several_images_per_prompt_ranked_per_image(family, method):
+    """Two images in a prompt are two spans: methods that rank image tokens in the language model (ALVTS once
+    routed the text between them as image tokens) keep each image's budget inside its own span."""
     model = tiny_llava() if family == "llava" else tiny_qwen2_5_vl()
     two = _two_images_llava(model) if family == "llava" else _two_images_qwen(model)
-    with vtprune.apply(model, METHODS[method]()):
-        with pytest.raises(ValueError, match="one image per prompt"):
-            model(**two)
-    enc_only = vtprune.VisionZip(10, 2) if family == "llava" else vtprune.VisionZip(0.5, 0.125)
-    with vtprune.apply(model, enc_only) as h:
-        model(**two)
-        assert h.stats is not None
+    ids = two["input_ids"][0]
+    images = ids == IMAGE_TOKEN
+    with vtprune.apply(model, METHODS[method]()) as h:
+        kept = model(**two).kept_positions[0]
+        n = int(images.sum()) // 2
+        assert [u[0] for u in h.stats.unit_tokens] == [n, n]  # two units, each its own placeholders
+    text = (~images).nonzero().flatten()
+    assert set(text.tolist()) <= set(kept.tolist())  # every text token stays (the drops are image tokens)
 
 
-def test_spans_of_two_images_are_never_read_as_one():
-    """The span bookkeeping itself refuses a row whose image tokens are not contiguous when spans are read."""
-    from vtprune.models._sequence import Sequence
-
-    seq = Sequence(torch.ones(1, 6, dtype=torch.long), torch.arange(6)[None], torch.zeros(1, 2, dtype=torch.int64),
-                   torch.zeros(1, dtype=torch.int64))
-    slots = torch.tensor([[False, True, True, False, True, False]])
-    with pytest.raises(ValueError, match="more than one span"):
-        seq.set_spans_from_slots(slots)
-    seq.set_spans_from_slots(slots, strict=False)
-    assert seq.spans.tolist() == [[1, 3]]
+def test_image_placeholders_not_one_run_are_refused(llava):
+    """An image's placeholders must be one contiguous run: text inside it is refused, never read as image."""
+    one = tiny_inputs(llava, (3,), (4,), seed=3)
+    ids = one["input_ids"][0]
+    bad = torch.cat([ids[:3 + 60], ids[:2], ids[3 + 60:3 + 64], ids[3:]])[None]  # 60 + text + 4 + 64 placeholders
+    with vtprune.apply(llava, METHODS["visiondrop"]()):
+        with pytest.raises(ValueError, match="not one contiguous run"):
+            llava(input_ids=bad, pixel_values=torch.cat([one["pixel_values"]] * 2))
 
 
 def test_attention_mask_shorter_than_input_ids(llava, inputs):

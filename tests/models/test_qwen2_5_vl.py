@@ -91,11 +91,8 @@ def test_bad_input(qwen, qbatch):
     with pytest.raises(ValueError, match="UniformPool|square grid"):
         vtprune.apply(qwen, vtprune.UniformPool(16))
     assert "forward" not in qwen.model.__dict__
-    with vtprune.apply(qwen, vtprune.VisionDrop(encoder=(20, 6), stages={})):
-        with pytest.raises(ValueError, match="image 0 has only 24 merged tokens"):
-            qwen(**qbatch)
     with vtprune.apply(qwen, vtprune.VisionZip(10, 2)):
         with pytest.raises(ValueError, match="image_grid_thw"):
             qwen(**{k: v for k, v in qbatch.items() if k != "image_grid_thw"})
-        with pytest.raises(ValueError, match="videos"):
+        with pytest.raises(ValueError, match="video_grid_thw"):
             qwen(**qbatch, pixel_values_videos=qbatch["pixel_values"])

@@ -263,10 +263,12 @@ def _spans(ids, token):
 
 
 @pytest.mark.parametrize("name", ["visiondrop", "fastv", "pyramiddrop", "alvts"])
-def test_several_images_refused_by_span_readers(q3, name):
-    with vtprune.apply(q3, METHODS[name]()):
-        with pytest.raises(ValueError, match="one image per prompt"):
-            q3(**tiny_qwen3_multi_inputs(q3, TWO))
+def test_several_images_span_readers(q3, name):
+    """Two images in a prompt: each is its own unit in the language model too (budgets per image)."""
+    x = tiny_qwen3_multi_inputs(q3, TWO)
+    with vtprune.apply(q3, METHODS[name]()) as h:
+        q3(**x)
+        assert [u[0] for u in h.stats.unit_tokens] == [16, 24]
 
 
 def test_several_images_encoder_only(q3):
@@ -319,19 +321,18 @@ def test_video_encoder_only(q3):
 
 @pytest.mark.parametrize("name", ["visiondrop", "fastv", "alvts"])
 def test_video_span_readers(q3, name):
-    """Span readers take a one-frame-group video (one span) and refuse more, naming the frame groups."""
-    with vtprune.apply(q3, METHODS[name]()):
-        with pytest.raises(ValueError, match="frame group"):
-            q3(**tiny_qwen3_video_inputs(q3, frames=2))
-    one = tiny_qwen3_video_inputs(q3, frames=1, grid=(8, 12))
+    """Span readers take a video of one or several frame groups (one span each, a timestamp between them)."""
     keep_all = {"visiondrop": vtprune.VisionDrop(tokens=None), "fastv": vtprune.FastV(layer=1, ratio=1.0),
                 "alvts": vtprune.ALVTS(keep=None, backend="reference")}[name]
-    ref = q3(**one).logits
-    with vtprune.apply(q3, keep_all):
-        torch.testing.assert_close(q3(**one).logits, ref, atol=1e-5, rtol=1e-5)
-    with vtprune.apply(q3, METHODS[name]()) as h:
-        q3.generate(**one, **GEN)
-        assert h.stats.visual_tokens_per_layer[-1] < 24
+    for frames in (1, 2):
+        one = tiny_qwen3_video_inputs(q3, frames=frames, grid=(8, 12))
+        ref = q3(**one).logits
+        with vtprune.apply(q3, keep_all):
+            torch.testing.assert_close(q3(**one).logits, ref, atol=1e-5, rtol=1e-5)
+        with vtprune.apply(q3, METHODS[name]()) as h:
+            q3.generate(**one, **GEN)
+            assert h.stats.visual_tokens_per_layer[-1] < 24 * frames
+            assert [u[0] for u in h.stats.unit_tokens] == [24] * frames
 
 
 # ---------------------------------------------------------------------------------------------- ALVTS and q/k norms
@@ -436,6 +437,7 @@ def test_images_and_video_in_one_prompt(q3):
         assert h.stats.visual_tokens_per_row[0] == [8 + 12 + 12 + 12] * 4
         assert h.stats.visual_tokens_per_row[1] == [8] * 4
     assert out.kept_positions.shape[1] == ref.shape[1] - (16 + 24 + 24 + 24) // 2
-    with vtprune.apply(q3, METHODS["fastv"]()):
-        with pytest.raises(ValueError, match="frame group"):
-            q3(**x)
+    with vtprune.apply(q3, METHODS["fastv"]()) as h:  # ratio 0.25 of each unit, in its own span
+        q3(**x)
+        assert h.stats.unit_tokens == [[16, 4], [24, 6], [24, 6], [24, 6]]
+        assert h.stats.unit_tokens_per_row[1] == [[16, 4]]

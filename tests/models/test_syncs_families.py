@@ -57,3 +57,28 @@ def test_patched_syncs_stay_within_budget(family, method, batch):
     what = f"{family} {method}, {batch}"
     assert prefill <= base_prefill + ISSUE_LIMIT, f"{what}: prefill {prefill} vs {base_prefill}; {counter.report()}"
     assert decode <= base_decode, f"{what}: decode step {decode} vs {base_decode}; {counter.report()}"
+
+
+# a prompt with several image units: two images (LLaVA-NeXT), an image and a 2-frame-group video (the Qwen families)
+MULTI = {"LlavaNextForConditionalGeneration": [3, (50, 100), 2, (100, 100), 4],
+         "Qwen2_5_VLForConditionalGeneration": [3, (8, 8), 2, (2, 8, 12), 4],
+         "Qwen3VLForConditionalGeneration": [3, (8, 8), 2, (2, 8, 12), 4]}
+
+
+@pytest.mark.parametrize(("family", "method"), [(f, m) for f in FAMILIES for m in METHODS])
+def test_several_units_syncs_stay_within_budget(family, method):
+    """One span per unit costs no device read: the spans are planned on the host from the placement's one read."""
+    from vtprune.models._tiny import tiny_next_multi_inputs, tiny_qwen_multi_inputs
+    from vtprune.models._tiny_qwen3_vl import tiny_qwen3_multi_inputs
+
+    build = {"LlavaNextForConditionalGeneration": tiny_next_multi_inputs,
+             "Qwen2_5_VLForConditionalGeneration": tiny_qwen_multi_inputs,
+             "Qwen3VLForConditionalGeneration": tiny_qwen3_multi_inputs}[family]
+    model = family_model(family)
+    inputs = build(model, [MULTI[family]], seed=1)
+    base_prefill, base_decode, _ = _counts(model, inputs)
+    with vtprune.apply(model, METHODS[method]()):
+        prefill, decode, counter = _counts(model, inputs)
+    what = f"{family} {method}, several units"
+    assert prefill <= base_prefill + ISSUE_LIMIT, f"{what}: prefill {prefill} vs {base_prefill}; {counter.report()}"
+    assert decode <= base_decode, f"{what}: decode step {decode} vs {base_decode}; {counter.report()}"

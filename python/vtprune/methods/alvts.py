@@ -332,8 +332,12 @@ class ALVTS(Method):
             if pk is not None and pk[0] is visual_spans and pk[1] is key_padding_mask and pk[2:4] == (L, device):
                 return pk[4]
         spans = visual_spans.detach().cpu()
-        counts = spans[:, 1]
-        k = self.visual_budget(counts)
+        if spans.dim() == 2:  # [B, 2]: one unit per row
+            spans = spans[:, None]
+        B, S = spans.shape[:2]
+        counts = spans[..., 1]  # [B, S] per image unit
+        k_unit = self.visual_budget(counts.flatten()).view(B, S)  # the budget is per unit
+        k, counts = k_unit.sum(1), counts.sum(1)
         known = None if scratch is None else scratch.get("real_tokens")  # the model patch's host counts
         if key_padding_mask is None:
             real = torch.full_like(counts, L)
@@ -346,10 +350,12 @@ class ALVTS(Method):
         slack = K - need  # routed beyond each row's own text + k: its padding first, then its fill image tokens
         pad_fill = torch.minimum(L - real, slack)
         fill = int((slack - pad_fill).max())
-        # lowrank_scores needs a non-empty span: rows without an image score a 1-token dummy, ignored below
-        score_spans = torch.stack([spans[:, 0].clamp(max=L - 1), counts.clamp(min=1)], 1)
-        plan = _BatchPlan(to_device_i64(k, device), to_device_i64(spans, device), K, score_spans, fill,
-                          bool((pad_fill > 0).any()) or fill > 0)
+        # one scoring entry per (row, unit), row-major; lowrank_scores needs a non-empty span: an absent unit
+        # scores a 1-token dummy, ignored below
+        flat = spans.reshape(B * S, 2)
+        score_spans = torch.stack([flat[:, 0].clamp(max=L - 1), flat[:, 1].clamp(min=1)], 1)
+        plan = _BatchPlan(to_device_i64(k_unit.flatten(), device), to_device_i64(flat, device), K, score_spans, fill,
+                          bool((pad_fill > 0).any()) or fill > 0, S)
         if scratch is not None:
             scratch["alvts_plan"] = (visual_spans, key_padding_mask, L, device, plan)
         return plan
@@ -359,15 +365,17 @@ class ALVTS(Method):
         """Which positions run through decoder layer ``layer_idx``: a :class:`Route` (``idx [B, K]`` ascending,
         the ``fill`` marks and the host flag ``masked``).
 
-        Every real text token, the ``k_b`` highest-scoring image tokens of each row (selector scores of
-        :func:`vtprune.ops.lowrank_scores` on ``normed_hidden``), then padding and next-best image tokens (fill)
-        to bring rows up to the batch's uniform K (see the class docstring). No host read except once per batch.
+        Every real text token, the ``k`` highest-scoring tokens of each image unit (``visual_budget`` of the
+        unit's count; selector scores of :func:`vtprune.ops.lowrank_scores` on ``normed_hidden``, each unit scored
+        as the visual span of its row), then padding and next-best image tokens (fill) to bring rows up to the
+        batch's uniform K (see the class docstring). No host read except once per batch.
 
         Parameters
         ----------
         layer_idx : decoder layer index (selects its factors; :meth:`prepare` must have run)
         normed_hidden : Tensor [B, L, D]  the layer's input_layernorm applied to its input
-        visual_spans : int64 Tensor [B, 2]  ``(start, count)`` of the image tokens (count may be 0)
+        visual_spans : int64 Tensor [B, S, 2]  ``(start, count)`` of each image unit of a row (an image; a
+            video's frame group; count 0: none), or [B, 2] for one unit per row
         key_padding_mask : bool Tensor [B, L] or None  True for a real token
         layer : the decoder layer, optional; needed when this object was prepared for several models (it picks
             the model's factors)
@@ -382,22 +390,34 @@ class ALVTS(Method):
         B, L, _ = normed_hidden.shape
         dev = normed_hidden.device
         plan = self._batch_plan(visual_spans, key_padding_mask, L, dev, scratch)
-        k, spans = plan.k, plan.spans
-        scores = lowrank_scores(normed_hidden, u, v, visual_spans=plan.score_spans, key_padding_mask=key_padding_mask,
-                                backend=self.backend)  # [B, V] float32
-        Vm = scores.shape[1]
+        k, spans, S = plan.k, plan.spans, plan.units  # per scoring entry (row, unit): [B * S], [B * S, 2]
+        h, kpm = normed_hidden, key_padding_mask
+        if S > 1:
+            # one scoring row per unit. Not the hidden states repeated: their low-rank projections [B, L, 2R], with
+            # identity factors that pick them back out (a = h u, b = h v as the op computes them)
+            R = u.shape[1]
+            h = torch.cat([normed_hidden @ u, normed_hidden @ v], -1).repeat_interleave(S, 0)
+            eye = torch.eye(R, dtype=u.dtype, device=dev)
+            u, v = torch.cat([eye, torch.zeros_like(eye)]), torch.cat([torch.zeros_like(eye), eye])
+            kpm = None if kpm is None else kpm.repeat_interleave(S, 0)
+        scores = lowrank_scores(h, u, v, visual_spans=plan.score_spans, key_padding_mask=kpm,
+                                backend=self.backend)  # [B * S, V] float32
+        del h
+        E, Vm = scores.shape
         t = torch.arange(Vm, device=dev)
-        valid = t < spans[:, 1:]  # [B, V]
-        # rank of each image token in its row: score descending, ties to the lower position (stable sort)
+        valid = t < spans[:, 1:]  # [E, V]
+        # rank of each token in its unit: score descending, ties to the lower position (stable sort)
         order = torch.sort(torch.where(valid, scores, -1.0), dim=1, descending=True, stable=True).indices
-        rank = torch.empty_like(order).scatter_(1, order, t.expand(B, Vm).contiguous())
+        rank = torch.empty_like(order).scatter_(1, order, t.expand(E, Vm).contiguous())
         picked = valid & (rank < k[:, None])
         real = torch.ones(B, L, dtype=torch.bool, device=dev) if key_padding_mask is None else key_padding_mask
         prio = torch.where(real, _TEXT, _PADDING)  # [B, L]
-        vis_prio = torch.where(picked, _PICKED, 0.5 * scores)  # [B, V]
-        vpos = (spans[:, :1] + t).clamp(max=L - 1)  # [B, V]
-        # write image priorities at their positions; entries past a row's count go to a dump column L
-        prio = torch.cat([prio, prio.new_zeros(B, 1)], 1).scatter_(1, torch.where(valid, vpos, L), vis_prio)[:, :L]
+        vis_prio = torch.where(picked, _PICKED, 0.5 * scores)  # [E, V]
+        vpos = (spans[:, :1] + t).clamp(max=L - 1)  # [E, V]
+        # write every unit's priorities at their positions in its row; entries past a unit's count go to a dump
+        # column L
+        at = torch.where(valid, vpos, L).view(B, S * Vm)
+        prio = torch.cat([prio, prio.new_zeros(B, 1)], 1).scatter_(1, at, vis_prio.view(B, S * Vm))[:, :L]
         idx = topk_keep_order(prio, plan.K, backend=self.backend)
         # fill: routed image tokens below the picked ones (their priorities are halved scores, under _PADDING)
         fill = prio.gather(1, idx) < _PADDING if plan.fill else None
@@ -492,8 +512,9 @@ class Route(NamedTuple):
 
 
 class _BatchPlan(NamedTuple):
-    """Per forward pass: ``k`` [B] and ``spans`` [B, 2] on the device, the uniform ``K``, the spans for scoring
-    [B, 2] on the CPU, the most fill image tokens of a row and whether any routed token is padding or fill."""
+    """Per forward pass, per scoring entry (row, unit; row-major, ``units`` per row): ``k`` [B * S] and ``spans``
+    [B * S, 2] on the device; the uniform ``K``, the spans for scoring [B * S, 2] on the CPU, the most fill image
+    tokens of a row and whether any routed token is padding or fill."""
 
     k: torch.Tensor
     spans: torch.Tensor
@@ -501,6 +522,7 @@ class _BatchPlan(NamedTuple):
     score_spans: torch.Tensor
     fill: int
     masked: bool
+    units: int = 1
 
 
 class _Prepared(NamedTuple):

@@ -5,13 +5,13 @@ integration (:mod:`vtprune.models`) owns everything else: the token sequence, po
 masks and padding. The integration calls the method at up to three kinds of hook points, declared once per model
 by :meth:`Method.hooks`:
 
-* **encoder** (:meth:`Method.select_encoder`): after the vision tower's scoring layer, once per image (or tile),
-  with the patch tokens, optionally their attention scores and a merge metric (:class:`EncoderContext`); the
-  method returns the image's new tokens (:class:`Selection`).
+* **encoder** (:meth:`Method.select_encoder`): after the vision tower's scoring layer, once per image (or tile,
+  or a video's frame group), with the patch tokens, optionally their attention scores and a merge metric
+  (:class:`EncoderContext`); the method returns the image's new tokens (:class:`Selection`).
 * **after a decoder layer** in prefill (:meth:`Method.select_visual`), for the layers in ``Hooks.prune_after``:
-  with the hidden states, the image span of each batch row and the layer's recomputed queries and keys
-  (:class:`PruneContext`); the method returns each row's new image tokens, which replace the span for the rest
-  of the prefill (and in the KV cache).
+  with the hidden states, the span of each *image unit* (an image; a video's frame group: a prompt may hold
+  several) and the layer's recomputed queries and keys (:class:`PruneContext`); the method returns each unit's
+  new tokens, which replace its span for the rest of the prefill (and in the KV cache).
 * **around every decoder layer call**, prefill and decode (:meth:`Method.run_layer`): the method may run the layer
   itself (e.g. on a subset of the tokens) and return its output (:class:`LayerCall`).
 
@@ -86,6 +86,8 @@ class Selection:
         patches (pooled tokens); the integration then records no retention map
     keep_all : bool  (encoder hook) the tokens are every patch, in order (a keep-all budget): the integration
         lays them out as the unpatched model does (LLaVA-NeXT: newlines and unpadding)
+    capped : bool  the budget asked for more tokens than the units hold, so every token was kept (where the
+        context allows it, ``cap``); recorded in the statistics (``Stats.capped``)
     """
 
     tokens: torch.Tensor
@@ -94,6 +96,7 @@ class Selection:
     cls: bool = False
     grid: int | None = None
     keep_all: bool = False
+    capped: bool = False
 
     @property
     def origin(self) -> torch.Tensor:
@@ -115,6 +118,8 @@ class EncoderContext:
     grid : int or None  side of the square patch grid, None for dynamic resolutions
     num_layers : decoder layers of the language model
     describe : what the images hold, for error messages (e.g. "image 0 has only 24 merged tokens")
+    cap : bool  dynamic resolutions: an int budget larger than the image keeps all of its tokens (and says so,
+        ``Selection.capped``) instead of raising
     """
 
     tokens: torch.Tensor
@@ -125,6 +130,7 @@ class EncoderContext:
     grid: int | None = None
     num_layers: int = 0
     describe: str = ""
+    cap: bool = False
 
     @property
     def patches(self) -> int:
@@ -133,21 +139,26 @@ class EncoderContext:
 
 @dataclass
 class PruneContext:
-    """One decoder hook call, after ``layer`` decoder layers of a prefill: ``R`` batch rows that each hold ``count``
-    image tokens (the integration calls once per group of rows with the same counts).
+    """One decoder hook call, after ``layer`` decoder layers of a prefill: ``R`` entries, each one *image unit* (an
+    image; a video's frame group) of a batch row, that each hold ``count`` tokens (the integration calls once per
+    group of units with the same counts). A row with several units appears once per unit (``rows`` then repeats):
+    its hidden states, with the unit's span. The text between two images is never in a span.
 
-    hidden : Tensor [R, L, D]  the rows' hidden states after the layer (what scores are computed from)
+    hidden : Tensor [R, L, D]  the entries' rows' hidden states after the layer (what scores are computed from)
     tokens : Tensor [R, L, D']  what the selection is made of: ``hidden``, with any per-token channels the family
         carries along appended (Qwen3-VL: the deepstack levels still to be added; ``D' = D`` elsewhere). A merged
         token merges them all alike
-    spans : int64 Tensor [R, 2] on the CPU  ``(start, count)`` of each row's image tokens in ``hidden``
+    spans : int64 Tensor [R, 2] on the CPU  ``(start, count)`` of each entry's unit in ``hidden``
     key_padding_mask : bool Tensor [R, L]  True for a real token
     layer : int  the hook's place: after that many decoder layers
-    count, original : image tokens each row holds now, and held before any pruning
-    per : multiplier of int budgets (LLaVA-NeXT: tiles of the row's image; 1 elsewhere)
-    rows : list of int  the batch rows (for error messages)
+    count, original : tokens each unit holds now, and held before any pruning (budgets are per unit)
+    per : multiplier of int budgets (LLaVA-NeXT: tiles of the unit's image; 1 elsewhere)
+    rows : list of int  the batch row of each entry (for error messages; may repeat)
     tail_real : bool  every row's last token is real (left padding): the last token is the prompt's end
     num_layers : decoder layers of the language model
+    units : list of int  each entry's unit index within its row (0 for a row's first image)
+    cap : bool  dynamic resolutions: an int budget larger than ``count`` keeps every token (``Selection.capped``)
+        instead of raising
     """
 
     hidden: torch.Tensor
@@ -162,6 +173,8 @@ class PruneContext:
     tail_real: bool
     num_layers: int
     _qk: object = None  # which -> (q, k, scale) of these rows
+    units: list = field(default_factory=list)
+    cap: bool = False
 
     def qk(self, which: str = "next") -> tuple[torch.Tensor, torch.Tensor, float]:
         """Post-RoPE queries [R, H, L, d] and keys [R, Hkv, L, d] and the softmax scale, recomputed from a decoder
@@ -172,13 +185,13 @@ class PruneContext:
         return self._qk(which)
 
     def visual(self, x: torch.Tensor) -> torch.Tensor:
-        """The image tokens of ``x`` [R, L, ...] (the hidden states, keys averaged over heads, ...): [R, count, ...]."""
+        """The unit's tokens of ``x`` [R, L, ...] (hidden states, keys averaged over heads, ...): [R, count, ...]."""
         spans = to_device_i64(self.spans, x.device)  # pinned, non-blocking: no wait for the device
         idx = spans[:, :1] + torch.arange(self.count, device=x.device)
         return x.gather(1, idx.view(*idx.shape, *[1] * (x.dim() - 2)).expand(-1, -1, *x.shape[2:]))
 
     def image_queries(self) -> torch.Tensor:
-        """``query_spans`` [R, 2] for :func:`vtprune.ops.attention_scores`: the image tokens themselves."""
+        """``query_spans`` [R, 2] for :func:`vtprune.ops.attention_scores`: the unit's tokens themselves."""
         return self.spans
 
     def last_token_queries(self) -> torch.Tensor:
@@ -196,9 +209,10 @@ class LayerCall:
     """Everything a per-layer hook may need about one decoder-layer call (prefill or decode).
 
     ``call(hidden_states, **kwargs)`` runs the layer as the unpatched model would; ``kwargs`` already hold the
-    attention mask, position embeddings and cache for this layer's group. ``visual_spans`` is int64 [B, 2]
-    ``(start, count)`` of the image tokens (count 0 for a row without an image); ``key_padding_mask`` is
-    bool [B, L], True for a real token.
+    attention mask, position embeddings and cache for this layer's group. ``visual_spans`` is int64 [B, S, 2] on
+    the CPU: ``(start, count)`` of each image unit of a row (an image; a video's frame group), in sequence order,
+    ``S`` the most units of a row (count 0: no unit; a row without an image has none); text between two images is
+    never inside a span. ``key_padding_mask`` is bool [B, L], True for a real token.
 
     A method object may serve several models and threads at once, so a hook keeps nothing on ``self`` between
     calls: what it caches for the rest of a forward call goes in ``scratch``, what decoding needs from the prefill

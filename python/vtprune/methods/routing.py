@@ -21,8 +21,9 @@ before ``first_layer`` run unchanged on the full cache.
 Routing layer 0 with a KV cache is refused: ``transformers`` (``generate``, the mask builders) and the decoder
 patch read the sequence length from layer 0's cache, which must therefore hold every token.
 
-Statistics: per layer and batch row, the image tokens routed through the layer: the row's ``k`` (fill tokens,
-which leave the layer unchanged, do not count; see :class:`vtprune.methods.alvts.ALVTS`), computed on the host.
+Statistics: per layer and batch row, the image tokens routed through the layer: the sum of the row's units' ``k``
+(fill tokens, which leave the layer unchanged, do not count; see :class:`vtprune.methods.alvts.ALVTS`), computed on
+the host.
 
 Nothing of a call is kept on the router (which may serve several models and threads): the
 prefill's per-layer cache records go in the call's ``state`` (kept with its KV cache by the decoder patch), what
@@ -54,7 +55,7 @@ def run_routed_layer(router, call: LayerCall):
         return _decode(call, cache)
     # {layer index: (P, key padding mask [B, P] of the tokens that layer cached, or None: all keys)}
     records = call.state.setdefault("alvts_cached", {})
-    if not bool((call.visual_spans[:, 1] > 0).any()):
+    if not bool((call.visual_spans[..., 1] > 0).any()):
         return None  # no image in the batch: nothing to route, the layer runs (and caches) in full
     if cache is not None and call.layer_idx == 0:
         raise ValueError(
@@ -110,11 +111,14 @@ def _decode(call: LayerCall, cache):
 
 
 def _visual_k(router, spans, scratch: dict) -> torch.Tensor:
-    """Image tokens each row routes through a routed layer: its ``k`` [B] on the CPU (fill tokens do not
-    count); once per forward."""
+    """Image tokens each row routes through a routed layer: the sum of its units' ``k`` [B] on the CPU (fill tokens
+    do not count); once per forward. ``spans``: [B, S, 2] (or [B, 2], one unit per row)."""
     seen = scratch.get("alvts_k")
     if seen is None or seen[0] is not spans:
-        seen = scratch["alvts_k"] = (spans, router.visual_budget(spans[:, 1].cpu()))
+        counts = spans[..., 1].cpu()
+        counts = counts[:, None] if counts.dim() == 1 else counts
+        k = router.visual_budget(counts.flatten()).view(counts.shape).sum(1)
+        seen = scratch["alvts_k"] = (spans, k)
     return seen[1]
 
 

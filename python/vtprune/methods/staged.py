@@ -116,6 +116,9 @@ class StagedMethod(Method):
         # [CLS] counts as a dominant token where the tower has one (official VisionZip / VisionDrop)
         d = P if keep_all else resolve_count(enc.dominant, P, P) - (1 if has_cls else 0)
         c = 0 if keep_all else resolve_count(enc.contextual, P, P)
+        if ctx.cap and d >= 0 and d + c > P:  # dynamic resolutions: a smaller image keeps every token
+            keep = torch.arange(P, device=patches.device).expand(I, P)
+            return Selection(patches, keep, None, capped=True)
         if d < 0 or d + c > P:
             shown = f"{d + 1} dominant (with [CLS])" if has_cls else f"{d} dominant"
             raise ValueError(f"{type(self).__name__}: the encoder stage keeps {shown} + {c} contextual tokens but "
@@ -136,6 +139,9 @@ class StagedMethod(Method):
         n = ctx.count
         d = resolve_count(stage.dominant, ctx.original, n, ctx.per)
         c = resolve_count(stage.contextual, ctx.original, n, ctx.per) if stage.dominant is not None else 0
+        if d + c > n and ctx.cap:  # dynamic resolutions: a smaller unit keeps every token
+            keep = torch.arange(n, device=ctx.tokens.device).expand(len(ctx.rows), n)
+            return Selection(ctx.visual(ctx.tokens), keep, None, capped=True)
         if d + c > n:
             raise ValueError(f"{type(self).__name__}: the stage after layer {stage.layer} keeps {d} dominant + {c} "
                              f"contextual tokens but batch row {ctx.rows[0]} has only {n} visual tokens left; "

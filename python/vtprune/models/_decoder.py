@@ -10,8 +10,9 @@ family patch opened (:meth:`DecoderPatch.activate`), the wrapper
    calls. Inside ``run_layer`` the layer is not wrapped again: a call to it runs the original forward
    (re-entrance guard). ``run_layer`` may overwrite the hidden states in place (a routed layer does); when the
    forward records hidden states (``output_hidden_states``) it gets a copy;
-3. after a layer listed in the method's ``Hooks.prune_after``, asks the method which image tokens stay
-   (:meth:`vtprune.methods.base.Method.select_visual`) and compacts the sequence to them (prefill only).
+3. after a layer listed in the method's ``Hooks.prune_after``, asks the method which tokens of each image unit
+   (an image; a video's frame group) stay (:meth:`vtprune.methods.base.Method.select_visual`) and compacts the
+   sequence to them, every unit in its own span (prefill only).
 
 The span and key-padding tensors handed to ``run_layer`` are the same objects for every layer of a group in one
 forward call (a method may cache per-forward work on their identity).
@@ -56,7 +57,12 @@ class Call:
     group_positions: list  # per group: positions [B, Lg]
     group_shifts: list
     original_visual: torch.Tensor  # [B] visual tokens per row before any pruning
-    count_per: list | None = None  # [B] multiplier of int counts (LLaVA-NeXT: crops of the row's image)
+    # per image unit (an image; a video's frame group), int64 [B, S] on the host: tokens before any pruning, and
+    # the multiplier of int counts (LLaVA-NeXT: crops of the unit's image)
+    unit_original: torch.Tensor | None = None
+    unit_per: torch.Tensor | None = None
+    unit_counts: list = field(default_factory=list)  # (stage, tokens per unit [B, S] on the host), for Stats
+    capped: list = field(default_factory=list)  # units kept whole because the budget asked for more (Stats)
     built: dict = field(default_factory=dict)  # group -> (causal mask, position embeddings)
     # statistics per layer, read only when the user asks (Handle.stats): visual tokens [B] (CPU), image span [B]
     # (CPU), real tokens [B] (on the device: no host read while the model runs)
@@ -84,6 +90,7 @@ class DecoderPatch:
         self.method, self.hooks = method, hooks
         self.qk = qk
         self.active: Call | None = None
+        self.cap = False  # set by the family: an int budget larger than a unit keeps all of it (PruneContext.cap)
         self._in_hook = False  # a method's run_layer is running: a layer called inside it runs unwrapped
         self.hooked = type(method).run_layer is not Method.run_layer
         self.records: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -131,7 +138,7 @@ class DecoderPatch:
             if out is None:
                 out = original(hidden_states, *args, **kwargs)
             if call.prefill:
-                span = call.seq.spans[:, 1]
+                span = call.seq.spans[..., 1].sum(-1)  # image tokens per row, over its units
                 call.span_per_layer.append(span)  # a hook's skipped image tokens (span - visual) do not run
                 call.visual_per_layer.append(span if lc is None or lc.visual_tokens is None else lc.visual_tokens)
                 call.real_per_layer.append(real)
@@ -172,12 +179,19 @@ class DecoderPatch:
         ``hidden`` [B, L, D]: the layer's output (what the next layer's q/k are recomputed from); ``tokens``
         [B, L, D'] (default ``hidden``): what is selected, merged and compacted, the hidden states with any
         per-token channels a family carries along (e.g. Qwen3-VL's deepstack levels). Returns the compacted
-        ``tokens``."""
+        ``tokens``.
+
+        The hook sees image units (an image; a video's frame group), each with its row's hidden states and its own
+        span; a row with several units appears once per unit. Every span is compacted to its unit's selection and
+        moves by what its row dropped before it (host arithmetic: no device read)."""
         seq = call.seq
         values_in = hidden if tokens is None else tokens
         B, L, _ = hidden.shape
-        counts = seq.spans[:, 1]
-        if bool((seq.spans[:, 1] == 0).all()):
+        spans = seq.spans  # [B, S, 2] on the host
+        stage = f"after layer {after}"
+        units = [(b, s) for b in range(B) for s in range(spans.shape[1]) if int(spans[b, s, 1]) > 0]
+        if not units:
+            call.unit_counts.append((stage, spans[..., 1].clone()))
             self._next_group(call, g)
             return values_in
         kpm = call.group_masks[g].bool().to(hidden.device)
@@ -192,67 +206,83 @@ class DecoderPatch:
                 computed[which] = self.qk(score_layer, score_in, kwargs["position_embeddings"])
             return computed[which]
 
-        # one hook call per group of rows with the same (count, original count, multiplier); usually one
-        keys = []
-        for b in range(B):
-            per = 1 if call.count_per is None else int(call.count_per[b])
-            keys.append((int(counts[b]), int(call.original_visual[b]), per))
-        pieces, kept_at, sizes = {}, {}, [0] * B
-        for key in sorted({k for k in keys if k[0] > 0}):
-            rows = torch.tensor([b for b in range(B) if keys[b] == key])
-            n, original, per = key
-            spans = seq.spans[rows]
-            dev_rows = staged_to(rows, hidden.device)
-
-            def rows_qk(which, dev_rows=dev_rows):
-                q, k, scale = qk(which)
-                return q[dev_rows], k[dev_rows], scale
-
-            rows_hidden = hidden[dev_rows]
-            ctx = PruneContext(rows_hidden, rows_hidden if tokens is None else tokens[dev_rows], spans, kpm[dev_rows],
-                               after, n, original, per, rows.tolist(), tail_real, len(self.layers), rows_qk)
-            sel = self.method.select_visual(ctx)
-            m = sel.tokens.shape[1]
-            if m > n:
-                raise ValueError(f"{type(self.method).__name__}: the hook after layer {after} returned {m} visual "
-                                 f"tokens per row but batch row {ctx.rows[0]} has only {n}")
-            if not seq.recompact:  # where the new tokens come from, on the device (the host never reads it)
-                kept_dev = staged_to(spans[:, :1], sel.origin.device) + sel.origin
-            for j, b in enumerate(ctx.rows):
-                pieces[b] = sel.tokens[j]
-                sizes[b] = m
-                if not seq.recompact:
-                    kept_at[b] = kept_dev[j]
-                if b == 0:
-                    self._record(call, f"after layer {after}", sel.keep_idx[0],
-                                 sel.keep_idx[0, :0] if sel.target_idx is None else sel.target_idx[0])
+        # one hook call per group of units with the same (count, original count, multiplier), at most B units a
+        # call (a row's hidden states are gathered once per unit: no call holds more than the batch's worth)
+        key_of = {(b, s): (int(spans[b, s, 1]), int(call.unit_original[b, s]), int(call.unit_per[b, s]))
+                  for b, s in units}
+        pieces, kept_at, sizes = {}, {}, {}
+        for key in sorted(set(key_of.values())):
+            group = [u for u in units if key_of[u] == key]
+            for lo in range(0, len(group), B):
+                self._select(call, after, key, group[lo:lo + B], hidden, tokens, kpm, tail_real, qk, pieces,
+                             kept_at, sizes)
         keep = torch.ones(B, L, dtype=torch.bool)
         slots = torch.zeros(B, L, dtype=torch.bool)
-        values = torch.empty(0, values_in.shape[-1], dtype=values_in.dtype, device=values_in.device)
-        order = [b for b in range(B) if b in pieces]
-        if order:
-            values = torch.cat([pieces[b] for b in order])
-        for b, (n, _, _) in enumerate(keys):
-            if n:
-                start = int(seq.spans[b, 0])
-                keep[b, start + sizes[b]:start + n] = False
-                slots[b, start:start + sizes[b]] = True
+        removed = [0] * B  # tokens each row drops from its units
+        for b, s in units:
+            start, n = int(spans[b, s, 0]), int(spans[b, s, 1])
+            m = sizes[(b, s)]
+            keep[b, start + m:start + n] = False
+            slots[b, start:start + m] = True
+            removed[b] += n - m
+        values = torch.cat([pieces[u] for u in units])  # row-major, span order: the slots' order
         drop = [0] * B
         if seq.left_padded and seq.pad_host is not None:  # re-pack to the longest real row
             pad = seq.pad_host.tolist()
-            drop = padding_to_drop([L - p - n + m for p, (n, _, _), m in zip(pad, keys, sizes)], pad)
+            drop = padding_to_drop([L - p - r for p, r in zip(pad, removed)], pad)
             for b, k in enumerate(drop):
                 keep[b, :k] = False
         value_positions = None
-        if not seq.recompact and order:  # kept tokens keep their positions, merged ones their target's
-            value_positions = torch.cat([seq.positions[..., b, kept_at[b]] for b in order], -1)
+        if not seq.recompact:  # kept tokens keep their positions, merged ones their target's
+            value_positions = torch.cat([seq.positions[..., b, kept_at[(b, s)]] for b, s in units], -1)
         out, _ = seq.compact(values_in, keep, slots, values, value_positions, dropped_padding=torch.tensor(drop))
-        # only left padding is dropped before a row's span: the span moves by that and the added padding (host)
+        # only left padding is dropped before a row's first span: each span moves by that, the added padding and
+        # what the row's earlier spans dropped (host)
         added = seq.added_host.tolist()
-        seq.spans = torch.tensor([[int(seq.spans[b, 0]) - drop[b] + added[b], m] if n else [0, 0]
-                                  for b, ((n, _, _), m) in enumerate(zip(keys, sizes))], dtype=torch.int64)
+        new = torch.zeros_like(spans)
+        shift = [added[b] - drop[b] for b in range(B)]
+        for b, s in units:
+            new[b, s, 0] = int(spans[b, s, 0]) + shift[b]
+            new[b, s, 1] = sizes[(b, s)]
+            shift[b] -= int(spans[b, s, 1]) - sizes[(b, s)]
+        seq.spans = new
+        call.unit_counts.append((stage, new[..., 1].clone()))
         self._next_group(call, g)
         return out
+
+    def _select(self, call: Call, after, key, entries, hidden, tokens, kpm, tail_real, qk, pieces, kept_at, sizes):
+        """One ``select_visual`` call on ``entries`` (``(row, unit)`` pairs of one key); its answer per entry."""
+        n, original, per = key
+        seq = call.seq
+        rows = [b for b, _ in entries]
+        spans = seq.spans[torch.tensor(rows), torch.tensor([s for _, s in entries])]  # [R, 2]
+        dev_rows = staged_to(torch.tensor(rows), hidden.device)
+
+        def rows_qk(which):
+            q, k, scale = qk(which)
+            return q[dev_rows], k[dev_rows], scale
+
+        rows_hidden = hidden[dev_rows]
+        ctx = PruneContext(rows_hidden, rows_hidden if tokens is None else tokens[dev_rows], spans, kpm[dev_rows],
+                           after, n, original, per, rows, tail_real, len(self.layers), rows_qk,
+                           units=[s for _, s in entries], cap=self.cap)
+        sel = self.method.select_visual(ctx)
+        m = sel.tokens.shape[1]
+        if m > n:
+            raise ValueError(f"{type(self.method).__name__}: the hook after layer {after} returned {m} visual "
+                             f"tokens per unit but batch row {ctx.rows[0]} has only {n} in unit {ctx.units[0]}")
+        if not seq.recompact:  # where the new tokens come from, on the device (the host never reads it)
+            kept_dev = staged_to(spans[:, :1], sel.origin.device) + sel.origin
+        for j, u in enumerate(entries):
+            pieces[u] = sel.tokens[j]
+            sizes[u] = m
+            if not seq.recompact:
+                kept_at[u] = kept_dev[j]
+            if sel.capped:
+                call.capped.append({"row": u[0], "unit": u[1], "stage": f"after layer {after}", "tokens": m})
+            if u == (0, 0):
+                self._record(call, f"after layer {after}", sel.keep_idx[j],
+                             sel.keep_idx[j, :0] if sel.target_idx is None else sel.target_idx[j])
 
     def _next_group(self, call: Call, g: int) -> None:
         call.padded.append(_padded(call.seq))
@@ -299,7 +329,7 @@ class DecoderPatch:
             new_real = not all(record.padded) and bool((new_cols != 0).all())
         masks = [torch.cat([m.to(new_cols.device, new_cols.dtype), new_cols], 1) for m in record.masks]
         pos = [positions - s.to(positions.device)[:, None] for s in record.shifts]
-        seq = Sequence(masks[0], pos[0], torch.zeros(masks[0].shape[0], 2, dtype=torch.int64), record.shifts[0])
+        seq = Sequence(masks[0], pos[0], torch.zeros(masks[0].shape[0], 1, 2, dtype=torch.int64), record.shifts[0])
         # positions [B, q] or [3, B, q]: each group's shift [B] broadcasts over the trailing query dimension
         return Call(False, seq, masks, pos, list(record.shifts), torch.zeros(masks[0].shape[0], dtype=torch.int64),
                     unpadded=[new_real and not p for p in record.padded], padded=list(record.padded),

@@ -74,9 +74,12 @@ def check_cache(cache, prefill: bool) -> None:
 
 @dataclass
 class ImagePlacement:
-    """Where each image's tokens go in a prefill, and what the host knows without reading the device again.
+    """Where each image unit's tokens go in a prefill, and what the host knows without reading the device again.
 
-    slots : bool [B, L] on the device, the first ``counts_out[i]`` placeholders of each image
+    An image unit is what the family's ``Encoded`` counts: an image, or a video's frame group. A row may hold
+    several; each is its own span in the language model (also units next to each other in the prompt).
+
+    slots : bool [B, L] on the device, the first ``counts_out[i]`` placeholders of each unit
     keep : bool [B, L] on the device, the tokens that stay: everything but the placeholders after the slots and
         the left padding a row no longer needs (``dropped`` [B] on the host: the batch is re-packed to its longest
         real row, see :func:`~vtprune.models._sequence.padding_to_drop`)
@@ -84,7 +87,8 @@ class ImagePlacement:
     padding : int64 [B] on the host, padding tokens per row before compaction; ``tail_real``: whether every row's
         last token is real; ``left_padded``: whether every row's padding is all on its left
     visual : int64 [B] on the host, image placeholders per row (the unpruned visual tokens)
-    images_of_row : [B] list of each row's image indices
+    images_of_row : [B] list of each row's unit indices, in prompt order
+    first : [I] host list, the column of each unit's first placeholder
     """
 
     slots: torch.Tensor
@@ -96,35 +100,46 @@ class ImagePlacement:
     tail_real: bool
     left_padded: bool
     dropped: torch.Tensor
-    _first: list
-    _last: list
-    _out: list
+    first: list
+    counts_in: list
+    counts_out: list
 
-    def set_spans(self, seq: Sequence, strict: bool) -> None:
-        """``seq.spans`` after ``seq.compact(..., self.keep, self.slots, ...)``, from host values only.
+    @property
+    def units(self) -> int:
+        """The most units of a row (at least 1: the span tensors keep a unit axis)."""
+        return max([1, *(len(i) for i in self.images_of_row)])
 
-        ``strict``: each row must hold one contiguous run of placeholders (a method that reads spans would
-        otherwise mis-read text between images as image)."""
-        n = self.visual.tolist()
-        if strict:
-            bad = [b for b, c in enumerate(n) if c and self._last[b] - self._first[b] + 1 != c]
-            if bad:
-                raise ValueError(f"vtprune: batch rows {bad} hold image tokens in more than one span; methods "
-                                 "that rank image tokens in the language model take one image per prompt")
-        # only left padding is dropped before a row's first placeholder; the row then moves by its added padding
+    def unit_table(self, values: list) -> torch.Tensor:
+        """int64 [B, S] on the host: ``values[i]`` of each row's units in order, 0 where a row has fewer."""
+        out = torch.zeros(len(self.images_of_row), self.units, dtype=torch.int64)
+        for b, images in enumerate(self.images_of_row):
+            for s, i in enumerate(images):
+                out[b, s] = int(values[i])
+        return out
+
+    def set_spans(self, seq: Sequence) -> None:
+        """``seq.spans`` [B, S, 2] after ``seq.compact(..., self.keep, self.slots, ...)``, from host values only:
+        only left padding is dropped before a row's first placeholder, the row then moves by its added padding,
+        and each unit by what the earlier units of its row dropped."""
         added, dropped = seq.added_host.tolist(), self.dropped.tolist()
-        seq.spans = torch.tensor([[self._first[b] - dropped[b] + added[b], self._out[b]] if c else [0, 0]
-                                  for b, c in enumerate(n)], dtype=torch.int64)
+        spans = torch.zeros(len(self.images_of_row), self.units, 2, dtype=torch.int64)
+        for b, images in enumerate(self.images_of_row):
+            removed = 0
+            for s, i in enumerate(images):
+                spans[b, s, 0] = self.first[i] - dropped[b] + added[b] - removed
+                spans[b, s, 1] = self.counts_out[i]
+                removed += self.counts_in[i] - self.counts_out[i]
+        seq.spans = spans
 
 
 def place_images(placeholders: torch.Tensor, mask: torch.Tensor | None, counts_in: list,
                  counts_out: list) -> ImagePlacement:
-    """Plan the encoder stage's compaction with one host read of a few numbers per row.
+    """Plan the encoder stage's compaction with one host read of a few numbers per row and per unit.
 
-    placeholders : bool [B, L], the image placeholder tokens; images follow each other in row-major order and
-        image ``i`` owns ``counts_in[i]`` consecutive placeholders
+    placeholders : bool [B, L], the placeholder tokens; units (images, frame groups) follow each other in
+        row-major order and unit ``i`` owns ``counts_in[i]`` consecutive placeholders
     mask : [B, L] attention mask (0 = padding) or None (no padding)
-    counts_out : tokens image ``i`` has after the encoder stage (at most ``counts_in[i]``)
+    counts_out : tokens unit ``i`` has after the encoder stage (at most ``counts_in[i]``)
     """
     for i, (n, m) in enumerate(zip(counts_in, counts_out)):
         if m > n:
@@ -135,17 +150,28 @@ def place_images(placeholders: torch.Tensor, mask: torch.Tensor | None, counts_i
     j = torch.arange(L, device=dev)
     first = torch.where(placeholders, j, L).amin(1)
     real = torch.ones_like(placeholders) if mask is None else mask != 0
-    # the host needs, per row: placeholders, first and last placeholder, padding tokens, whether the last is real,
-    # the first real token
-    stats = torch.stack([placeholders.sum(1), first, torch.where(placeholders, j, -1).amax(1), (~real).sum(1),
-                         real[:, -1].long(), torch.where(real, j, L).amin(1)], 1)
-    n, first_h, last_h, padding, tail, first_real = zip(*stats.tolist())  # the prefill bookkeeping's one host read
-    if sum(n) != sum(counts_in):
-        raise ValueError(f"the prompts hold {sum(n)} image placeholder tokens but the {len(counts_in)} images given "
-                         f"need {sum(counts_in)} ({counts_in})")
     starts = [0]
     for c in counts_in:
         starts.append(starts[-1] + c)
+    I = len(counts_in)
+    offsets = staged_to(torch.tensor(starts), dev)  # [I + 1]
+    g = placeholders.flatten().long().cumsum(0).view(B, L) - 1  # global placeholder index
+    image = torch.searchsorted(offsets[1:], g, right=True).clamp(max=max(I - 1, 0))  # [B, L]
+    # each unit's first and last placeholder column (a text position counts for no unit: L / -1)
+    unit_first = torch.full((I,), L, device=dev).scatter_reduce(0, image.flatten(),
+                                                                 torch.where(placeholders, j, L).flatten(), "amin")
+    unit_last = torch.full((I,), -1, device=dev).scatter_reduce(0, image.flatten(),
+                                                                torch.where(placeholders, j, -1).flatten(), "amax")
+    # the host needs, per row: placeholders, first and last placeholder, padding tokens, whether the last is real,
+    # the first real token; per unit: its first and last placeholder
+    stats = torch.stack([placeholders.sum(1), first, torch.where(placeholders, j, -1).amax(1), (~real).sum(1),
+                         real[:, -1].long(), torch.where(real, j, L).amin(1)], 1)
+    host = torch.cat([stats.flatten(), unit_first, unit_last]).tolist()  # the prefill bookkeeping's one host read
+    n, _, _, padding, tail, first_real = zip(*(host[6 * b:6 * b + 6] for b in range(B)))
+    first_h, last_h = host[6 * B:6 * B + I], host[6 * B + I:]
+    if sum(n) != sum(counts_in):
+        raise ValueError(f"the prompts hold {sum(n)} image placeholder tokens but the {len(counts_in)} images given "
+                         f"need {sum(counts_in)} ({counts_in})")
     images_of_row, row_start = [], 0
     for b in range(B):
         lo, hi = row_start, row_start + n[b]
@@ -159,9 +185,10 @@ def place_images(placeholders: torch.Tensor, mask: torch.Tensor | None, counts_i
                 raise ValueError(f"image {i} needs {counts_in[i]} placeholder tokens but its placeholders run over "
                                  f"batch rows {rows}: the prompts' placeholder counts do not match the images (or "
                                  "their sizes)")
-    offsets = staged_to(torch.tensor(starts), dev)  # [I + 1]
-    g = placeholders.flatten().long().cumsum(0).view(B, L) - 1  # global placeholder index
-    image = torch.searchsorted(offsets[1:], g, right=True).clamp(max=max(len(counts_in) - 1, 0))  # [B, L]
+            if last_h[i] - first_h[i] + 1 != counts_in[i]:
+                raise ValueError(f"the {counts_in[i]} placeholder tokens of image {i} (batch row {b}) are not one "
+                                 "contiguous run: the prompts' placeholder counts do not match the images (or their "
+                                 "sizes)")
     rank = g - offsets[image]
     out = staged_to(torch.tensor(list(counts_out) or [0]), dev)
     slots = placeholders & (rank < out[image])
@@ -175,22 +202,24 @@ def place_images(placeholders: torch.Tensor, mask: torch.Tensor | None, counts_i
         if any(drop):
             keep = keep & (j[None, :] >= staged_to(torch.tensor(drop), dev)[:, None])
     return ImagePlacement(slots, keep, torch.tensor([k - d for k, d in zip(kept, drop)]), torch.tensor(n),
-                          images_of_row, torch.tensor(padding), all(tail), left, torch.tensor(drop), list(first_h),
-                          list(last_h), out_row)
+                          images_of_row, torch.tensor(padding), all(tail), left, torch.tensor(drop), first_h,
+                          list(counts_in), list(counts_out))
 
 
 @dataclass
 class Encoded:
-    """What a family's :meth:`ModelPatch.encode` produced: the image tokens, image after image (in order of
-    appearance in the prompts).
+    """What a family's :meth:`ModelPatch.encode` produced: the tokens of every image unit (an image; a video's frame
+    group), unit after unit in order of appearance in the prompts. Each unit becomes its own span.
 
-    features : [S, D] every image's tokens, after the projector (and the method's encoder hook)
-    counts_in : placeholder tokens per image in ``input_ids`` (what the unpatched model feeds)
-    counts_out : tokens per image after the encoder hook
-    per : multiplier of int budgets per image (tiles for LLaVA-NeXT), or None
+    features : [S, D] every unit's tokens, after the projector (and the method's encoder hook)
+    counts_in : placeholder tokens per unit in ``input_ids`` (what the unpatched model feeds)
+    counts_out : tokens per unit after the encoder hook
+    per : multiplier of int budgets per unit (tiles for LLaVA-NeXT), or None
     origin, record : image 0's original patch indices and encoder selection (retention maps), or None
-    sources : per image, int64 [counts_out[i]] index of the placeholder whose position each new token takes, or
+    sources : per unit, int64 [counts_out[i]] index of the placeholder whose position each new token takes, or
         None (the first ``counts_out[i]``); used where positions are not re-compacted
+    capped : per unit, whether the encoder hook kept every token because the budget asked for more
+        (``Selection.capped``), or None
     """
 
     features: torch.Tensor
@@ -200,20 +229,22 @@ class Encoded:
     origin: list | None = None
     record: dict | None = None
     sources: list | None = None
+    capped: list | None = None
 
 
 class ModelPatch:
     """The shared prefill / decode skeleton; a family adapter subclasses it and gives only what differs.
 
-    A family sets :attr:`recompact` and :attr:`qk` and implements :meth:`encode` (where the image features come
-    from, with the method's encoder hook); it may override :meth:`model_info`, :meth:`install_scores` (patch the
-    vision tower's scoring layer), :meth:`placeholders` (the placeholder layout), :meth:`positions` and
-    :meth:`_decode_positions` (position ids), :meth:`is_prefill`, :meth:`prefill_embeds`, :meth:`prefill_arguments`
-    and :meth:`prefill_output`. The adapter
+    A family sets :attr:`recompact`, :attr:`cap_budgets` and :attr:`qk` and implements :meth:`encode` (where the
+    image features come from, with the method's encoder hook); it may override :meth:`model_info`,
+    :meth:`install_scores` (patch the vision tower's scoring layer), :meth:`placeholders` (the placeholder layout),
+    :meth:`positions` and :meth:`_decode_positions` (position ids), :meth:`is_prefill`, :meth:`prefill_embeds`,
+    :meth:`prefill_arguments` and :meth:`prefill_output`. The adapter
     is registered in :data:`vtprune.models.FAMILIES` (docs/integration.md, "Adding a family").
     """
 
     recompact = True  # 1-D positions re-compacted after a prune; False: kept tokens keep theirs (M-RoPE)
+    cap_budgets = False  # dynamic resolutions: an int budget larger than an image keeps all of it (Selection.capped)
     qk = staticmethod(decoder_qk)  # post-RoPE q/k of a decoder layer, recomputed (vtprune.models._qk)
     decoder_patch = DecoderPatch  # the decoder-layer wrapper (Qwen3-VL's adds its deepstack levels)
 
@@ -228,6 +259,7 @@ class ModelPatch:
         self.install_scores(restore)
         method.check_model(self.model_info())
         self.decoder = self.decoder_patch(self.lm, method, hooks, self.qk, restore)
+        self.decoder.cap = self.cap_budgets
         self.install(restore)
 
     # ------------------------------------------------------------------ what a family gives
@@ -308,44 +340,36 @@ class ModelPatch:
         enc = self.encode(a)
         place = place_images(placeholders, mask_in, enc.counts_in, enc.counts_out)
         images_of_row = place.images_of_row
-        per_row = [len(i) for i in images_of_row]
-        self._check_images_per_row(per_row)
         embeds = self.mm.get_input_embeddings()(input_ids)
         extra = enc.features.shape[-1] - embeds.shape[-1]
         if extra > 0:  # channels the image tokens carry along (zero on text), compacted with them
             embeds = torch.cat([embeds, embeds.new_zeros(*embeds.shape[:2], extra)], -1)
         value_pos = None if self.recompact else _source_positions(positions, placeholders, enc)
-        seq = Sequence(mask, positions, torch.zeros(B, 2, dtype=torch.int64), torch.zeros(B, dtype=torch.int64),
+        seq = Sequence(mask, positions, torch.zeros(B, 1, 2, dtype=torch.int64), torch.zeros(B, dtype=torch.int64),
                        recompact=self.recompact, pad_host=place.padding, tail_real=place.tail_real,
                        left_padded=place.left_padded)
         embeds, _ = seq.compact(embeds, place.keep, place.slots, enc.features.to(embeds.dtype), value_pos,
                                 kept=place.kept, dropped_padding=place.dropped)
-        place.set_spans(seq, strict=self._reads_spans)
-        row0_single = per_row[0] == 1 and images_of_row[0] == [0]
+        place.set_spans(seq)
+        row0_single = len(images_of_row[0]) == 1 and images_of_row[0] == [0]
         call = self.decoder.prefill_call(seq, place.visual, enc.origin if row0_single else None)
         call.orig_len = L
-        if enc.per is not None:
-            call.count_per = [enc.per[i[0]] if i else 1 for i in images_of_row]
+        # per image unit (an image; a video's frame group): budgets and statistics
+        call.unit_original = place.unit_table(enc.counts_in)
+        call.unit_per = place.unit_table(enc.per if enc.per is not None else [1] * len(enc.counts_in))
+        call.unit_counts.append(("unpruned", call.unit_original))
+        if self.hooks.encoder:
+            call.unit_counts.append(("encoder", seq.spans[..., 1].clone()))
+            for b, images in enumerate(images_of_row):
+                for u, i in enumerate(images):
+                    if enc.capped is not None and enc.capped[i]:
+                        call.capped.append({"row": b, "unit": u, "stage": "encoder", "tokens": enc.counts_out[i]})
         if enc.record is not None and row0_single:
             call.selections.append(enc.record)
         embeds = self.prefill_embeds(call, embeds)
         self.prefill_arguments(a)
         out = self._run_prefill(original, a, call, embeds, cache)
         return self.prefill_output(out, enc)
-
-    @property
-    def _reads_spans(self) -> bool:
-        """Whether the method reads each row's image span in the language model (a decoder hook ranks it, a layer
-        hook may route it): one contiguous span per row is then required."""
-        return bool(self.hooks.prune_after) or self.decoder.hooked
-
-    def _check_images_per_row(self, per_row: list) -> None:
-        # One visual span per row: decoder and layer hooks see the image tokens of a row as one span, and a second
-        # image would put the text between the images inside it. Encoder-only methods prune each image alone.
-        if self._reads_spans and any(n > 1 for n in per_row):
-            raise ValueError(f"{type(self.method).__name__} ranks one image per prompt in the language model; "
-                             f"batch rows hold {per_row} images (use one image per prompt, or an encoder-only "
-                             "method)")
 
     @staticmethod
     def _check_prefill(a):

@@ -28,7 +28,8 @@ import torch
 @dataclass
 class Sequence:
     """Rectangular batch state. ``mask`` [B, L] long (1 = real token), ``positions`` [B, L] or [3, B, L] int64,
-    ``spans`` [B, 2] int64 on the CPU (start, count) of the single image span per row (count 0: no image),
+    ``spans`` [B, S, 2] int64 on the CPU (start, count) of each image unit of a row (an image; a video's frame
+    group), in sequence order, ``S`` the most units of a row (count 0: no unit there),
     ``shift`` [B] int64 cumulative position shift per row (tokens dropped, or 0 when not re-compacting)."""
 
     mask: torch.Tensor
@@ -103,21 +104,6 @@ class Sequence:
             self.shift = staged_to(self.shift, dev) + gone.sum(1)
         return out, new_slots
 
-    def set_spans_from_slots(self, slots: torch.Tensor, strict: bool = True) -> None:
-        """Spans from a slot mask. ``strict``: each row must hold at most one contiguous image span (a method
-        that reads spans would otherwise mis-read text between images as image); otherwise ``start`` is the first
-        image token and ``count`` the row's image tokens, for statistics only."""
-        host = slots.detach().cpu()
-        count = host.sum(1)
-        start = torch.where(count > 0, host.long().argmax(1), torch.zeros_like(count))
-        if strict:
-            end = host.shape[1] - host.long().flip(1).argmax(1)  # one past the last image token
-            bad = ((end - start != count) & (count > 0)).nonzero().flatten().tolist()
-            if bad:
-                raise ValueError(f"vtprune: batch rows {bad} hold image tokens in more than one span; methods "
-                                 "that rank image tokens in the language model take one image per prompt")
-        self.spans = torch.stack([start, count], 1).long()
-
 
 def staged_to(t: torch.Tensor, device) -> torch.Tensor:
     """``t`` on ``device``; a host tensor bound for an accelerator goes through pinned memory and a non-blocking
@@ -139,17 +125,3 @@ def padding_to_drop(real_kept: list, padding: list) -> list:
     unpruned length."""
     new_len = max(real_kept, default=0)
     return [p - min(p, new_len - r) for r, p in zip(real_kept, padding)]
-
-
-def span_mask(spans: torch.Tensor, length: int, device) -> torch.Tensor:
-    """bool [B, L]: True inside each row's span."""
-    spans = staged_to(spans, device)
-    j = torch.arange(length, device=device)
-    return (j >= spans[:, :1]) & (j < spans[:, :1] + spans[:, 1:])
-
-
-def gather_span(x: torch.Tensor, spans: torch.Tensor, width: int) -> torch.Tensor:
-    """x [B, L, D] -> [B, width, D], the first ``width`` tokens of each row's span (clamped inside)."""
-    spans = staged_to(spans, x.device)
-    idx = (spans[:, :1] + torch.arange(width, device=x.device)).clamp(max=x.shape[1] - 1)
-    return x.gather(1, idx[:, :, None].expand(-1, -1, x.shape[-1]))

@@ -118,6 +118,37 @@ def tiny_next_inputs(model, prefix_lengths=(3,), suffix_lengths=(5,), image_size
             "image_sizes": torch.tensor(image_sizes)}
 
 
+def tiny_next_multi_inputs(model, rows, *, seed: int = 0):
+    """Left-padded inputs for ``tiny_llava_next`` with any number of images per prompt.
+
+    rows : per batch row, its parts in prompt order, e.g. ``[3, (50, 100), 2, (100, 100), 4]``: an int is that many
+        random text tokens, a pair an image of that (height, width).
+    """
+    from vtprune.models.llava_next import image_tokens as next_image_tokens
+
+    hf = __import__(type(model).__module__, fromlist=["image_size_to_num_patches"])
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    t = cfg.vision_config.image_size
+    ids, sizes = [], []
+    for parts in rows:
+        row = []
+        for p in parts:
+            if isinstance(p, int):
+                row.append(torch.randint(1, IMAGE_TOKEN, (p,), generator=g))
+            else:
+                sizes.append(tuple(p))
+                row.append(torch.full((next_image_tokens(model, p),), IMAGE_TOKEN))
+        ids.append(torch.cat(row))
+    ids, mask = _left_pad(ids)
+    tiles = [hf.image_size_to_num_patches(list(s), cfg.image_grid_pinpoints, t) for s in sizes]
+    pixels = torch.zeros(len(sizes), max(tiles), 3, t, t)
+    for i, n in enumerate(tiles):
+        pixels[i, :n] = torch.randn(n, 3, t, t, generator=g)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels.to(model.dtype),
+            "image_sizes": torch.tensor(sizes)}
+
+
 QWEN = dict(patch=4, v_hidden=32, v_layers=3, v_heads=4, window=16, hidden=64, layers=4, heads=4, kv_heads=2)
 VIDEO_TOKEN, VISION_START, VISION_END = VOCAB - 2, VOCAB - 3, VOCAB - 4
 
@@ -154,6 +185,50 @@ def tiny_qwen_inputs(model, prefix_lengths=(3,), suffix_lengths=(5,), grids=((8,
     out = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels,
            "image_grid_thw": torch.tensor([[1, h, w] for h, w in grids])}
     out["mm_token_type_ids"] = (ids == IMAGE_TOKEN).int()
+    return out
+
+
+def tiny_qwen_multi_inputs(model, rows, *, timestamps: bool = False, seed: int = 0):
+    """Left-padded Qwen2.5-VL / Qwen3-VL inputs with any number of images and videos per prompt.
+
+    rows : per batch row, its parts in prompt order, e.g. ``[3, (8, 8), 2, (3, 8, 12), 4]``: an int is that many
+        random text tokens; ``(h, w)`` an image of an ``h x w`` patch grid (even numbers; ``h*w/4`` merged tokens)
+        in vision start / end tokens; ``(t, h, w)`` a video of ``t`` frame groups of ``h*w/4`` video tokens each.
+        Qwen2.5-VL's processor puts a video in one vision start / end pair (``timestamps=False``); Qwen3-VL's puts
+        a timestamp (2 text tokens here) and a vision start / end pair around each frame group.
+    """
+    g = torch.Generator().manual_seed(seed)
+    m = model.config.vision_config.spatial_merge_size
+    width = 3 * model.config.vision_config.temporal_patch_size * model.config.vision_config.patch_size**2
+
+    def text(n):
+        return torch.randint(1, VISION_END - 1, (n,), generator=g)
+
+    ids, grids = [], {"image": [], "video": []}
+    for parts in rows:
+        row = []
+        for p in parts:
+            if isinstance(p, int):
+                row.append(text(p))
+                continue
+            t, h, w = (1, *p) if len(p) == 2 else p
+            token = IMAGE_TOKEN if len(p) == 2 else VIDEO_TOKEN
+            grids["image" if len(p) == 2 else "video"].append([t, h, w])
+            if len(p) == 3 and not timestamps:
+                row.append(torch.tensor([VISION_START] + [token] * (t * h * w // m**2) + [VISION_END]))
+                continue
+            for _ in range(t):
+                row += [] if len(p) == 2 else [text(2)]
+                row.append(torch.tensor([VISION_START] + [token] * (h * w // m**2) + [VISION_END]))
+        ids.append(torch.cat(row))
+    ids, mask = _left_pad(ids)
+    out = {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": (ids == IMAGE_TOKEN).int()
+           + 2 * (ids == VIDEO_TOKEN).int()}
+    for kind, key in (("image", "pixel_values"), ("video", "pixel_values_videos")):
+        if grids[kind]:
+            n = sum(t * h * w for t, h, w in grids[kind])
+            out[key] = torch.randn(n, width, generator=g).to(model.dtype)
+            out[f"{kind}_grid_thw"] = torch.tensor(grids[kind])
     return out
 
 

@@ -20,7 +20,7 @@ from vtprune.models._tiny import (
     VISION_START,
     VOCAB,
     _finish,
-    _left_pad,
+    tiny_qwen_multi_inputs,
 )
 
 DEEPSTACK = [0, 1]  # vision blocks whose output feeds a deepstack merger (added after decoder layers 0 and 1)
@@ -53,43 +53,15 @@ def tiny_qwen3_vl(*, attn_implementation: str = "sdpa", dtype=torch.float32, see
 
 
 def tiny_qwen3_multi_inputs(model, rows, *, seed: int = 0):
-    """Left-padded inputs with any number of images and videos per prompt.
+    """Left-padded inputs with any number of images and videos per prompt, laid out as Qwen3-VL's processor does
+    (:func:`~vtprune.models._tiny.tiny_qwen_multi_inputs` with a timestamp before each frame group).
 
     rows : per batch row, its parts in prompt order, e.g. ``[3, (8, 8), 2, (3, 8, 12), 4]``: an int is that many
         random text tokens; ``(h, w)`` an image of an ``h x w`` patch grid (even numbers; ``h*w/4`` merged tokens)
-        in vision start / end tokens; ``(t, h, w)`` a video of ``t`` frame groups laid out as Qwen3-VL's processor
-        does: per frame group a timestamp (2 text tokens here), vision start, ``h*w/4`` video tokens, vision end.
+        in vision start / end tokens; ``(t, h, w)`` a video of ``t`` frame groups: per frame group a timestamp (2
+        text tokens here), vision start, ``h*w/4`` video tokens, vision end.
     """
-    g = torch.Generator().manual_seed(seed)
-    m = model.config.vision_config.spatial_merge_size
-    width = 3 * model.config.vision_config.temporal_patch_size * model.config.vision_config.patch_size**2
-
-    def text(n):
-        return torch.randint(1, VISION_END - 1, (n,), generator=g)
-
-    ids, grids = [], {"image": [], "video": []}
-    for parts in rows:
-        row = []
-        for p in parts:
-            if isinstance(p, int):
-                row.append(text(p))
-                continue
-            t, h, w = (1, *p) if len(p) == 2 else p
-            token = IMAGE_TOKEN if len(p) == 2 else VIDEO_TOKEN
-            grids["image" if len(p) == 2 else "video"].append([t, h, w])
-            for _ in range(t):
-                row += [] if len(p) == 2 else [text(2)]
-                row.append(torch.tensor([VISION_START] + [token] * (h * w // m**2) + [VISION_END]))
-        ids.append(torch.cat(row))
-    ids, mask = _left_pad(ids)
-    out = {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": (ids == IMAGE_TOKEN).int()
-           + 2 * (ids == VIDEO_TOKEN).int()}
-    for kind, key in (("image", "pixel_values"), ("video", "pixel_values_videos")):
-        if grids[kind]:
-            n = sum(t * h * w for t, h, w in grids[kind])
-            out[key] = torch.randn(n, width, generator=g).to(model.dtype)
-            out[f"{kind}_grid_thw"] = torch.tensor(grids[kind])
-    return out
+    return tiny_qwen_multi_inputs(model, rows, timestamps=True, seed=seed)
 
 
 def tiny_qwen3_video_inputs(model, frames: int = 3, grid=(8, 8), prefix: int = 3, suffix: int = 4, *,

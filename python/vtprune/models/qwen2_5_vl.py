@@ -22,6 +22,12 @@ position space is unchanged, the text after it keeps its positions, and ``rope_d
 ``generate()`` computes while decoding stay exactly the unpruned model's; only the KV cache is shorter, which
 the per-group masks of :mod:`vtprune.models._decoder` handle. Token order in the sequence (and so the causal
 mask) is ``[text, dominant (original order), contextual, text]`` as for LLaVA.
+
+Several images and videos. Each image, and each frame group of a video (``pixel_values_videos`` with
+``video_grid_thw``; ``second_per_grid_ts`` spaces the frame groups' temporal positions, as the unpatched
+``get_rope_index`` does), is one unit: the encoder hook runs per unit and each unit is its own span in the
+language model, also where a video's frame groups are adjacent in the prompt. Images and videos go through the
+vision tower as the unpatched model sends them (one call each); the units are then put in prompt order.
 """
 
 from __future__ import annotations
@@ -34,8 +40,10 @@ import torch
 from vtprune import ops
 from vtprune.methods.base import EncoderContext
 from vtprune.models._patch import Encoded, ModelPatch
+from vtprune.models._sequence import staged_to
 
 CLASS_NAME = "Qwen2_5_VLForConditionalGeneration"
+_PIXELS = {"image": "pixel_values", "video": "pixel_values_videos"}
 
 
 class VisionScores:
@@ -77,25 +85,30 @@ class VisionScores:
 def select_per_unit(patch: ModelPatch, tokens, scores, metric, sizes: list, noun: str) -> Encoded:
     """The method's encoder hook on each unit (an image; a video's frame group) alone, as a dynamic-resolution
     family calls it: ``tokens`` [M, D'], ``scores`` [M] and ``metric`` [M, dm] (or None) of all units, ``sizes``
-    their token counts. Returns the units' new tokens, with each new token's position source."""
+    their token counts. Returns the units' new tokens, with each new token's position source. An int budget
+    larger than a unit keeps all of its tokens (``Encoded.capped``)."""
     split = (lambda t: [None] * len(sizes)) if scores is None else (lambda t: torch.split(t, sizes))
-    units, sources = [], []
+    units, sources, capped = [], [], []
     for i, (x, s, m) in enumerate(zip(torch.split(tokens, sizes), split(scores), split(metric))):
         ctx = EncoderContext(x[None], None if s is None else s[None], None if m is None else m[None],
-                             num_layers=patch.num_layers, describe=f"{noun} {i} has only {x.shape[0]} merged tokens")
+                             num_layers=patch.num_layers, describe=f"{noun} {i} has only {x.shape[0]} merged tokens",
+                             cap=patch.cap_budgets)
         sel = patch.method.select_encoder(ctx)
         units.append(sel.tokens[0])
         sources.append(sel.origin[0])
-    return Encoded(torch.cat(units), list(sizes), [x.shape[0] for x in units], sources=sources)
+        capped.append(bool(sel.capped))
+    return Encoded(torch.cat(units), list(sizes), [x.shape[0] for x in units], sources=sources, capped=capped)
 
 
 class Qwen2_5_VLPatch(ModelPatch):
     family = "Qwen2.5-VL"  # in messages (a subclassing family keeps them true)
     recompact = False  # 3-D M-RoPE: kept tokens keep their positions (module docstring)
+    cap_budgets = True  # dynamic resolutions: an int budget larger than a unit keeps all of it
 
     def __init__(self, model, method, hooks, restore):
         self.scores = None
         self.window_index = None
+        self.kinds = ()  # what the current prefill holds: "image", "video"
         super().__init__(model, method, hooks, restore)
 
     def install_scores(self, restore) -> None:
@@ -114,54 +127,100 @@ class Qwen2_5_VLPatch(ModelPatch):
 
     # ------------------------------------------------------------------ vision tower + encoder hook
     def encode(self, a) -> Encoded:
-        """Merged image tokens per image (raster order) and, with an encoder hook, each new token's source index."""
-        pixel_values, grid_thw = a["pixel_values"], a["image_grid_thw"]
+        """Merged tokens per unit (an image; a video's frame group) in prompt order (raster order within a unit)
+        and, with an encoder hook, each new token's source index. Images and videos each go through the tower
+        as the unpatched model sends them (one call each)."""
+        self._held(a)
+        visual = self.mm.visual
+        unit = visual.spatial_merge_size**2
+        parts = [self._tower(a[_PIXELS[k]], a[f"{k}_grid_thw"], unit) for k in self.kinds]
+        merged = torch.cat([p[0] for p in parts])
+        sizes, n_image = self._unit_sizes(a, unit)
+        scores = metric = None
+        if self.scores is not None:
+            scores, metric = torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
+        if len(self.kinds) == 2:  # images and videos in one call: the units in the prompts' order
+            merged, scores, metric, sizes = self._prompt_ordered(a, merged, scores, metric, sizes, n_image)
+        if not self.hooks.encoder:
+            return Encoded(merged, sizes, sizes)
+        return select_per_unit(self, merged, scores, metric, sizes, "image or frame group")
+
+    def _tower(self, pixels, grid, unit):
+        """One vision-tower call: merged tokens [M, D] (raster order) and, when scoring, their scores and metric."""
         visual = self.mm.visual
         if self.scores is not None:
             self.scores.enabled = True
         try:
-            merged = visual(pixel_values.type(visual.dtype), grid_thw=grid_thw).pooler_output  # [M, D]
+            merged = visual(pixels.type(visual.dtype), grid_thw=grid).pooler_output  # [M, D]
         finally:
             if self.scores is not None:
                 self.scores.enabled = False
-        unit = visual.spatial_merge_size**2
-        sizes = (grid_thw.prod(-1) // unit).tolist()
-        if not self.hooks.encoder:
-            return Encoded(merged, sizes, sizes)
-        scores = metric = None
-        if self.scores is not None:
-            reverse = torch.argsort(self.window_index.to(merged.device))
-            # patch level (window order) -> merged-token level (raster order): mean over each 2x2 group
-            scores = self.scores.scores.view(-1, unit).mean(1)[reverse]
-            metric = self.scores.metric.view(-1, unit, self.scores.metric.shape[-1]).mean(1)[reverse]
-        return select_per_unit(self, merged, scores, metric, sizes, "image")
+        if self.scores is None:
+            return merged, None, None
+        reverse = torch.argsort(self.window_index.to(merged.device))
+        # patch level (window order) -> merged-token level (raster order): mean over each 2x2 group
+        scores = self.scores.scores.view(-1, unit).mean(1)[reverse]
+        metric = self.scores.metric.view(-1, unit, self.scores.metric.shape[-1]).mean(1)[reverse]
+        return merged, scores, metric
+
+    def _unit_sizes(self, a, unit: int):
+        """Tokens per unit (each image, each frame group of each video; images first, as the tower runs them) and
+        the number of image units, from one host read of the grids."""
+        grid = torch.cat([a[f"{k}_grid_thw"] for k in self.kinds]).tolist()
+        sizes = [h * w // unit for t, h, w in grid for _ in range(t)]
+        n_image = sum(t for t, _, _ in grid[:len(a["image_grid_thw"])]) if "image" in self.kinds else 0
+        return sizes, n_image
+
+    def _prompt_ordered(self, a, tokens, scores, metric, sizes, n_image: int):
+        """Image units then frame groups (the tower's order) -> the prompts' order (:func:`_prompt_order`)."""
+        ids = a["input_ids"]
+        order = _prompt_order(self.placeholders(ids), ids == self.config.video_token_id, sizes[:n_image],
+                              sizes[n_image:])
+        index = torch.cat([torch.arange(sum(sizes[:i]), sum(sizes[:i + 1])) for i in order])
+        index = staged_to(index, tokens.device)
+        tokens, sizes = tokens[index], [sizes[i] for i in order]
+        if scores is not None:
+            scores, metric = scores[index], metric[index]
+        return tokens, scores, metric, sizes
+
+    def _held(self, a) -> None:
+        """What the prefill holds (``self.kinds``: "image", "video"), each with its grid."""
+        self.kinds = tuple(k for k in ("image", "video") if a.get(_PIXELS[k]) is not None)
+        for k in self.kinds:
+            if a.get(f"{k}_grid_thw") is None:
+                raise ValueError(f"vtprune: {self.family} needs {k}_grid_thw with {_PIXELS[k]}")
+
+    def is_prefill(self, a) -> bool:
+        return a.get("pixel_values") is not None or a.get("pixel_values_videos") is not None
+
+    def placeholders(self, input_ids):
+        return (input_ids == self.config.image_token_id) | (input_ids == self.config.video_token_id)
 
     # ------------------------------------------------------------------ prefill
     def prefill_arguments(self, a) -> None:
-        a.pop("image_grid_thw", None)
-        a.pop("mm_token_type_ids", None)
+        for key in ("image_grid_thw", "video_grid_thw", "mm_token_type_ids", "pixel_values_videos",
+                    "second_per_grid_ts"):
+            a.pop(key, None)
 
     def positions(self, a, input_ids, mask, placeholders):
         """3-D positions [3, B, L] of the unpruned prompt: the given ones (generate passes [4, B, L], text
         positions first) or ``get_rope_index`` as the unpatched forward computes them (also setting
         ``rope_deltas`` for decoding)."""
-        if a.get("pixel_values_videos") is not None:
-            raise ValueError(f"vtprune: {self.family} videos (pixel_values_videos) are not supported")
-        if a.get("image_grid_thw") is None:
-            raise ValueError(f"vtprune: {self.family} needs image_grid_thw with pixel_values")
+        self._held(a)
         positions = a.get("position_ids")
         if positions is not None:
-            if positions.dim() == 3 and positions.shape[0] == 4:
-                return positions[1:]
-            if positions.dim() == 3 and positions.shape[0] == 3:
-                return positions
-            raise ValueError(f"vtprune: {self.family} position_ids must be [3, B, L] or [4, B, L] with an image, got "
-                             f"shape {tuple(positions.shape)}")
+            if positions.dim() == 3 and positions.shape[0] in (3, 4):
+                return positions[-3:]
+            raise ValueError(f"vtprune: {self.family} position_ids must be [3, B, L] or [4, B, L] with an image or "
+                             f"video, got shape {tuple(positions.shape)}")
         types = a.get("mm_token_type_ids")
         if types is None:
-            types = placeholders.int()
+            types = (input_ids == self.config.image_token_id).int() + 2 * (input_ids == self.config.video_token_id)
+        extra = {} if a.get("second_per_grid_ts") is None else {"second_per_grid_ts": a["second_per_grid_ts"]}
         positions, deltas = self.mm.get_rope_index(input_ids, mm_token_type_ids=types,
-                                                   image_grid_thw=a["image_grid_thw"], attention_mask=mask)
+                                                   image_grid_thw=a.get("image_grid_thw"),
+                                                   video_grid_thw=a.get("video_grid_thw"), attention_mask=mask,
+                                                   **extra)
         self.mm.rope_deltas = deltas
         return positions
 
@@ -180,3 +239,43 @@ class Qwen2_5_VLPatch(ModelPatch):
         # as the unpatched model: text position from the (unpruned) mask, plus the image's rope delta
         text = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, -q:]
         return (text + deltas.to(text.device)).expand(3, -1, -1)
+
+
+def _prompt_order(placeholders, video, image_counts: list, video_counts: list) -> list:
+    """Images and videos in one call: the order of the units (images ``0..I-1``, then frame groups) in the
+    prompts, row-major. Each run of same-kind placeholders in a row takes the next units of its kind until its
+    length is used up; one host read of the runs' kinds and lengths."""
+    B, L = placeholders.shape
+    kind = video.long()
+    prev_ph = torch.nn.functional.pad(placeholders[:, :-1], (1, 0), value=False)
+    prev_kind = torch.nn.functional.pad(kind[:, :-1], (1, 0))
+    starts = placeholders & (~prev_ph | (prev_kind != kind))
+    # every run holds whole units, so a valid prompt has at most one run per unit: fixed-size buffers (no
+    # data-dependent sizes) and one host read of the runs' lengths and kinds
+    units = len(image_counts) + len(video_counts)
+    run = (starts.flatten().long().cumsum(0) - 1).clamp(0, units)  # run index of every position (row-major)
+    ph = placeholders.flatten().long()
+    lengths = torch.zeros(units + 1, dtype=torch.long, device=run.device).index_add_(0, run, ph)
+    kinds = torch.zeros(units + 1, dtype=torch.long, device=run.device).scatter_reduce(0, run, kind.flatten() * ph,
+                                                                                      "amax")
+    host = torch.cat([lengths, kinds, starts.sum()[None]]).tolist()
+    n_runs = host[-1]
+    if n_runs > units:
+        raise ValueError(f"the prompts hold {n_runs} runs of image / video placeholders, more than the {units} "
+                         "images and frame groups given")
+    lengths, run_kinds = host[:n_runs], host[units + 1:units + 1 + n_runs]
+    queues = [list(range(len(image_counts))), [len(image_counts) + i for i in range(len(video_counts))]]
+    counts = list(image_counts) + list(video_counts)
+    order = []
+    for k, n in zip(run_kinds, lengths):
+        while n > 0 and queues[k]:
+            i = queues[k].pop(0)
+            order.append(i)
+            n -= counts[i]
+        if n != 0:
+            raise ValueError(f"the prompts' {'video' if k else 'image'} placeholder runs do not match the "
+                             f"{'videos (frame groups)' if k else 'images'} given (their sizes or count)")
+    if any(queues):
+        raise ValueError(f"the prompts hold placeholders for fewer images / frame groups than given "
+                         f"({len(queues[0])} images and {len(queues[1])} frame groups left over)")
+    return order

@@ -29,11 +29,9 @@ What differs:
   added at the next layer's input, so the layers' recorded outputs (``output_hidden_states``) are the unpatched
   model's.
 * **Videos.** ``pixel_values_videos`` are supported: Qwen3-VL's prompt puts a timestamp before each frame group,
-  so every frame group is its own visual span and unit of the encoder hook (budgets per frame group). Methods
-  that read one span per row in the language model (decoder or layer hooks) therefore take a one-frame-group
-  video only and refuse more with an error; encoder-only methods take any number of images and frame groups,
-  also mixed in one prompt (one vision-tower call; the units are put back in prompt order from the placeholder
-  runs).
+  so every frame group is its own unit (span) for every hook, with its own budget, like an image. Any number of
+  images and frame groups may be mixed in one prompt (one vision-tower call; the units are put back in prompt
+  order from the placeholder runs).
 """
 
 from __future__ import annotations
@@ -42,7 +40,7 @@ import torch
 
 from vtprune.models._decoder import DecoderPatch
 from vtprune.models._patch import Encoded
-from vtprune.models.qwen2_5_vl import Qwen2_5_VLPatch, VisionScores, select_per_unit
+from vtprune.models.qwen2_5_vl import _PIXELS, Qwen2_5_VLPatch, VisionScores, select_per_unit
 
 CLASS_NAME = "Qwen3VLForConditionalGeneration"
 _DEEPSTACK = "qwen3_vl_deepstack"  # key of the prefill call's Deepstack in Call.scratch
@@ -104,19 +102,9 @@ class Qwen3VLPatch(Qwen2_5_VLPatch):
     family = "Qwen3-VL"
     decoder_patch = DeepstackDecoder
 
-    def __init__(self, model, method, hooks, restore):
-        self.kinds = ()  # what the current prefill holds: "image", "video"
-        super().__init__(model, method, hooks, restore)
-
     def install_scores(self, restore) -> None:
         if self.hooks.encoder and self.hooks.encoder_scores:  # every block is full attention: score the last
             self.scores = VisionScores(self.mm.visual.blocks[-1].attn, self.backend, restore)
-
-    def is_prefill(self, a) -> bool:
-        return a.get("pixel_values") is not None or a.get("pixel_values_videos") is not None
-
-    def placeholders(self, input_ids):
-        return (input_ids == self.config.image_token_id) | (input_ids == self.config.video_token_id)
 
     # ------------------------------------------------------------------ vision tower + encoder hook
     def encode(self, a) -> Encoded:
@@ -125,7 +113,7 @@ class Qwen3VLPatch(Qwen2_5_VLPatch):
         self._held(a)
         # one tower call for every image and video
         grid = torch.cat([a[f"{k}_grid_thw"] for k in self.kinds])
-        pixels = torch.cat([a["pixel_values" if k == "image" else "pixel_values_videos"] for k in self.kinds])
+        pixels = torch.cat([a[_PIXELS[k]] for k in self.kinds])
         visual = self.mm.visual
         if self.scores is not None:
             self.scores.enabled = True
@@ -136,40 +124,16 @@ class Qwen3VLPatch(Qwen2_5_VLPatch):
                 self.scores.enabled = False
         wide = torch.cat([out.pooler_output, *out.deepstack_features], -1)  # [M, D * (1 + levels)]
         unit = visual.spatial_merge_size**2
-        sizes = (grid[:, 1:].prod(-1) // unit).repeat_interleave(grid[:, 0]).tolist()  # per image / frame group
+        sizes, n_image = self._unit_sizes(a, unit)
         scores = metric = None
         if self.scores is not None:  # patch level -> merged-token level: mean over each 2x2 group (no windows)
             scores = self.scores.scores.view(-1, unit).mean(1)
             metric = self.scores.metric.view(-1, unit, self.scores.metric.shape[-1]).mean(1)
-        order = list(range(len(sizes)))
         if len(self.kinds) == 2:  # images and videos in one call: the units in the prompts' order
-            ids = a["input_ids"]
-            n_image = int(a["image_grid_thw"][:, 0].sum())
-            order = _prompt_order(self.placeholders(ids), ids == self.config.video_token_id, sizes[:n_image],
-                                  sizes[n_image:])
-            index = torch.cat([torch.arange(sum(sizes[:i]), sum(sizes[:i + 1])) for i in order]).to(wide.device)
-            wide, sizes = wide[index], [sizes[i] for i in order]
-            scores, metric = (None, None) if scores is None else (scores[index], metric[index])
+            wide, scores, metric, sizes = self._prompt_ordered(a, wide, scores, metric, sizes, n_image)
         if not self.hooks.encoder:
             return Encoded(wide, sizes, sizes)
         return select_per_unit(self, wide, scores, metric, sizes, "image or frame group")
-
-    def _held(self, a) -> None:
-        """What the prefill holds (``self.kinds``: "image", "video"), each with its grid."""
-        self.kinds = tuple(k for k, key in (("image", "pixel_values"), ("video", "pixel_values_videos"))
-                           if a.get(key) is not None)
-        for k in self.kinds:
-            if a.get(f"{k}_grid_thw") is None:
-                raise ValueError(f"vtprune: {self.family} needs {k}_grid_thw with "
-                                 f"{'pixel_values' if k == 'image' else 'pixel_values_videos'}")
-
-    def _check_images_per_row(self, per_row: list) -> None:
-        if "video" in self.kinds and self._reads_spans and any(n > 1 for n in per_row):
-            raise ValueError(f"{type(self.method).__name__} ranks one visual span per prompt in the language "
-                             f"model, and each frame group of a Qwen3-VL video is its own span (a timestamp "
-                             f"separates them): batch rows hold {per_row} images and frame groups (use one image "
-                             "or a one-frame-group video per prompt, or an encoder-only method)")
-        super()._check_images_per_row(per_row)
 
     # ------------------------------------------------------------------ prefill
     def prefill_embeds(self, call, embeds):
@@ -177,58 +141,3 @@ class Qwen3VLPatch(Qwen2_5_VLPatch):
         D = self.mm.get_input_embeddings().embedding_dim
         call.scratch[_DEEPSTACK] = Deepstack(list(embeds[..., D:].split(D, -1)))
         return embeds[..., :D]
-
-    def prefill_arguments(self, a) -> None:
-        for key in ("image_grid_thw", "video_grid_thw", "mm_token_type_ids", "pixel_values_videos"):
-            a.pop(key, None)
-
-    def positions(self, a, input_ids, mask, placeholders):
-        """3-D positions [3, B, L] of the unpruned prompt: the given ones (generate passes [4, B, L], text
-        positions first) or ``get_rope_index`` as the unpatched forward computes them (also setting
-        ``rope_deltas`` for decoding)."""
-        self._held(a)
-        positions = a.get("position_ids")
-        if positions is not None:
-            if positions.dim() == 3 and positions.shape[0] in (3, 4):
-                return positions[-3:]
-            raise ValueError(f"vtprune: {self.family} position_ids must be [3, B, L] or [4, B, L] with an image or "
-                             f"video, got shape {tuple(positions.shape)}")
-        types = a.get("mm_token_type_ids")
-        if types is None:
-            types = (input_ids == self.config.image_token_id).int() + 2 * (input_ids == self.config.video_token_id)
-        positions, deltas = self.mm.get_rope_index(input_ids, mm_token_type_ids=types,
-                                                   image_grid_thw=a.get("image_grid_thw"),
-                                                   video_grid_thw=a.get("video_grid_thw"), attention_mask=mask)
-        self.mm.rope_deltas = deltas
-        return positions
-
-
-def _prompt_order(placeholders, video, image_counts: list, video_counts: list) -> list:
-    """Images and videos in one call: the order of the units (images ``0..I-1``, then frame groups) in the
-    prompts, row-major. Each run of same-kind placeholders in a row takes the next units of its kind until its
-    length is used up; one host read of the runs' kinds and lengths."""
-    B, L = placeholders.shape
-    kind = video.long()
-    prev_ph = torch.nn.functional.pad(placeholders[:, :-1], (1, 0), value=False)
-    prev_kind = torch.nn.functional.pad(kind[:, :-1], (1, 0))
-    starts = placeholders & (~prev_ph | (prev_kind != kind))
-    run = starts.flatten().long().cumsum(0) - 1  # run index of every position (row-major)
-    ph = placeholders.flatten()
-    n_runs = int(starts.sum())
-    lengths = torch.zeros(n_runs, dtype=torch.long, device=run.device).index_add_(0, run[ph], torch.ones_like(run[ph]))
-    run_kinds = kind.flatten()[starts.flatten()]
-    queues = [list(range(len(image_counts))), [len(image_counts) + i for i in range(len(video_counts))]]
-    counts = list(image_counts) + list(video_counts)
-    order = []
-    for k, n in zip(run_kinds.tolist(), lengths.tolist()):
-        while n > 0 and queues[k]:
-            i = queues[k].pop(0)
-            order.append(i)
-            n -= counts[i]
-        if n != 0:
-            raise ValueError(f"the prompts' {'video' if k else 'image'} placeholder runs do not match the "
-                             f"{'videos (frame groups)' if k else 'images'} given (their sizes or count)")
-    if any(queues):
-        raise ValueError(f"the prompts hold placeholders for fewer images / frame groups than given "
-                         f"({len(queues[0])} images and {len(queues[1])} frame groups left over)")
-    return order
