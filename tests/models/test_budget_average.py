@@ -162,3 +162,17 @@ def test_qwen3_vl_meets_the_average_per_image(cls):
     assert len(averages) == 2
     for got in averages:
         assert abs(got - 20) <= 0.02 * 20
+
+
+@pytest.mark.parametrize("cls,average", [(VisionDrop, 40), (FastV, 60), (PyramidDrop, 60), (VisionZip, 40),
+                                         (ALVTS, 50)], ids=lambda v: v.__name__ if isinstance(v, type) else str(v))
+def test_average_is_per_image_unit_with_several_units_per_prompt(qwen8, cls, average):
+    """average= holds per image unit: a prompt with a 96-token image, a 144-token image and a 2-frame-group video
+    of 64 tokens per group (4 units) averages 4 N per layer, each unit solved on its own size (a solve over the
+    row's total would give N)."""
+    model, _ = qwen8
+    inputs = _tiny.tiny_qwen_multi_inputs(model, [[3, (16, 24), 2, (24, 24), 2, (2, 16, 16), 4]])
+    stats = _run(model, inputs, cls(average=average))
+    assert stats.unit_tokens_per_row[0][0][0] == 96 and len(stats.unit_tokens) == 4  # the unpruned stage
+    (row,) = _row_averages(stats)
+    assert abs(row - 4 * average) <= 0.02 * 4 * average, stats
