@@ -2,27 +2,15 @@
 ``vtprune.apply``, honours its budget per layer, reproduces the unpatched model when it keeps every token, and
 gives each batch row what the row gets alone."""
 
-import importlib.util
-import pathlib
-
 import pytest
 import torch
-from models_common import family_model_and_batch
+from models_common import EXAMPLE, family_model_and_batch, load_example
 
 import vtprune
 from vtprune.models import FAMILIES
 from vtprune.models._tiny import TINY_FAMILIES
 
 GEN = dict(max_new_tokens=6, do_sample=False)
-EXAMPLE = pathlib.Path(__file__).resolve().parents[2] / "examples" / "custom_method.py"
-
-
-def load_example():
-    spec = importlib.util.spec_from_file_location("custom_method", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 example = load_example()
 

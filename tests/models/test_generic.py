@@ -11,27 +11,13 @@ family or method gets them by being added to the tables.
 
 import pytest
 import torch
-from models_common import SCHEDULE, family_model_and_batch
+from models_common import METHODS, apply_or_skip, family_model_and_batch
 
 import vtprune
 from vtprune.models._tiny import TINY_FAMILIES
 
 GEN = dict(max_new_tokens=8, do_sample=False)
 FAMILY_NAMES = sorted(TINY_FAMILIES)
-# name -> (a pruning instance, its keep-all instance or None); budgets that fit every family's tiny images
-METHODS = {
-    "visiondrop": (lambda: vtprune.VisionDrop(**SCHEDULE, backend="reference"),
-                   lambda: vtprune.VisionDrop(tokens=None, backend="reference")),
-    "fastv": (lambda: vtprune.FastV(layer=1, ratio=0.25, backend="reference"),
-              lambda: vtprune.FastV(layer=1, ratio=1.0, backend="reference")),
-    "pyramiddrop": (lambda: vtprune.PyramidDrop(backend="reference"),
-                    lambda: vtprune.PyramidDrop(ratio=1.0, backend="reference")),
-    "visionzip": (lambda: vtprune.VisionZip(10, 2, backend="reference"),
-                  lambda: vtprune.VisionZip(None, 0, backend="reference")),
-    "pool": (lambda: vtprune.UniformPool(16, backend="reference"), None),
-    "alvts": (lambda: vtprune.ALVTS(keep=16, backend="reference"),
-              lambda: vtprune.ALVTS(keep=None, backend="reference")),
-}
 IMAGE_GUIDED = ("visiondrop", "visionzip", "pool")
 
 
@@ -43,17 +29,6 @@ def _no_grad():
 
 def setup(family):
     return family_model_and_batch(family)
-
-
-def apply_or_skip(model, method):
-    """``vtprune.apply``, or skip where the family refuses the method by design (pooling to a square grid on
-    dynamic resolutions: ``test_pool_is_refused_without_a_square_grid``)."""
-    try:
-        return vtprune.apply(model, method)
-    except ValueError as e:
-        if "square grid" in str(e):
-            pytest.skip(f"{type(model).__name__} refuses {method!r}: {e}")
-        raise
 
 
 @pytest.mark.parametrize("method", sorted(m for m in METHODS if METHODS[m][1] is not None))

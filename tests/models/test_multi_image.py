@@ -10,12 +10,10 @@ video). Each unit is its own span in the language model and its own budget:
   image, and every text token stays.
 """
 
-import importlib.util
-import pathlib
-
 import pytest
 import torch
-from models_common import SCHEDULE, family_model
+from models_common import METHODS as COMMON_METHODS
+from models_common import apply_or_skip, family_model, load_example, multi_inputs
 
 import vtprune
 from vtprune.models._tiny import (
@@ -23,16 +21,12 @@ from vtprune.models._tiny import (
     PAD_TOKEN,
     VIDEO_TOKEN,
     _left_pad,
-    tiny_next_multi_inputs,
-    tiny_qwen_multi_inputs,
 )
-from vtprune.models._tiny_qwen3_vl import tiny_qwen3_multi_inputs
 from vtprune.models.llava_next import image_tokens as next_image_tokens
 
 GEN = dict(max_new_tokens=5, do_sample=False)
 NEXT, QWEN25, QWEN3 = ("LlavaNextForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
                        "Qwen3VLForConditionalGeneration")
-BUILD = {NEXT: tiny_next_multi_inputs, QWEN25: tiny_qwen_multi_inputs, QWEN3: tiny_qwen3_multi_inputs}
 # case -> (family, a prompt's parts, a second prompt's parts for the padded batch); ints are text tokens, pairs
 # images, triples (frame groups, h, w) videos
 CASES = {
@@ -43,32 +37,9 @@ CASES = {
     "qwen3-two-images": (QWEN3, [3, (8, 8), 2, (8, 12), 4], [7, (8, 12), 1]),
     "qwen3-video": (QWEN3, [3, (3, 8, 8), 4], [2, (2, 8, 12), 6]),
 }
-EXAMPLE = pathlib.Path(__file__).resolve().parents[2] / "examples" / "custom_method.py"
-
-
-def _example():
-    spec = importlib.util.spec_from_file_location("custom_method", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-NormMerge = _example().NormMerge
-# name -> (a pruning instance, its keep-all instance or None)
-METHODS = {
-    "visiondrop": (lambda: vtprune.VisionDrop(**SCHEDULE, backend="reference"),
-                   lambda: vtprune.VisionDrop(tokens=None, backend="reference")),
-    "fastv": (lambda: vtprune.FastV(layer=1, ratio=0.25, backend="reference"),
-              lambda: vtprune.FastV(layer=1, ratio=1.0, backend="reference")),
-    "pyramiddrop": (lambda: vtprune.PyramidDrop(backend="reference"),
-                    lambda: vtprune.PyramidDrop(ratio=1.0, backend="reference")),
-    "visionzip": (lambda: vtprune.VisionZip(10, 2, backend="reference"),
-                  lambda: vtprune.VisionZip(None, 0, backend="reference")),
-    "pool": (lambda: vtprune.UniformPool(16, backend="reference"), None),
-    "alvts": (lambda: vtprune.ALVTS(keep=16, backend="reference"),
-              lambda: vtprune.ALVTS(keep=None, backend="reference")),
-    "custom": (lambda: NormMerge(), lambda: NormMerge(keep=None)),
-}
+# every method of the generic suite, and the custom method of examples/custom_method.py
+NormMerge = load_example().NormMerge
+METHODS = {**COMMON_METHODS, "custom": (lambda: NormMerge(), lambda: NormMerge(keep=None))}
 
 
 @pytest.fixture(autouse=True)
@@ -78,7 +49,7 @@ def _no_grad():
 
 
 def inputs(family, parts, seed=0):
-    return BUILD[family](family_model(family), [parts], seed=seed)
+    return multi_inputs(family, family_model(family), [parts], seed=seed)
 
 
 def unit_sizes(family, parts) -> list:
@@ -130,15 +101,6 @@ def batch(family, rows: list) -> dict:
             out[key] = torch.cat(have)
     assert (ids[:, 0] == PAD_TOKEN).any()
     return out
-
-
-def apply_or_skip(model, method):
-    try:
-        return vtprune.apply(model, method)
-    except ValueError as e:
-        if "square grid" in str(e):
-            pytest.skip(f"{type(model).__name__} refuses {method!r}: {e}")
-        raise
 
 
 @pytest.mark.parametrize("method", sorted(m for m in METHODS if METHODS[m][1] is not None))

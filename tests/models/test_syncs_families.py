@@ -10,7 +10,7 @@ added one pageable copy per layer group, up to +4, and the prefill one device-to
 
 import pytest
 import torch
-from models_common import family_model
+from models_common import family_model, multi_inputs
 
 import vtprune
 from vtprune.methods.alvts import ALVTS
@@ -47,16 +47,19 @@ def _counts(model, inputs):
     return one.count, (three.count - one.count) / 2, three
 
 
+def _check_within_budget(model, inputs, method: str, what: str) -> None:
+    base_prefill, base_decode, _ = _counts(model, inputs)
+    with vtprune.apply(model, METHODS[method]()):
+        prefill, decode, counter = _counts(model, inputs)
+    assert prefill <= base_prefill + ISSUE_LIMIT, f"{what}: prefill {prefill} vs {base_prefill}; {counter.report()}"
+    assert decode <= base_decode, f"{what}: decode step {decode} vs {base_decode}; {counter.report()}"
+
+
 @pytest.mark.parametrize(("family", "method", "batch"), CASES)
 def test_patched_syncs_stay_within_budget(family, method, batch):
     model = family_model(family)
     inputs = TINY_FAMILIES[family].batch(model, *BATCHES[batch], seed=1)
-    base_prefill, base_decode, _ = _counts(model, inputs)
-    with vtprune.apply(model, METHODS[method]()):
-        prefill, decode, counter = _counts(model, inputs)
-    what = f"{family} {method}, {batch}"
-    assert prefill <= base_prefill + ISSUE_LIMIT, f"{what}: prefill {prefill} vs {base_prefill}; {counter.report()}"
-    assert decode <= base_decode, f"{what}: decode step {decode} vs {base_decode}; {counter.report()}"
+    _check_within_budget(model, inputs, method, f"{family} {method}, {batch}")
 
 
 # a prompt with several image units: two images (LLaVA-NeXT), an image and a 2-frame-group video (the Qwen families)
@@ -68,17 +71,6 @@ MULTI = {"LlavaNextForConditionalGeneration": [3, (50, 100), 2, (100, 100), 4],
 @pytest.mark.parametrize(("family", "method"), [(f, m) for f in FAMILIES for m in METHODS])
 def test_several_units_syncs_stay_within_budget(family, method):
     """One span per unit costs no device read: the spans are planned on the host from the placement's one read."""
-    from vtprune.models._tiny import tiny_next_multi_inputs, tiny_qwen_multi_inputs
-    from vtprune.models._tiny_qwen3_vl import tiny_qwen3_multi_inputs
-
-    build = {"LlavaNextForConditionalGeneration": tiny_next_multi_inputs,
-             "Qwen2_5_VLForConditionalGeneration": tiny_qwen_multi_inputs,
-             "Qwen3VLForConditionalGeneration": tiny_qwen3_multi_inputs}[family]
     model = family_model(family)
-    inputs = build(model, [MULTI[family]], seed=1)
-    base_prefill, base_decode, _ = _counts(model, inputs)
-    with vtprune.apply(model, METHODS[method]()):
-        prefill, decode, counter = _counts(model, inputs)
-    what = f"{family} {method}, several units"
-    assert prefill <= base_prefill + ISSUE_LIMIT, f"{what}: prefill {prefill} vs {base_prefill}; {counter.report()}"
-    assert decode <= base_decode, f"{what}: decode step {decode} vs {base_decode}; {counter.report()}"
+    inputs = multi_inputs(family, model, [MULTI[family]], seed=1)
+    _check_within_budget(model, inputs, method, f"{family} {method}, several units")
