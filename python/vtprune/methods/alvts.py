@@ -319,6 +319,12 @@ class ALVTS(Method):
             return torch.tensor([math.floor(self.ratio * int(n) + 1e-9) for n in counts], dtype=torch.int64)
         return counts.clamp(max=self.keep)
 
+    def unit_budgets(self, spans: torch.Tensor) -> torch.Tensor:
+        """Image tokens routed per image unit, int64 [B, S], from host spans [B, S, 2] (or [B, 2], one unit per
+        row): :meth:`visual_budget` of each unit's count."""
+        counts = _units(spans)[..., 1]
+        return self.visual_budget(counts.flatten()).view(counts.shape)
+
     def _batch_plan(self, visual_spans, key_padding_mask, L: int, device, scratch: dict | None) -> _BatchPlan:
         """The routing plan of this batch (see :class:`_BatchPlan`): one host read (the rows' real-token counts)
         per forward pass, none per layer.
@@ -331,13 +337,10 @@ class ALVTS(Method):
             pk = scratch.get("alvts_plan")
             if pk is not None and pk[0] is visual_spans and pk[1] is key_padding_mask and pk[2:4] == (L, device):
                 return pk[4]
-        spans = visual_spans.detach().cpu()
-        if spans.dim() == 2:  # [B, 2]: one unit per row
-            spans = spans[:, None]
+        spans = _units(visual_spans.detach().cpu())
         B, S = spans.shape[:2]
-        counts = spans[..., 1]  # [B, S] per image unit
-        k_unit = self.visual_budget(counts.flatten()).view(B, S)  # the budget is per unit
-        k, counts = k_unit.sum(1), counts.sum(1)
+        k_unit = self.unit_budgets(spans)  # [B, S]: the budget is per unit
+        k, counts = k_unit.sum(1), spans[..., 1].sum(1)
         known = None if scratch is None else scratch.get("real_tokens")  # the model patch's host counts
         if key_padding_mask is None:
             real = torch.full_like(counts, L)
@@ -491,6 +494,11 @@ class ALVTS(Method):
             pos, is_fill, before = saved
             out.scatter_(1, pos, torch.where(is_fill, before, out.gather(1, pos)))
         return out, idx, routed_kpm
+
+
+def _units(spans: torch.Tensor) -> torch.Tensor:
+    """Spans as [B, S, 2]: a [B, 2] tensor is one unit per row."""
+    return spans[:, None] if spans.dim() == 2 else spans
 
 
 class Route(NamedTuple):

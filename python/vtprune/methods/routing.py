@@ -115,10 +115,7 @@ def _visual_k(router, spans, scratch: dict) -> torch.Tensor:
     do not count); once per forward. ``spans``: [B, S, 2] (or [B, 2], one unit per row)."""
     seen = scratch.get("alvts_k")
     if seen is None or seen[0] is not spans:
-        counts = spans[..., 1].cpu()
-        counts = counts[:, None] if counts.dim() == 1 else counts
-        k = router.visual_budget(counts.flatten()).view(counts.shape).sum(1)
-        seen = scratch["alvts_k"] = (spans, k)
+        seen = scratch["alvts_k"] = (spans, router.unit_budgets(spans.cpu()).sum(1))
     return seen[1]
 
 

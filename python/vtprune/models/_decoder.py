@@ -79,6 +79,15 @@ class Call:
     unpadded: list | None = None  # decode: per group, True when its mask is known on the host to hold no padding
     padded: list | None = None  # per group, True when its mask is known on the host to hold padding (prefill: None
     # when unknown)
+    _span_total: tuple | None = None  # (seq.spans it was summed from, image tokens per row [B])
+
+    def span_total(self) -> torch.Tensor:
+        """Image tokens per row over its units [B] (host), summed once per span tensor: the spans change only at a
+        compaction, not at every layer."""
+        spans = self.seq.spans
+        if self._span_total is None or self._span_total[0] is not spans:
+            self._span_total = (spans, spans[..., 1].sum(-1))
+        return self._span_total[1]
 
 
 class DecoderPatch:
@@ -138,7 +147,7 @@ class DecoderPatch:
             if out is None:
                 out = original(hidden_states, *args, **kwargs)
             if call.prefill:
-                span = call.seq.spans[..., 1].sum(-1)  # image tokens per row, over its units
+                span = call.span_total()  # image tokens per row, over its units
                 call.span_per_layer.append(span)  # a hook's skipped image tokens (span - visual) do not run
                 call.visual_per_layer.append(span if lc is None or lc.visual_tokens is None else lc.visual_tokens)
                 call.real_per_layer.append(real)

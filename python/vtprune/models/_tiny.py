@@ -104,12 +104,18 @@ def tiny_next_inputs(model, prefix_lengths=(3,), suffix_lengths=(5,), image_size
     """Left-padded inputs for ``tiny_llava_next``: one image of ``image_sizes[b]`` (height, width) per row."""
     from vtprune.models.llava_next import image_tokens as next_image_tokens
 
-    hf = __import__(type(model).__module__, fromlist=["image_size_to_num_patches"])
     g = torch.Generator().manual_seed(seed)
-    cfg = model.config
-    t = cfg.vision_config.image_size
     counts = [next_image_tokens(model, s) for s in image_sizes]
     ids, mask = _prompts(counts, prefix_lengths, suffix_lengths, g)
+    return _next_batch(model, ids, mask, image_sizes, g)
+
+
+def _next_batch(model, ids, mask, image_sizes, g) -> dict:
+    """LLaVA-NeXT inputs from prompts and image sizes: random tiles per image (its anyres tile count), zero-padded
+    to the batch's most tiles as the processor does."""
+    hf = __import__(type(model).__module__, fromlist=["image_size_to_num_patches"])
+    cfg = model.config
+    t = cfg.vision_config.image_size
     tiles = [hf.image_size_to_num_patches(list(s), cfg.image_grid_pinpoints, t) for s in image_sizes]
     pixels = torch.zeros(len(image_sizes), max(tiles), 3, t, t)
     for i, n in enumerate(tiles):
@@ -126,10 +132,7 @@ def tiny_next_multi_inputs(model, rows, *, seed: int = 0):
     """
     from vtprune.models.llava_next import image_tokens as next_image_tokens
 
-    hf = __import__(type(model).__module__, fromlist=["image_size_to_num_patches"])
     g = torch.Generator().manual_seed(seed)
-    cfg = model.config
-    t = cfg.vision_config.image_size
     ids, sizes = [], []
     for parts in rows:
         row = []
@@ -141,12 +144,7 @@ def tiny_next_multi_inputs(model, rows, *, seed: int = 0):
                 row.append(torch.full((next_image_tokens(model, p),), IMAGE_TOKEN))
         ids.append(torch.cat(row))
     ids, mask = _left_pad(ids)
-    tiles = [hf.image_size_to_num_patches(list(s), cfg.image_grid_pinpoints, t) for s in sizes]
-    pixels = torch.zeros(len(sizes), max(tiles), 3, t, t)
-    for i, n in enumerate(tiles):
-        pixels[i, :n] = torch.randn(n, 3, t, t, generator=g)
-    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels.to(model.dtype),
-            "image_sizes": torch.tensor(sizes)}
+    return _next_batch(model, ids, mask, sizes, g)
 
 
 QWEN = dict(patch=4, v_hidden=32, v_layers=3, v_heads=4, window=16, hidden=64, layers=4, heads=4, kv_heads=2)
